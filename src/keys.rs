@@ -1,0 +1,174 @@
+//! Every Redis key tollgate uses, built in one place by pure functions.
+//!
+//! Shape: `<prefix>{<scope>}:<suffix>`.
+//! - The prefix comes first so operators can tell tollgate's keys apart.
+//! - Every key that one script touches shares the `{...}` hash tag, so each
+//!   script runs on a single Redis Cluster slot: rate-limit keys are tagged
+//!   by (rule, subject), usage keys by user.
+//! - Caller-controlled ids are [`encode`]d: the encoding is injective and
+//!   never yields `:`, `{` or `}`, so no crafted id can reach another
+//!   subject's counters or escape its hash tag. Rule and kind names come
+//!   from the operator's config and are restricted to `[a-z0-9_-]`.
+
+use std::fmt::Write;
+
+use crate::rules::Algorithm;
+
+/// Builds keys under one configured prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyBuilder {
+    prefix: String,
+}
+
+/// The keys of one (rule, subject) rate-limit decision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LimitKeys {
+    /// The sliding log (a sorted set) or sliding counter (a hash).
+    pub counter: String,
+    /// Present while the subject is locked out.
+    pub block: String,
+}
+
+/// The keys of one user's usage quotas.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageKeys {
+    /// A sorted set of the user's live conversations: character id scored by
+    /// the time (ms) its counters expire. It lets ListUsage find them without
+    /// scanning the keyspace.
+    pub index: String,
+    /// The hash tag and prefix shared by the user's conversation keys.
+    conversation_stem: String,
+}
+
+impl UsageKeys {
+    /// The hash of one conversation's counters, a field per message kind.
+    pub fn conversation(&self, character_id: &str) -> String {
+        let mut key = self.conversation_stem.clone();
+        encode_into(&mut key, character_id);
+        key
+    }
+}
+
+impl KeyBuilder {
+    /// A builder for keys under `prefix`, which must hold no `{` or `}`
+    /// (the config validates this).
+    pub fn new(prefix: impl Into<String>) -> Self {
+        Self {
+            prefix: prefix.into(),
+        }
+    }
+
+    /// The configured prefix.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// The keys of `subject`'s counter for `rule`. The algorithm is part of
+    /// the key so that switching a rule's algorithm never reads a counter of
+    /// the other type.
+    pub fn limit(&self, rule: &str, algorithm: Algorithm, subject: &str) -> LimitKeys {
+        let mut tag = String::with_capacity(self.prefix.len() + rule.len() + subject.len() + 12);
+        tag.push_str(&self.prefix);
+        tag.push_str("{rl:");
+        tag.push_str(rule);
+        tag.push(':');
+        encode_into(&mut tag, subject);
+        tag.push('}');
+        let suffix = match algorithm {
+            Algorithm::SlidingLog => ":log",
+            Algorithm::SlidingCounter => ":ctr",
+        };
+        LimitKeys {
+            counter: format!("{tag}{suffix}"),
+            block: format!("{tag}:block"),
+        }
+    }
+
+    /// The keys of `user_id`'s usage quotas.
+    pub fn usage(&self, user_id: &str) -> UsageKeys {
+        let mut tag = String::with_capacity(self.prefix.len() + user_id.len() + 8);
+        tag.push_str(&self.prefix);
+        tag.push_str("{uq:");
+        encode_into(&mut tag, user_id);
+        tag.push('}');
+        UsageKeys {
+            index: format!("{tag}:convs"),
+            conversation_stem: format!("{tag}:c:"),
+        }
+    }
+}
+
+/// Percent-encodes every byte outside `[A-Za-z0-9._~@-]`, `%` included, so
+/// the result is injective and holds no `:`, `{` or `}`. Readable ids (most
+/// user ids, API keys, IPv4 addresses) stay readable in `redis-cli`.
+pub fn encode(id: &str) -> String {
+    let mut out = String::with_capacity(id.len());
+    encode_into(&mut out, id);
+    out
+}
+
+fn encode_into(out: &mut String, id: &str) {
+    for byte in id.bytes() {
+        if byte.is_ascii_alphanumeric() || matches!(byte, b'.' | b'_' | b'~' | b'@' | b'-') {
+            out.push(char::from(byte));
+        } else {
+            // Writing to a String cannot fail.
+            let _ = write!(out, "%{byte:02X}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limit_keys_are_pinned() {
+        let keys = KeyBuilder::new("aim:").limit("auth", Algorithm::SlidingLog, "user-42");
+        assert_eq!(keys.counter, "aim:{rl:auth:user-42}:log");
+        assert_eq!(keys.block, "aim:{rl:auth:user-42}:block");
+        let keys = KeyBuilder::new("aim:").limit("api", Algorithm::SlidingCounter, "10.0.0.1");
+        assert_eq!(keys.counter, "aim:{rl:api:10.0.0.1}:ctr");
+    }
+
+    #[test]
+    fn usage_keys_are_pinned() {
+        let keys = KeyBuilder::new("aim:").usage("u1");
+        assert_eq!(keys.index, "aim:{uq:u1}:convs");
+        assert_eq!(keys.conversation("luna"), "aim:{uq:u1}:c:luna");
+    }
+
+    #[test]
+    fn separators_and_hash_tags_are_encoded() {
+        assert_eq!(encode("a:b"), "a%3Ab");
+        assert_eq!(encode("{x}"), "%7Bx%7D");
+        assert_eq!(encode("100%"), "100%25");
+        assert_eq!(encode("é"), "%C3%A9");
+        let keys = KeyBuilder::new("p:").limit("api", Algorithm::SlidingLog, "x}:{rl:api:y");
+        assert_eq!(keys.counter, "p:{rl:api:x%7D%3A%7Brl%3Aapi%3Ay}:log");
+    }
+
+    #[test]
+    fn crafted_ids_do_not_collide() {
+        let b = KeyBuilder::new("p:");
+        // A user id that tries to spell out another user's conversation key.
+        let honest = b.usage("u1").conversation("c:d");
+        let crafted = b.usage("u1}:c:c").conversation("d");
+        assert_ne!(honest, crafted);
+        // The percent sign itself is encoded, so encodings cannot be forged.
+        assert_ne!(encode("a%3Ab"), encode("a:b"));
+    }
+
+    #[test]
+    fn every_key_of_one_decision_shares_one_hash_tag() {
+        fn tag(key: &str) -> &str {
+            let open = key.find('{').expect("key has a hash tag");
+            let close = key[open..].find('}').expect("hash tag is closed") + open;
+            &key[open..=close]
+        }
+        let limit = KeyBuilder::new("p:").limit("auth", Algorithm::SlidingLog, "{evil}");
+        assert_eq!(tag(&limit.counter), tag(&limit.block));
+        let usage = KeyBuilder::new("p:").usage("{evil}");
+        assert_eq!(tag(&usage.index), tag(&usage.conversation("{c}")));
+    }
+}

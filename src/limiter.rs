@@ -1,0 +1,277 @@
+//! The product: validates a request against the [`Policy`], resolves the
+//! caller's tier, and asks the [`Store`] for an atomic decision.
+//!
+//! gRPC is one door into the limiter ([`crate::service`]); anything else that
+//! speaks to it (an Envoy rate-limit door, a benchmark) goes through the same
+//! checks.
+
+use std::{sync::Arc, time::Duration};
+
+use crate::{
+    rules::{Policy, Quota, Tier},
+    store::{ConversationCounters, LimitCheck, LimitDecision, Store, StoreError, UsageIncrement},
+};
+
+/// The longest subject, user id or character id accepted, in bytes.
+pub const MAX_ID_BYTES: usize = 256;
+
+/// The most conversations one ListUsage reports, so that no caller can make
+/// one request arbitrarily expensive.
+pub const MAX_LISTED_CONVERSATIONS: usize = 1000;
+
+/// Why the limiter could not answer.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A request field is malformed.
+    #[error("{field}: {problem}")]
+    InvalidArgument {
+        /// The offending field, as named in the proto.
+        field: &'static str,
+        /// What is wrong with it.
+        problem: String,
+    },
+    /// A rule, tier or kind that is not configured.
+    #[error("{field}: unknown {what} {name:?}; known: {known}")]
+    Unknown {
+        /// The offending field, as named in the proto.
+        field: &'static str,
+        /// "rule", "tier" or "kind".
+        what: &'static str,
+        /// The name the caller sent.
+        name: String,
+        /// The configured names, comma-separated.
+        known: String,
+    },
+    /// The store failed; the request may be retried.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// A validated CheckLimit question, before tier and rule are resolved.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CheckRequest<'a> {
+    /// The rule's name.
+    pub rule: &'a str,
+    /// Who is counted.
+    pub subject: &'a str,
+    /// The tier's name; empty for the default tier.
+    pub tier: &'a str,
+    /// Hits to spend; 0 means 1.
+    pub cost: u32,
+    /// Decide without counting.
+    pub dry_run: bool,
+}
+
+/// The answer to a [`CheckRequest`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CheckOutcome {
+    /// The rule's limit for the caller's tier.
+    pub limit: u64,
+    /// The store's decision.
+    pub decision: LimitDecision,
+}
+
+/// An IncrementUsage question.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct IncrementRequest<'a> {
+    /// The user.
+    pub user_id: &'a str,
+    /// The character.
+    pub character_id: &'a str,
+    /// The message kind's name.
+    pub kind: &'a str,
+    /// The tier's name; empty for the default tier.
+    pub tier: &'a str,
+    /// Messages to count; 0 means 1.
+    pub amount: u32,
+}
+
+/// The answer to an [`IncrementRequest`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IncrementOutcome {
+    /// Whether the messages were counted.
+    pub allowed: bool,
+    /// The tier's quota for the kind.
+    pub quota: Quota,
+    /// Messages of the kind counted so far, after this call.
+    pub used: u64,
+    /// Time until the conversation's counters reset.
+    pub resets_after: Duration,
+}
+
+/// One kind's counter, as GetUsage and ListUsage report it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KindUsage {
+    /// The kind's name.
+    pub kind: String,
+    /// Messages counted.
+    pub used: u64,
+    /// The tier's quota for the kind.
+    pub quota: Quota,
+    /// Time until the conversation's counters reset.
+    pub resets_after: Duration,
+}
+
+impl KindUsage {
+    /// Messages left, or `None` when unlimited.
+    pub fn remaining(&self) -> Option<u64> {
+        self.quota.limit().map(|limit| limit.saturating_sub(self.used))
+    }
+}
+
+/// Validates requests and asks the store for decisions.
+#[derive(Debug)]
+pub struct Limiter<S> {
+    store: S,
+    policy: Arc<Policy>,
+}
+
+impl<S: Store> Limiter<S> {
+    /// A limiter enforcing `policy` with counters in `store`.
+    pub fn new(store: S, policy: Arc<Policy>) -> Self {
+        Self { store, policy }
+    }
+
+    /// The policy in force.
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    /// The store behind the limiter.
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    /// Decides whether `request.subject` may spend `cost` hits of the rule.
+    pub async fn check_limit(&self, request: CheckRequest<'_>) -> Result<CheckOutcome, Error> {
+        validate_id("subject", request.subject)?;
+        let rule = self.policy.rule(request.rule).ok_or_else(|| Error::Unknown {
+            field: "rule",
+            what: "rule",
+            name: request.rule.to_owned(),
+            known: join(self.policy.rules().map(|r| r.name())),
+        })?;
+        let tier = self.resolve_tier("tier", request.tier)?;
+        let limit = rule.limit(tier);
+        let decision = self
+            .store
+            .check_limit(&LimitCheck {
+                rule: rule.name(),
+                subject: request.subject,
+                algorithm: rule.algorithm(),
+                limit,
+                window: rule.window(),
+                block_for: rule.block_for(),
+                cost: u64::from(request.cost.max(1)),
+                dry_run: request.dry_run,
+            })
+            .await?;
+        Ok(CheckOutcome { limit, decision })
+    }
+
+    /// Counts `amount` messages of `kind` in a conversation, if within quota.
+    pub async fn increment_usage(
+        &self,
+        request: IncrementRequest<'_>,
+    ) -> Result<IncrementOutcome, Error> {
+        validate_id("user_id", request.user_id)?;
+        validate_id("character_id", request.character_id)?;
+        let tier = self.resolve_tier("tier", request.tier)?;
+        let quotas = self.policy.quotas();
+        let kind = quotas.kind(request.kind).ok_or_else(|| Error::Unknown {
+            field: "kind",
+            what: "kind",
+            name: request.kind.to_owned(),
+            known: join(quotas.kinds().iter().map(|k| k.name())),
+        })?;
+        let quota = kind.quota(tier);
+        let decision = self
+            .store
+            .increment_usage(&UsageIncrement {
+                user_id: request.user_id,
+                character_id: request.character_id,
+                kind: kind.name(),
+                amount: u64::from(request.amount.max(1)),
+                limit: quota.limit(),
+                period: quotas.period(),
+            })
+            .await?;
+        Ok(IncrementOutcome {
+            allowed: decision.allowed,
+            quota,
+            used: decision.used,
+            resets_after: decision.resets_after,
+        })
+    }
+
+    /// Every configured kind's counter in one conversation.
+    pub async fn get_usage(
+        &self,
+        user_id: &str,
+        character_id: &str,
+        tier: &str,
+    ) -> Result<Vec<KindUsage>, Error> {
+        validate_id("user_id", user_id)?;
+        validate_id("character_id", character_id)?;
+        let tier = self.resolve_tier("tier", tier)?;
+        let counters = self.store.get_usage(user_id, character_id).await?;
+        Ok(self.kind_usages(&counters, tier))
+    }
+
+    /// Every conversation of `user_id` with live counters, by character id.
+    pub async fn list_usage(
+        &self,
+        user_id: &str,
+        tier: &str,
+    ) -> Result<Vec<(String, Vec<KindUsage>)>, Error> {
+        validate_id("user_id", user_id)?;
+        let tier = self.resolve_tier("tier", tier)?;
+        let conversations = self
+            .store
+            .list_usage(user_id, MAX_LISTED_CONVERSATIONS)
+            .await?;
+        Ok(conversations
+            .into_iter()
+            .map(|(character_id, counters)| (character_id, self.kind_usages(&counters, tier)))
+            .collect())
+    }
+
+    fn kind_usages(&self, counters: &ConversationCounters, tier: Tier) -> Vec<KindUsage> {
+        self.policy
+            .quotas()
+            .kinds()
+            .iter()
+            .map(|kind| KindUsage {
+                kind: kind.name().to_owned(),
+                used: counters.used(kind.name()),
+                quota: kind.quota(tier),
+                resets_after: counters.resets_after,
+            })
+            .collect()
+    }
+
+    fn resolve_tier(&self, field: &'static str, name: &str) -> Result<Tier, Error> {
+        let tiers = self.policy.tiers();
+        tiers.resolve(name).ok_or_else(|| Error::Unknown {
+            field,
+            what: "tier",
+            name: name.to_owned(),
+            known: join(tiers.names().iter().map(String::as_str)),
+        })
+    }
+}
+
+fn validate_id(field: &'static str, id: &str) -> Result<(), Error> {
+    let problem = if id.is_empty() {
+        "must not be empty".to_owned()
+    } else if id.len() > MAX_ID_BYTES {
+        format!("must be at most {MAX_ID_BYTES} bytes, got {}", id.len())
+    } else {
+        return Ok(());
+    };
+    Err(Error::InvalidArgument { field, problem })
+}
+
+fn join<'a>(names: impl Iterator<Item = &'a str>) -> String {
+    names.collect::<Vec<_>>().join(", ")
+}

@@ -1,0 +1,151 @@
+//! Where counters live, behind one small trait.
+//!
+//! A [`Store`] makes each decision atomically: check and count happen in one
+//! step, so concurrent callers (and, for Redis, concurrent tollgate
+//! instances) can never both take the last hit. Stores see only validated
+//! requests with limits already resolved for the caller's tier; which rule or
+//! tier applies is the [`crate::limiter`]'s business.
+//!
+//! - [`memory`]: in-process, for one instance; the default.
+//! - [`redis`]: Redis through Lua scripts, shared by every instance.
+
+use std::{future::Future, time::Duration};
+
+use crate::rules::Algorithm;
+
+pub mod memory;
+pub mod redis;
+
+/// One rate-limit decision to make: may `subject` spend `cost` hits of `rule`?
+#[derive(Debug, Clone, Copy)]
+pub struct LimitCheck<'a> {
+    /// The rule's name; with the algorithm and subject it names the counter.
+    pub rule: &'a str,
+    /// Whose counter: any bytes, 1 to 256 of them.
+    pub subject: &'a str,
+    /// How the window is counted.
+    pub algorithm: Algorithm,
+    /// Hits allowed per window for the caller's tier.
+    pub limit: u64,
+    /// The sliding window's length; at least one millisecond.
+    pub window: Duration,
+    /// Lock the subject out this long when it exceeds the limit.
+    pub block_for: Option<Duration>,
+    /// Hits this call spends; at least 1.
+    pub cost: u64,
+    /// Decide without counting anything (and without starting a block).
+    pub dry_run: bool,
+}
+
+/// The store's answer to a [`LimitCheck`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LimitDecision {
+    /// Whether the hits were allowed (and, unless a dry run, counted).
+    pub allowed: bool,
+    /// Hits left in the window after this call.
+    pub remaining: u64,
+    /// Zero when allowed; else how long until `cost` hits fit or the block ends.
+    pub retry_after: Duration,
+    /// How long until the window holds no hits.
+    pub reset_after: Duration,
+    /// The subject is locked out.
+    pub blocked: bool,
+}
+
+/// Count `amount` messages of `kind` in one conversation, if within `limit`.
+#[derive(Debug, Clone, Copy)]
+pub struct UsageIncrement<'a> {
+    /// The user; 1 to 256 bytes.
+    pub user_id: &'a str,
+    /// The character; 1 to 256 bytes.
+    pub character_id: &'a str,
+    /// The message kind.
+    pub kind: &'a str,
+    /// Messages to count; at least 1.
+    pub amount: u64,
+    /// The quota, or `None` for an unlimited tier (always allowed, still counted).
+    pub limit: Option<u64>,
+    /// Counters expire this long after the conversation's first counted message.
+    pub period: Duration,
+}
+
+/// The store's answer to a [`UsageIncrement`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UsageDecision {
+    /// Whether the messages were counted.
+    pub allowed: bool,
+    /// Messages of this kind counted in the conversation, after this call.
+    pub used: u64,
+    /// Time left until the conversation's counters reset; zero if none exist.
+    pub resets_after: Duration,
+}
+
+/// The live counters of one conversation.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConversationCounters {
+    /// Messages counted per kind; kinds never counted are absent.
+    pub used: Vec<(String, u64)>,
+    /// Time left until the counters reset; zero if none exist.
+    pub resets_after: Duration,
+}
+
+impl ConversationCounters {
+    /// Messages counted of `kind`, 0 if none.
+    pub fn used(&self, kind: &str) -> u64 {
+        self.used
+            .iter()
+            .find(|(k, _)| k == kind)
+            .map_or(0, |(_, used)| *used)
+    }
+}
+
+/// Why a store could not decide.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// No answer within the configured store timeout.
+    #[error("store did not answer within {0:?}")]
+    Timeout(Duration),
+    /// The store could not be reached or refused the connection.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// The store answered something tollgate does not understand (a bug, or
+    /// a key overwritten by something else).
+    #[error("unexpected reply from the store: {0}")]
+    Protocol(String),
+}
+
+/// A place where counters live and decisions are made atomically.
+///
+/// Implementations must bound every call by their timeout and never panic on
+/// any input that passed the [`crate::limiter`]'s validation.
+pub trait Store: Send + Sync + 'static {
+    /// Checks a rate limit and, when allowed and not a dry run, counts it.
+    fn check_limit(
+        &self,
+        check: &LimitCheck<'_>,
+    ) -> impl Future<Output = Result<LimitDecision, StoreError>> + Send;
+
+    /// Checks a usage quota and, when within it, counts the messages.
+    fn increment_usage(
+        &self,
+        increment: &UsageIncrement<'_>,
+    ) -> impl Future<Output = Result<UsageDecision, StoreError>> + Send;
+
+    /// The live counters of one conversation (empty if it has none).
+    fn get_usage(
+        &self,
+        user_id: &str,
+        character_id: &str,
+    ) -> impl Future<Output = Result<ConversationCounters, StoreError>> + Send;
+
+    /// Every conversation of `user_id` with live counters, sorted by
+    /// character id, at most `max` of them.
+    fn list_usage(
+        &self,
+        user_id: &str,
+        max: usize,
+    ) -> impl Future<Output = Result<Vec<(String, ConversationCounters)>, StoreError>> + Send;
+
+    /// Succeeds when the store answers; drives the health service.
+    fn ping(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
+}

@@ -156,7 +156,7 @@ impl Kind {
 pub struct Quotas {
     /// Counters reset this long after a conversation's first counted message.
     pub(crate) period: Duration,
-    /// In configuration order, which is the order GetUsage reports them in.
+    /// Sorted by name, the order GetUsage reports them in.
     pub(crate) kinds: Vec<Kind>,
 }
 
@@ -166,7 +166,7 @@ impl Quotas {
         self.period
     }
 
-    /// Every kind, in configuration order.
+    /// Every kind, sorted by name.
     pub fn kinds(&self) -> &[Kind] {
         &self.kinds
     }
@@ -205,5 +205,66 @@ impl Policy {
     /// The message quotas.
     pub fn quotas(&self) -> &Quotas {
         &self.quotas
+    }
+}
+
+impl Policy {
+    /// A readable table of the effective rules and quotas per tier, as
+    /// `tollgate check-config` prints it.
+    pub fn summary(&self) -> String {
+        use std::fmt::Write;
+        let tiers = self.tiers.names();
+        let mut out = String::new();
+        let header = |out: &mut String, first: &str, extra: &[&str]| {
+            let _ = write!(out, "{first:<16}");
+            for tier in tiers {
+                let _ = write!(out, " {tier:>12}");
+            }
+            for column in extra {
+                let _ = write!(out, " {column:>16}");
+            }
+            out.push('\n');
+        };
+        let _ = writeln!(
+            out,
+            "tiers: {} (default: {})\n",
+            tiers.join(", "),
+            self.tiers.name(self.tiers.default)
+        );
+        header(&mut out, "rule", &["window", "block_for", "algorithm"]);
+        for rule in self.rules() {
+            let _ = write!(out, "{:<16}", rule.name);
+            for limit in &rule.limits {
+                let _ = write!(out, " {limit:>12}");
+            }
+            let block = rule
+                .block_for
+                .map_or("-".to_owned(), |d| humantime::format_duration(d).to_string());
+            let _ = writeln!(
+                out,
+                " {:>16} {:>16} {:>16}",
+                humantime::format_duration(rule.window).to_string(),
+                block,
+                rule.algorithm.as_str()
+            );
+        }
+        let _ = writeln!(
+            out,
+            "\nquotas per conversation, reset {} after its first message:",
+            humantime::format_duration(self.quotas.period)
+        );
+        header(&mut out, "kind", &[]);
+        for kind in self.quotas.kinds() {
+            let _ = write!(out, "{:<16}", kind.name);
+            for quota in &kind.quotas {
+                let cell = match quota {
+                    Quota::Limited(n) => n.to_string(),
+                    Quota::Unlimited => "unlimited".to_owned(),
+                };
+                let _ = write!(out, " {cell:>12}");
+            }
+            out.push('\n');
+        }
+        out
     }
 }

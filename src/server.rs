@@ -1,1 +1,97 @@
-//! Serving.
+//! Serves the gRPC services, health and reflection on one listener until a
+//! shutdown future completes.
+//!
+//! The caller binds the listener and owns the shutdown signal, so tests can
+//! bind port 0 and stop the server cleanly, and `main` stays thin.
+
+use std::{future::Future, sync::Arc, time::Duration};
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::Server;
+use tonic_health::{ServingStatus, server::HealthReporter};
+
+use crate::{
+    limiter::Limiter,
+    proto::{self, rate_limiter_server::RateLimiterServer, usage_quota_server::UsageQuotaServer},
+    service::{RateLimiterService, UsageQuotaService},
+    store::Store,
+};
+
+/// How often the health service asks the store whether it answers.
+pub const HEALTH_PROBE_INTERVAL: Duration = Duration::from_millis(500);
+
+/// The names the health service reports: the whole server ("") and each
+/// tollgate service.
+const HEALTH_NAMES: [&str; 3] = ["", "tollgate.v1.RateLimiter", "tollgate.v1.UsageQuota"];
+
+/// Why the server stopped abnormally.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The reflection service could not be built from the descriptors.
+    #[error("building the reflection service: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    /// The transport failed.
+    #[error("serving gRPC: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Serves `limiter` on `listener` until `shutdown` completes, then lets
+/// in-flight requests finish.
+pub async fn run<S: Store>(
+    limiter: Arc<Limiter<S>>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServerError> {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+
+    let prober = tokio::spawn(probe_store(limiter.clone(), reporter.clone()));
+    let served = Server::builder()
+        .add_service(health)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(RateLimiterServer::new(RateLimiterService::new(
+            limiter.clone(),
+        )))
+        .add_service(UsageQuotaServer::new(UsageQuotaService::new(limiter)))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await;
+    prober.abort();
+    set_health(&reporter, ServingStatus::NotServing).await;
+    Ok(served?)
+}
+
+/// Keeps the health service SERVING exactly while the store answers.
+async fn probe_store<S: Store>(limiter: Arc<Limiter<S>>, reporter: HealthReporter) {
+    let mut last = None;
+    let mut interval = tokio::time::interval(HEALTH_PROBE_INTERVAL);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        interval.tick().await;
+        let status = match limiter.store().ping().await {
+            Ok(()) => ServingStatus::Serving,
+            Err(err) => {
+                tracing::warn!(error = %err, "store does not answer; health is NOT_SERVING");
+                ServingStatus::NotServing
+            }
+        };
+        if last != Some(status) {
+            set_health(&reporter, status).await;
+            last = Some(status);
+        }
+    }
+}
+
+async fn set_health(reporter: &HealthReporter, status: ServingStatus) {
+    for name in HEALTH_NAMES {
+        reporter.set_service_status(name, status).await;
+    }
+}

@@ -1,0 +1,64 @@
+//! `tollgate.v1.RateLimiter`.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+use tracing::{Span, instrument};
+
+use super::wire_duration;
+use crate::{
+    limiter::{CheckRequest, Limiter},
+    proto::{CheckLimitRequest, CheckLimitResponse, rate_limiter_server::RateLimiter},
+    store::Store,
+};
+
+/// Serves CheckLimit from a shared limiter.
+#[derive(Debug)]
+pub struct RateLimiterService<S> {
+    limiter: Arc<Limiter<S>>,
+}
+
+impl<S> RateLimiterService<S> {
+    /// A service answering from `limiter`.
+    pub fn new(limiter: Arc<Limiter<S>>) -> Self {
+        Self { limiter }
+    }
+}
+
+#[tonic::async_trait]
+impl<S: Store> RateLimiter for RateLimiterService<S> {
+    #[instrument(
+        name = "CheckLimit",
+        skip_all,
+        fields(rule = %request.get_ref().rule, tier = %request.get_ref().tier, allowed, remaining)
+    )]
+    async fn check_limit(
+        &self,
+        request: Request<CheckLimitRequest>,
+    ) -> Result<Response<CheckLimitResponse>, Status> {
+        let request = request.get_ref();
+        let outcome = self
+            .limiter
+            .check_limit(CheckRequest {
+                rule: &request.rule,
+                subject: &request.subject,
+                tier: &request.tier,
+                cost: request.cost,
+                dry_run: request.dry_run,
+            })
+            .await?;
+        let decision = outcome.decision;
+        Span::current()
+            .record("allowed", decision.allowed)
+            .record("remaining", decision.remaining);
+        Ok(Response::new(CheckLimitResponse {
+            allowed: decision.allowed,
+            limit: outcome.limit,
+            remaining: decision.remaining,
+            retry_after: wire_duration(decision.retry_after),
+            reset_after: wire_duration(decision.reset_after),
+            blocked: decision.blocked,
+            degraded: false,
+        }))
+    }
+}

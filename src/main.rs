@@ -42,6 +42,16 @@ enum Command {
         /// The config file.
         file: PathBuf,
     },
+    /// Ask a running tollgate whether it is SERVING (exit 0) or not (exit 1),
+    /// through the gRPC health service; for container health checks.
+    Health {
+        /// The server's address.
+        #[arg(long, default_value = "http://127.0.0.1:50051")]
+        addr: String,
+        /// Give up after this long (humantime).
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
 }
 
 fn main() -> ExitCode {
@@ -57,6 +67,7 @@ fn main() -> ExitCode {
                 Err(err) => fail(&err),
             };
         }
+        Command::Health { addr, timeout } => return health(&addr, timeout),
         Command::Serve {
             config,
             listen,
@@ -117,6 +128,36 @@ async fn serve_with<S: Store>(
         .map_err(|err| err.to_string())?;
     tracing::info!("tollgate stopped");
     Ok(())
+}
+
+fn health(addr: &str, timeout: std::time::Duration) -> ExitCode {
+    use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus};
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(err) => return fail(&format!("cannot start the async runtime: {err}")),
+    };
+    let check = async {
+        let endpoint = tonic::transport::Endpoint::from_shared(addr.to_owned())
+            .map_err(|err| format!("{addr:?} is not a valid address: {err}"))?;
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|err| format!("cannot connect to {addr}: {err}"))?;
+        let response = tonic_health::pb::health_client::HealthClient::new(channel)
+            .check(HealthCheckRequest::default())
+            .await
+            .map_err(|status| format!("health check failed: {}", status.message()))?;
+        Ok::<_, String>(response.into_inner().status())
+    };
+    match runtime.block_on(async { tokio::time::timeout(timeout, check).await }) {
+        Ok(Ok(ServingStatus::Serving)) => {
+            println!("SERVING");
+            ExitCode::SUCCESS
+        }
+        Ok(Ok(status)) => fail(&status.as_str_name()),
+        Ok(Err(message)) => fail(&message),
+        Err(_) => fail(&format!("no answer from {addr} within {timeout:?}")),
+    }
 }
 
 /// Completes on SIGINT (Ctrl-C) or SIGTERM.

@@ -1,30 +1,142 @@
 //! The Redis store: counters shared by every tollgate instance, changed only
 //! by the Lua scripts under `lua/`.
+//!
+//! Each decision is one `EVALSHA` of one script, which reads Redis's own
+//! clock (`TIME`), so instances with skewed clocks still agree. The scripts'
+//! headers are their contracts; [`crate::store::memory`] implements the same
+//! semantics in Rust, and one conformance suite runs on both.
+//!
+//! # Connections
+//!
+//! One Redis server (`redis://`, `rediss://`): a [`bb8`] pool holds
+//! `pool_size` multiplexed connections. A request takes a handle to one and
+//! hands it straight back, so concurrent requests pipeline over the same few
+//! sockets instead of waiting for a free one. Nothing PINGs on checkout:
+//! instead, when a request fails because its connection died, the pool's
+//! generation moves on and every connection opened before that is dropped at
+//! its next checkout. One dead socket usually means Redis went away (a
+//! restart, a failover), and its siblings died with it, so after a restart
+//! about one request fails and the next reconnects.
+//!
+//! A Redis Cluster (`redis-cluster://host1:port1,host2:port2,...`): one
+//! [`ClusterConnection`] holds a multiplexed connection per node, sends each
+//! command to the master of its key's slot, follows `MOVED` and `ASK`,
+//! waits and retries on `TRYAGAIN` and `CLUSTERDOWN`, and rereads the
+//! topology when it changes; `pool_size` does not apply. Every key of one
+//! script shares one hash tag ([`crate::keys`]), so each script runs whole on
+//! one node, atomically, as on a single server. The client retries a
+//! command whose connection broke; should the break come after the script
+//! ran, that one decision may be counted twice. Redirections, `TRYAGAIN` and
+//! failovers never do: Redis refuses those commands before running them.
+//!
+//! Both kinds hide behind one [`Link`], so each store method is written
+//! once, and every call is bounded by the store timeout in [`RedisStore::call`].
+//!
+//! # Scripts
+//!
+//! The scripts are loaded at start-up (on every node of a cluster). A node
+//! that lost them since (a restart, `SCRIPT FLUSH`, a replica promoted by a
+//! failover, a node added by resharding) answers `NOSCRIPT`; the store then
+//! sends the same call as `EVAL` with the script's source, which runs it and
+//! caches it on that node. `EVAL` is routed by its keys like `EVALSHA`, so it
+//! reaches exactly the node that said `NOSCRIPT`, however the rest of the
+//! cluster is doing.
 
-use std::{fmt, time::Duration};
+use std::{
+    collections::BTreeMap,
+    fmt,
+    future::Future,
+    sync::{
+        Arc, LazyLock, Mutex, PoisonError,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use redis::{
+    AsyncConnectionConfig, Client, Cmd, ErrorKind, FromRedisValue, Pipeline, RedisError,
+    RedisFuture, RedisResult, Script, ToRedisArgs, Value,
+    aio::{ConnectionLike, MultiplexedConnection},
+    cluster::ClusterClient,
+    cluster_async::ClusterConnection,
+};
+use tokio::time::{Instant, timeout_at};
 
 use super::{
     ConversationCounters, LimitCheck, LimitDecision, Store, StoreError, UsageDecision,
     UsageIncrement,
 };
+use crate::{config::mask_url_password, keys::KeyBuilder, rules::Algorithm};
+
+/// A Lua script under `lua/`: its source, for `EVAL`, and its SHA1, for
+/// `EVALSHA`.
+struct LuaScript {
+    /// The file name, for error messages.
+    name: &'static str,
+    source: &'static str,
+    /// Computes the SHA1.
+    script: Script,
+}
+
+impl LuaScript {
+    fn new(name: &'static str, source: &'static str) -> Self {
+        Self {
+            name,
+            source,
+            script: Script::new(source),
+        }
+    }
+}
+
+/// Exact sliding window; see the contract in `lua/sliding_log.lua`.
+static SLIDING_LOG: LazyLock<LuaScript> =
+    LazyLock::new(|| LuaScript::new("sliding_log.lua", include_str!("../../lua/sliding_log.lua")));
+/// Two-counter sliding window; see `lua/sliding_counter.lua`.
+static SLIDING_COUNTER: LazyLock<LuaScript> = LazyLock::new(|| {
+    LuaScript::new(
+        "sliding_counter.lua",
+        include_str!("../../lua/sliding_counter.lua"),
+    )
+});
+/// Usage quota check-and-count; see `lua/usage_increment.lua`.
+static USAGE_INCREMENT: LazyLock<LuaScript> = LazyLock::new(|| {
+    LuaScript::new(
+        "usage_increment.lua",
+        include_str!("../../lua/usage_increment.lua"),
+    )
+});
+/// A user's live conversations; see `lua/usage_list.lua`.
+static USAGE_LIST: LazyLock<LuaScript> =
+    LazyLock::new(|| LuaScript::new("usage_list.lua", include_str!("../../lua/usage_list.lua")));
+
+/// The cluster client's wait before retrying after `TRYAGAIN` or
+/// `CLUSTERDOWN` grows from 10 ms, doubling, and is capped here; the store
+/// timeout bounds the retries as a whole. (The redis crate's defaults, 1.28 s
+/// to 655 s, suit batch jobs, not a limiter that answers within its timeout.)
+const CLUSTER_MAX_RETRY_WAIT_MS: u64 = 100;
+/// The shortest such wait.
+const CLUSTER_MIN_RETRY_WAIT_MS: u64 = 2;
 
 /// How to reach Redis. `Debug` masks the password in the URL.
 #[derive(Clone)]
 pub struct RedisOptions {
-    /// `redis://[user:password@]host:port/db` (or `rediss://` for TLS).
+    /// `redis://[user:password@]host:port/db` (or `rediss://` for TLS), or
+    /// `redis-cluster://[user:password@]host1:port1,host2:port2,...` (or
+    /// `rediss-cluster://`) for a Redis Cluster; see [`cluster_seed_urls`].
     pub url: String,
     /// Every key starts with this.
     pub key_prefix: String,
     /// Every store call is bounded by this.
     pub timeout: Duration,
-    /// Connections in the pool.
+    /// Connections in the pool to a single server; a cluster keeps one
+    /// multiplexed connection per node instead.
     pub pool_size: u32,
 }
 
 impl fmt::Debug for RedisOptions {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisOptions")
-            .field("url", &crate::config::mask_url_password(&self.url))
+            .field("url", &mask_url_password(&self.url))
             .field("key_prefix", &self.key_prefix)
             .field("timeout", &self.timeout)
             .field("pool_size", &self.pool_size)
@@ -32,31 +144,821 @@ impl fmt::Debug for RedisOptions {
     }
 }
 
-/// Counters in Redis.
-#[derive(Debug, Clone)]
-pub struct RedisStore {}
+/// The schemes of a Redis Cluster URL: plain and TLS.
+const CLUSTER_SCHEMES: [(&str, &str); 2] = [
+    ("redis-cluster://", "redis://"),
+    ("rediss-cluster://", "rediss://"),
+];
 
-impl RedisStore {
-    /// Connects to Redis and loads the scripts.
-    pub async fn connect(_options: &RedisOptions) -> Result<Self, StoreError> {
-        todo!()
+/// Whether `url` names a Redis Cluster (`redis-cluster://` or
+/// `rediss-cluster://`) rather than one server.
+pub fn is_cluster_url(url: &str) -> bool {
+    CLUSTER_SCHEMES
+        .iter()
+        .any(|(scheme, _)| url.starts_with(scheme))
+}
+
+/// The seed nodes of a cluster URL, each as a `redis://` (or `rediss://`)
+/// URL with the credentials, or what is wrong with it (the URL, if quoted,
+/// masked).
+///
+/// The form is `redis-cluster://[user:password@]host1:port1,host2:port2,...`:
+/// credentials once, for every node; any number of seed nodes, from which the
+/// client learns the whole cluster; the port defaults to 6379; IPv6 hosts in
+/// brackets. A cluster has only database 0, so a path may be empty, `/` or
+/// `/0`; query options are not taken.
+pub fn cluster_seed_urls(url: &str) -> Result<Vec<String>, String> {
+    let masked = mask_url_password(url);
+    let Some((rest, node_scheme)) = CLUSTER_SCHEMES.iter().find_map(|(scheme, node_scheme)| {
+        url.strip_prefix(scheme).map(|rest| (rest, *node_scheme))
+    }) else {
+        return Err(format!(
+            "{masked:?} is not a Redis Cluster URL: use \"redis-cluster://host1:port1,host2:port2\""
+        ));
+    };
+    let (authority, path) = rest.split_at(rest.find(['/', '?']).unwrap_or(rest.len()));
+    if !matches!(path, "" | "/" | "/0") {
+        return Err(format!(
+            "{masked:?}: a Redis Cluster URL takes no database or options after the nodes \
+             (a cluster has only database 0)"
+        ));
+    }
+    let (userinfo, nodes) = match authority.rfind('@') {
+        Some(at) => (&authority[..=at], &authority[at + 1..]),
+        None => ("", authority),
+    };
+    if nodes.is_empty() {
+        return Err(format!(
+            "{masked:?} names no node: use \"redis-cluster://host1:port1,host2:port2\""
+        ));
+    }
+    nodes
+        .split(',')
+        .enumerate()
+        .map(|(i, node)| {
+            let problem = |what: &str| format!("{masked:?}: node {} ({node:?}) {what}", i + 1);
+            check_node_address(node).map_err(|what| problem(&what))?;
+            let node_url = format!("{node_scheme}{userinfo}{node}");
+            redis::parse_redis_url(&node_url).ok_or_else(|| problem("is not a valid address"))?;
+            Ok(node_url)
+        })
+        .collect()
+}
+
+/// Checks one `host[:port]` of a cluster URL.
+fn check_node_address(node: &str) -> Result<(), String> {
+    if node.is_empty() {
+        return Err("is empty: separate nodes with single commas".to_owned());
+    }
+    let (host, port) = if let Some(v6) = node.strip_prefix('[') {
+        let Some((host, after)) = v6.split_once(']') else {
+            return Err("has an unclosed '[' around its IPv6 address".to_owned());
+        };
+        match after {
+            "" => (host, None),
+            _ => match after.strip_prefix(':') {
+                Some(port) => (host, Some(port)),
+                None => return Err("has text after its IPv6 address".to_owned()),
+            },
+        }
+    } else {
+        match node.rsplit_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (node, None),
+        }
+    };
+    if host.is_empty() {
+        return Err("has no host".to_owned());
+    }
+    if host.contains([':', '[', ']', ' ']) {
+        return Err("is not host:port (put an IPv6 address in brackets)".to_owned());
+    }
+    if let Some(port) = port {
+        match port.parse::<u16>() {
+            Ok(0) | Err(_) => return Err(format!("has no valid port: {port:?}")),
+            Ok(_) => {}
+        }
+    }
+    Ok(())
+}
+
+/// Counters in Redis.
+#[derive(Clone)]
+pub struct RedisStore {
+    connections: Connections,
+    shared: Arc<Shared>,
+}
+
+/// Where requests go: a pool for one server, or one cluster connection.
+#[derive(Clone)]
+enum Connections {
+    /// One Redis server.
+    Server(bb8::Pool<Manager>),
+    /// A Redis Cluster; the connection is a handle, cloned per request.
+    Cluster(ClusterConnection),
+}
+
+/// What every clone of a store shares besides the connections.
+struct Shared {
+    keys: KeyBuilder,
+    timeout: Duration,
+    /// The URL with its password masked: the only form that reaches a
+    /// message or a log.
+    masked_url: String,
+    health: Arc<Health>,
+}
+
+impl fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut debug = f.debug_struct("RedisStore");
+        debug
+            .field("url", &self.shared.masked_url)
+            .field("key_prefix", &self.shared.keys.prefix())
+            .field("timeout", &self.shared.timeout);
+        match &self.connections {
+            Connections::Server(pool) => {
+                let state = pool.state();
+                debug
+                    .field("connections", &state.connections)
+                    .field("idle_connections", &state.idle_connections);
+            }
+            Connections::Cluster(_) => {
+                debug.field("connections", &"one per cluster node");
+            }
+        }
+        debug.finish()
     }
 }
 
+impl RedisStore {
+    /// Connects to Redis (to a cluster, when `options.url` is a cluster URL)
+    /// and loads the scripts, so that the first request does not pay for
+    /// them. Fails with [`StoreError::Unavailable`] when Redis cannot be
+    /// reached within `options.timeout`.
+    pub async fn connect(options: &RedisOptions) -> Result<Self, StoreError> {
+        let masked_url = mask_url_password(&options.url);
+        let invalid = |err: &dyn fmt::Display| {
+            StoreError::Unavailable(format!("invalid Redis URL {masked_url}: {err}"))
+        };
+        let health = Arc::new(Health::default());
+        let shared = Arc::new(Shared {
+            keys: KeyBuilder::new(options.key_prefix.as_str()),
+            timeout: options.timeout,
+            masked_url: masked_url.clone(),
+            health: Arc::clone(&health),
+        });
+        let unreachable = |err: StoreError| match err {
+            StoreError::Timeout(timeout) => StoreError::Unavailable(format!(
+                "Redis at {masked_url} did not answer within {timeout:?}"
+            )),
+            other => other,
+        };
+
+        if is_cluster_url(&options.url) {
+            let seeds = cluster_seed_urls(&options.url).map_err(|err| invalid(&err))?;
+            let client = ClusterClient::builder(seeds)
+                .connection_timeout(options.timeout)
+                .response_timeout(options.timeout)
+                .min_retry_wait(CLUSTER_MIN_RETRY_WAIT_MS)
+                .max_retry_wait(CLUSTER_MAX_RETRY_WAIT_MS)
+                .build()
+                .map_err(|err| invalid(&err))?;
+            let deadline = Instant::now() + options.timeout;
+            let connection = match timeout_at(deadline, client.get_async_connection()).await {
+                Ok(Ok(connection)) => connection,
+                Ok(Err(err)) => {
+                    return Err(StoreError::Unavailable(format!(
+                        "cannot connect to Redis Cluster at {masked_url}: {err}"
+                    )));
+                }
+                Err(_) => return Err(unreachable(StoreError::Timeout(options.timeout))),
+            };
+            let store = Self {
+                connections: Connections::Cluster(connection),
+                shared,
+            };
+            // The client has read the slot map, so the cluster answers.
+            // Preloading is an optimisation: a node that misses the scripts
+            // (one down right now) gets them on its first NOSCRIPT.
+            if let Err(err) = store.load_scripts().await {
+                tracing::warn!(
+                    url = %masked_url,
+                    error = %err,
+                    "could not preload the Lua scripts on every cluster node; \
+                     each node will load them on first use"
+                );
+            }
+            return Ok(store);
+        }
+
+        let client = Client::open(options.url.as_str()).map_err(|err| invalid(&err))?;
+        let manager = Manager {
+            client,
+            // The connection's own timeouts bound a connect attempt made in
+            // the pool's background, where no request's deadline applies.
+            config: AsyncConnectionConfig::new()
+                .set_connection_timeout(Some(options.timeout))
+                .set_response_timeout(Some(options.timeout)),
+            health,
+        };
+        // bb8 panics on a pool of size 0; one connection is the least that works.
+        let pool_size = options.pool_size.max(1);
+        let pool = bb8::Pool::builder()
+            .max_size(pool_size)
+            // Keep every connection open: handles are handed back at once,
+            // so the pool would otherwise rarely grow past one.
+            .min_idle(Some(pool_size))
+            // Checkout tests only the generation (no round trip); see
+            // `Manager::is_valid`.
+            .test_on_check_out(true)
+            .connection_timeout(options.timeout)
+            .build_unchecked(manager);
+        let store = Self {
+            connections: Connections::Server(pool),
+            shared,
+        };
+        // On one server this is also the check that Redis answers.
+        store.load_scripts().await.map_err(unreachable)?;
+        Ok(store)
+    }
+
+    /// Sends every script with `SCRIPT LOAD`: to the server, or to every
+    /// node of a cluster (masters and replicas, so that a failover finds
+    /// them already loaded).
+    async fn load_scripts(&self) -> Result<(), StoreError> {
+        let deadline = self.deadline();
+        let mut conn = self.checkout(deadline).await?;
+        for script in [
+            &SLIDING_LOG,
+            &SLIDING_COUNTER,
+            &USAGE_INCREMENT,
+            &USAGE_LIST,
+        ] {
+            let hash: String = self
+                .call(
+                    deadline,
+                    conn.generation,
+                    redis::cmd("SCRIPT")
+                        .arg("LOAD")
+                        .arg(script.source)
+                        .query_async(&mut conn.redis),
+                )
+                .await?;
+            if hash != script.script.get_hash() {
+                return Err(StoreError::Protocol(format!(
+                    "SCRIPT LOAD of {} returned {hash}, expected {}",
+                    script.name,
+                    script.script.get_hash()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn deadline(&self) -> Instant {
+        Instant::now() + self.shared.timeout
+    }
+
+    /// A handle to a connection. A pooled connection goes back to the pool
+    /// at once: a multiplexed connection serves many requests at a time.
+    async fn checkout(&self, deadline: Instant) -> Result<Checkout, StoreError> {
+        let pool = match &self.connections {
+            Connections::Cluster(cluster) => {
+                return Ok(Checkout {
+                    redis: Link::Cluster(cluster.clone()),
+                    generation: None,
+                });
+            }
+            Connections::Server(pool) => pool,
+        };
+        let pooled = match timeout_at(deadline, pool.get()).await {
+            Ok(Ok(pooled)) => pooled,
+            Ok(Err(bb8::RunError::User(err))) => return Err(self.classify(&err)),
+            Ok(Err(bb8::RunError::TimedOut)) | Err(_) => return Err(self.no_connection()),
+        };
+        Ok(Checkout {
+            redis: Link::Server(pooled.redis.clone()),
+            generation: Some(pooled.generation),
+        })
+    }
+
+    /// Runs one request until `deadline`, retiring the pooled connection's
+    /// `generation` if the request shows the connection is dead.
+    async fn call<T>(
+        &self,
+        deadline: Instant,
+        generation: Option<u64>,
+        request: impl Future<Output = RedisResult<T>>,
+    ) -> Result<T, StoreError> {
+        self.settle(generation, timeout_at(deadline, request).await)
+    }
+
+    /// A request's outcome as the store reports it.
+    fn settle<T>(
+        &self,
+        generation: Option<u64>,
+        outcome: Result<RedisResult<T>, tokio::time::error::Elapsed>,
+    ) -> Result<T, StoreError> {
+        match outcome {
+            Ok(Ok(reply)) => Ok(reply),
+            Ok(Err(err)) => {
+                if let Some(generation) = generation
+                    && breaks_connection(&err)
+                {
+                    self.shared.health.retire(generation);
+                }
+                Err(self.classify(&err))
+            }
+            // A timeout alone does not retire the connection: against a slow
+            // Redis, reconnecting every socket would only add load.
+            Err(_) => Err(StoreError::Timeout(self.shared.timeout)),
+        }
+    }
+
+    /// Runs `invocation` with `EVALSHA`, and once more with `EVAL` if the
+    /// node that holds its keys answers `NOSCRIPT`; both within one store
+    /// timeout.
+    async fn run_script(&self, invocation: &Invocation) -> Result<Value, StoreError> {
+        let deadline = self.deadline();
+        let mut conn = self.checkout(deadline).await?;
+        let first = timeout_at(
+            deadline,
+            invocation
+                .command("EVALSHA", invocation.script.script.get_hash())
+                .query_async::<Value>(&mut conn.redis),
+        )
+        .await;
+        if !matches!(&first, Ok(Err(err)) if err.code() == Some("NOSCRIPT")) {
+            return self.settle(conn.generation, first);
+        }
+        self.call(
+            deadline,
+            conn.generation,
+            invocation
+                .command("EVAL", invocation.script.source)
+                .query_async::<Value>(&mut conn.redis),
+        )
+        .await
+    }
+
+    /// The error when no connection came out of the pool in time: the
+    /// reason the last connect attempt failed, if it did.
+    fn no_connection(&self) -> StoreError {
+        match self.shared.health.last_connect_error() {
+            Some(reason) => StoreError::Unavailable(format!(
+                "cannot connect to Redis at {}: {reason}",
+                self.shared.masked_url
+            )),
+            None => StoreError::Timeout(self.shared.timeout),
+        }
+    }
+
+    /// Every Redis error becomes a [`StoreError`] here, and only here.
+    fn classify(&self, err: &RedisError) -> StoreError {
+        if err.is_timeout() {
+            return StoreError::Timeout(self.shared.timeout);
+        }
+        // Server errors that mean "not now" rather than "not understood".
+        // The cluster client follows MOVED and ASK and retries TRYAGAIN and
+        // CLUSTERDOWN by itself; one of them reaches here only when the
+        // slot kept moving (or the cluster stayed down) through its retries.
+        const TRANSIENT_CODES: [&str; 11] = [
+            "LOADING",
+            "BUSY",
+            "MASTERDOWN",
+            "TRYAGAIN",
+            "CLUSTERDOWN",
+            "MOVED",
+            "ASK",
+            "READONLY",
+            "OOM",
+            "NOAUTH",
+            "WRONGPASS",
+        ];
+        let transient = err.is_io_error()
+            || err.is_connection_dropped()
+            || matches!(
+                err.kind(),
+                ErrorKind::AuthenticationFailed
+                    | ErrorKind::InvalidClientConfig
+                    | ErrorKind::ClusterConnectionNotFound
+            )
+            || err
+                .code()
+                .is_some_and(|code| TRANSIENT_CODES.contains(&code));
+        if transient {
+            // The error's text comes from the socket or the server and holds
+            // no part of the URL (a redirection names a node's address, never
+            // a password); the URL is added masked.
+            StoreError::Unavailable(format!("Redis at {}: {err}", self.shared.masked_url))
+        } else {
+            // CROSSSLOT lands here too: it would mean keys.rs broke its
+            // one-hash-tag-per-script promise.
+            StoreError::Protocol(format!("Redis replied with an error: {err}"))
+        }
+    }
+}
+
+/// A request's handle to a connection.
+struct Checkout {
+    redis: Link,
+    /// For a pooled connection, the pool generation it was opened in.
+    generation: Option<u64>,
+}
+
+/// One server's multiplexed connection or a cluster's connection: either
+/// carries any command or pipeline, so each store method is written once.
+enum Link {
+    Server(MultiplexedConnection),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Link {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Self::Server(conn) => conn.req_packed_command(cmd),
+            Self::Cluster(conn) => conn.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Self::Server(conn) => conn.req_packed_commands(pipeline, offset, count),
+            Self::Cluster(conn) => conn.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Self::Server(conn) => conn.get_db(),
+            Self::Cluster(conn) => conn.get_db(),
+        }
+    }
+}
+
+/// One call of a script: its keys and arguments, sent as `EVALSHA` or
+/// `EVAL`.
+struct Invocation {
+    script: &'static LuaScript,
+    keys: Vec<String>,
+    args: Vec<Vec<u8>>,
+}
+
+impl Invocation {
+    fn new(script: &'static LuaScript) -> Self {
+        Self {
+            script,
+            keys: Vec::new(),
+            args: Vec::new(),
+        }
+    }
+
+    fn key(mut self, key: impl Into<String>) -> Self {
+        self.keys.push(key.into());
+        self
+    }
+
+    fn arg(mut self, arg: impl ToRedisArgs) -> Self {
+        arg.write_redis_args(&mut self.args);
+        self
+    }
+
+    /// `verb body numkeys keys... args...`: `EVALSHA` with the hash or `EVAL`
+    /// with the source. A cluster routes either by its first key.
+    fn command(&self, verb: &str, body: &str) -> Cmd {
+        let mut cmd = redis::cmd(verb);
+        cmd.arg(body)
+            .arg(self.keys.len())
+            .arg(&self.keys)
+            .arg(&self.args);
+        cmd
+    }
+}
+
+/// Whether `err` shows the connection itself is unusable (as opposed to a
+/// request the server rejected).
+fn breaks_connection(err: &RedisError) -> bool {
+    !err.is_timeout() && (err.is_io_error() || err.is_unrecoverable_error())
+}
+
+/// Decodes a reply into `T`, or says which reply did not fit.
+fn decode<T: FromRedisValue>(what: &str, reply: Value) -> Result<T, StoreError> {
+    redis::from_redis_value(reply)
+        .map_err(|err| StoreError::Protocol(format!("malformed reply to {what}: {err}")))
+}
+
+/// A 0/1 flag from a script.
+fn flag(what: &str, value: u64) -> Result<bool, StoreError> {
+    match value {
+        0 => Ok(false),
+        1 => Ok(true),
+        other => Err(StoreError::Protocol(format!(
+            "malformed reply to {what}: flag {other} is neither 0 nor 1"
+        ))),
+    }
+}
+
+/// A PTTL reply as time left: -1 (no TTL) and -2 (no key) mean none.
+fn ttl(pttl_ms: i64) -> Duration {
+    Duration::from_millis(u64::try_from(pttl_ms).unwrap_or(0))
+}
+
+/// Microseconds for a script argument, saturating (no real window is
+/// anywhere near `u64::MAX` microseconds).
+fn micros(duration: Duration) -> u64 {
+    u64::try_from(duration.as_micros()).unwrap_or(u64::MAX)
+}
+
 impl Store for RedisStore {
-    async fn check_limit(&self, _check: &LimitCheck<'_>) -> Result<LimitDecision, StoreError> {
-        todo!()
+    async fn check_limit(&self, check: &LimitCheck<'_>) -> Result<LimitDecision, StoreError> {
+        let script = match check.algorithm {
+            Algorithm::SlidingLog => &*SLIDING_LOG,
+            Algorithm::SlidingCounter => &*SLIDING_COUNTER,
+        };
+        let what = script.name;
+        let keys = self
+            .shared
+            .keys
+            .limit(check.rule, check.algorithm, check.subject);
+        let invocation = Invocation::new(script)
+            .key(keys.counter)
+            .key(keys.block)
+            .arg(check.limit)
+            .arg(micros(check.window))
+            .arg(check.cost)
+            .arg(u8::from(check.dry_run))
+            .arg(check.block_for.map_or(0, micros));
+
+        let reply = self.run_script(&invocation).await?;
+        let (allowed, remaining, retry_after_us, reset_after_us, blocked): (
+            u64,
+            u64,
+            u64,
+            u64,
+            u64,
+        ) = decode(what, reply)?;
+        Ok(LimitDecision {
+            allowed: flag(what, allowed)?,
+            remaining,
+            retry_after: Duration::from_micros(retry_after_us),
+            reset_after: Duration::from_micros(reset_after_us),
+            blocked: flag(what, blocked)?,
+        })
     }
-    async fn increment_usage(&self, _increment: &UsageIncrement<'_>) -> Result<UsageDecision, StoreError> {
-        todo!()
+
+    async fn increment_usage(
+        &self,
+        increment: &UsageIncrement<'_>,
+    ) -> Result<UsageDecision, StoreError> {
+        let what = USAGE_INCREMENT.name;
+        let keys = self.shared.keys.usage(increment.user_id);
+        let period_ms = u64::try_from(increment.period.as_millis())
+            .unwrap_or(u64::MAX)
+            // PEXPIRE 0 would delete the counters at once.
+            .max(1);
+        let invocation = Invocation::new(&USAGE_INCREMENT)
+            .key(keys.conversation(increment.character_id))
+            .key(keys.index)
+            .arg(increment.kind)
+            .arg(increment.amount)
+            // -1: unlimited, counted all the same.
+            .arg(
+                increment
+                    .limit
+                    .map_or(-1, |limit| i64::try_from(limit).unwrap_or(i64::MAX)),
+            )
+            .arg(period_ms)
+            .arg(increment.character_id);
+
+        let reply = self.run_script(&invocation).await?;
+        let (allowed, used, resets_after_ms): (u64, u64, u64) = decode(what, reply)?;
+        Ok(UsageDecision {
+            allowed: flag(what, allowed)?,
+            used,
+            resets_after: Duration::from_millis(resets_after_ms),
+        })
     }
-    async fn get_usage(&self, _user_id: &str, _character_id: &str) -> Result<ConversationCounters, StoreError> {
-        todo!()
+
+    async fn get_usage(
+        &self,
+        user_id: &str,
+        character_id: &str,
+    ) -> Result<ConversationCounters, StoreError> {
+        let key = self.shared.keys.usage(user_id).conversation(character_id);
+        let deadline = self.deadline();
+        let mut conn = self.checkout(deadline).await?;
+        let mut counters = self.read_conversations(deadline, &mut conn, &[key]).await?;
+        Ok(counters.pop().flatten().unwrap_or_default())
     }
-    async fn list_usage(&self, _user_id: &str, _max: usize) -> Result<Vec<(String, ConversationCounters)>, StoreError> {
-        todo!()
+
+    async fn list_usage(
+        &self,
+        user_id: &str,
+        max: usize,
+    ) -> Result<Vec<(String, ConversationCounters)>, StoreError> {
+        if max == 0 {
+            return Ok(Vec::new());
+        }
+        let keys = self.shared.keys.usage(user_id);
+        let invocation = Invocation::new(&USAGE_LIST).key(&keys.index);
+
+        // One deadline for the script and the reads after it.
+        let deadline = self.deadline();
+        let reply = self.run_script(&invocation).await?;
+        let mut ids: Vec<String> = decode(USAGE_LIST.name, reply)?;
+        // String order is byte order: the same in every store and locale.
+        ids.sort_unstable();
+
+        // Read the smallest ids first; should some expire between the two
+        // round trips, read further ones until `max` are found.
+        let mut conn = self.checkout(deadline).await?;
+        let mut listed = Vec::with_capacity(max.min(ids.len()));
+        let mut candidates = ids.into_iter();
+        while listed.len() < max {
+            let batch: Vec<String> = candidates.by_ref().take(max - listed.len()).collect();
+            if batch.is_empty() {
+                break;
+            }
+            let batch_keys: Vec<String> = batch.iter().map(|id| keys.conversation(id)).collect();
+            let counters = self
+                .read_conversations(deadline, &mut conn, &batch_keys)
+                .await?;
+            listed.extend(
+                batch
+                    .into_iter()
+                    .zip(counters)
+                    .filter_map(|(id, counters)| Some((id, counters?))),
+            );
+        }
+        Ok(listed)
     }
+
+    /// On a cluster, PING goes to every master and succeeds only if all
+    /// answer: a master down means some subjects get no answer.
     async fn ping(&self) -> Result<(), StoreError> {
-        todo!()
+        let deadline = self.deadline();
+        let mut conn = self.checkout(deadline).await?;
+        let reply = self
+            .call(
+                deadline,
+                conn.generation,
+                redis::cmd("PING").query_async::<Value>(&mut conn.redis),
+            )
+            .await?;
+        match reply {
+            Value::SimpleString(pong) if pong == "PONG" => Ok(()),
+            other => Err(StoreError::Protocol(format!(
+                "PING answered {other:?}, not PONG"
+            ))),
+        }
+    }
+}
+
+impl RedisStore {
+    /// The counters of each conversation hash in `keys`, `None` for one that
+    /// has none, in one round trip (HGETALL + PTTL each, pipelined). The
+    /// keys share the user's hash tag, so on a cluster the pipeline goes to
+    /// the one node that holds them.
+    async fn read_conversations(
+        &self,
+        deadline: Instant,
+        conn: &mut Checkout,
+        keys: &[String],
+    ) -> Result<Vec<Option<ConversationCounters>>, StoreError> {
+        const WHAT: &str = "HGETALL + PTTL";
+        let mut pipe = redis::pipe();
+        for key in keys {
+            pipe.cmd("HGETALL").arg(key).cmd("PTTL").arg(key);
+        }
+        let reply = self
+            .call(
+                deadline,
+                conn.generation,
+                pipe.query_async::<Value>(&mut conn.redis),
+            )
+            .await?;
+        let replies: Vec<(BTreeMap<String, u64>, i64)> = decode(WHAT, reply)?;
+        if replies.len() != keys.len() {
+            return Err(StoreError::Protocol(format!(
+                "{WHAT}: {} replies for {} conversations",
+                replies.len(),
+                keys.len()
+            )));
+        }
+        Ok(replies
+            .into_iter()
+            .map(|(used, pttl_ms)| {
+                // An expired hash reads as empty: no counters, nothing to report.
+                (!used.is_empty()).then(|| ConversationCounters {
+                    used: used.into_iter().collect(),
+                    resets_after: ttl(pttl_ms),
+                })
+            })
+            .collect())
+    }
+}
+
+/// Opens the pool's connections and tells dead ones apart without a round
+/// trip.
+struct Manager {
+    client: Client,
+    config: AsyncConnectionConfig,
+    health: Arc<Health>,
+}
+
+/// A pooled connection and the pool generation it was opened in.
+struct PooledRedis {
+    redis: MultiplexedConnection,
+    generation: u64,
+}
+
+/// What the pool knows about Redis's reachability, shared with the store.
+#[derive(Default)]
+struct Health {
+    /// Connections opened before the current generation are dropped at
+    /// their next checkout or return.
+    generation: AtomicU64,
+    /// Why the last connect attempt failed; cleared by a successful one.
+    last_connect_error: Mutex<Option<String>>,
+}
+
+impl Health {
+    /// Retires every connection of `generation`, unless a newer generation
+    /// already has (so that late failures on old connections do not retire
+    /// fresh ones).
+    fn retire(&self, generation: u64) {
+        let _ = self.generation.compare_exchange(
+            generation,
+            generation.wrapping_add(1),
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
+    }
+
+    fn is_current(&self, conn: &PooledRedis) -> bool {
+        conn.generation == self.generation.load(Ordering::Acquire)
+    }
+
+    fn last_connect_error(&self) -> Option<String> {
+        // The lock guards a plain Option; a panic elsewhere cannot leave it
+        // half-written, so a poisoned lock is still good to read.
+        self.last_connect_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn set_last_connect_error(&self, error: Option<String>) {
+        *self
+            .last_connect_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = error;
+    }
+}
+
+impl bb8::ManageConnection for Manager {
+    type Connection = PooledRedis;
+    type Error = RedisError;
+
+    async fn connect(&self) -> Result<PooledRedis, RedisError> {
+        match self
+            .client
+            .get_multiplexed_async_connection_with_config(&self.config)
+            .await
+        {
+            Ok(redis) => {
+                self.health.set_last_connect_error(None);
+                Ok(PooledRedis {
+                    redis,
+                    generation: self.health.generation.load(Ordering::Acquire),
+                })
+            }
+            Err(err) => {
+                self.health.set_last_connect_error(Some(err.to_string()));
+                Err(err)
+            }
+        }
+    }
+
+    /// No PING: a connection is valid until a request on it (or on one of
+    /// its generation) fails, which costs nothing per checkout.
+    async fn is_valid(&self, conn: &mut PooledRedis) -> Result<(), RedisError> {
+        if self.health.is_current(conn) {
+            Ok(())
+        } else {
+            Err(RedisError::from(std::io::Error::new(
+                std::io::ErrorKind::NotConnected,
+                "connection retired after a connection error",
+            )))
+        }
+    }
+
+    fn has_broken(&self, conn: &mut PooledRedis) -> bool {
+        !self.health.is_current(conn)
     }
 }

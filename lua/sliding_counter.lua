@@ -1,0 +1,135 @@
+--[[
+sliding_counter.lua: an approximate sliding-window rate limit in constant
+memory, with optional lock-out.
+
+KEYS[1]  the counter: a hash with three short fields, kept small so that it
+         stays listpack-encoded (under 200 bytes per subject):
+           w  index of the current fixed window, floor(now_us / window_us)
+           c  hits counted in window w
+           p  hits counted in window w - 1
+KEYS[2]  the block key: present while the subject is locked out.
+         Both keys share one hash tag, so the script runs on one Cluster slot.
+
+ARGV[1]  limit      hits allowed per window (>= 0)
+ARGV[2]  window_us  the window, in microseconds (>= 1000)
+ARGV[3]  cost       hits this call spends (>= 1)
+ARGV[4]  dry_run    1: decide without writing anything; 0: count if allowed
+ARGV[5]  block_us   lock the subject out this long after a denial; 0: never
+
+Returns {allowed, remaining, retry_after_us, reset_after_us, blocked}, all
+integers; allowed and blocked are 0 or 1.
+
+Semantics (the memory store implements the same, in f64 and in this order
+of operations so that both round alike; keep them in step):
+- now = Redis's TIME in microseconds; w = floor(now / window);
+  elapsed = now - w * window.
+- Stored index w: keep c and p; w - 1: p = c, c = 0; anything else (or no
+  hash): p = c = 0.
+- estimate = p * (window - elapsed) / window + c, the previous window
+  weighted by the share of it the sliding window still covers.
+- If block_us > 0 and the block key exists: denied, blocked, remaining 0,
+  retry_after = the block's PTTL, reset_after as below. Nothing is written.
+- estimate + cost <= limit: allowed; unless a dry run, c += cost, the hash is
+  stored and expires in 2 * window (PEXPIRE rounded up to whole ms).
+  remaining = max(floor(limit - estimate - cost), 0); retry_after = 0.
+- Otherwise denied and nothing is counted; remaining =
+  max(floor(limit - estimate), 0); retry_after = the earliest wait after
+  which the estimate (decaying, with no new hits) leaves room for cost:
+    c + cost <= limit: within this window,
+      ceil(window - (limit - cost - c) * window / p - elapsed);
+    cost <= limit < c + cost: in the next window, where c becomes p,
+      ceil(2 * window - elapsed - (limit - cost) * window / c);
+    cost > limit: it never fits; retry_after = reset_after.
+  If block_us > 0 and not a dry run, the denial starts a block of block_us
+  (PX rounded up to whole ms): blocked = 1 and retry_after = block_us.
+- reset_after = time until the estimate is 0: 2 * window - elapsed if c > 0
+  (after counting), window - elapsed if only p > 0, else 0.
+
+Worked example: limit 10, window 60 s, stored {w, c = 2, p = 6} and 15 s into
+window w. estimate = 6 * 45 / 60 + 2 = 6.5. A hit of cost 1 is allowed:
+{1, 2, 0, 105000000, 0} and c becomes 3. A hit of cost 4 is then denied:
+estimate 7.5 + 4 > 10, remaining floor(2.5) = 2, and at 30 s into the window
+6 * 30 / 60 + 3 + 4 = 10 fits, so {0, 2, 15000000, 105000000, 0}.
+]]
+
+assert(#KEYS == 2, 'sliding_counter.lua: expected 2 KEYS (counter, block), got ' .. #KEYS)
+assert(#ARGV == 5, 'sliding_counter.lua: expected 5 ARGV (limit, window_us, cost, dry_run, block_us), got ' .. #ARGV)
+
+local counter_key, block_key = KEYS[1], KEYS[2]
+local function int_arg(i, name)
+  local value = tonumber(ARGV[i])
+  assert(value and value >= 0 and value == math.floor(value), 'sliding_counter.lua: ' .. name .. ' must be a non-negative integer')
+  return value
+end
+local limit = int_arg(1, 'limit')
+local window = int_arg(2, 'window_us')
+local cost = int_arg(3, 'cost')
+local dry_run = ARGV[4] == '1'
+local block_us = int_arg(5, 'block_us')
+assert(window > 0, 'sliding_counter.lua: window_us must be positive')
+
+-- Lua numbers are doubles and print as 1.7e+15 past 14 digits; every number
+-- sent to Redis goes through int() so it is an exact integer string.
+local function int(x)
+  return string.format('%d', x)
+end
+
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
+local w = math.floor(now / window)
+local elapsed = now - w * window
+
+local stored = redis.call('HMGET', counter_key, 'w', 'c', 'p')
+local stored_w = tonumber(stored[1])
+local cur, prev = 0, 0
+if stored_w == w then
+  cur, prev = tonumber(stored[2]) or 0, tonumber(stored[3]) or 0
+elseif stored_w == w - 1 then
+  cur, prev = 0, tonumber(stored[2]) or 0
+end
+
+local function until_empty()
+  if cur > 0 then
+    return 2 * window - elapsed
+  elseif prev > 0 then
+    return window - elapsed
+  end
+  return 0
+end
+
+local estimate = prev * (window - elapsed) / window + cur
+
+if block_us > 0 and redis.call('EXISTS', block_key) == 1 then
+  local block_ms = math.max(redis.call('PTTL', block_key), 0)
+  return {0, 0, block_ms * 1000, until_empty(), 1}
+end
+
+if estimate + cost <= limit then
+  local remaining = math.max(math.floor(limit - estimate - cost), 0)
+  if not dry_run then
+    cur = cur + cost
+    redis.call('HSET', counter_key, 'w', int(w), 'c', int(cur), 'p', int(prev))
+    redis.call('PEXPIRE', counter_key, int(math.ceil(2 * window / 1000)))
+  end
+  return {1, remaining, 0, until_empty(), 0}
+end
+
+local remaining = math.max(math.floor(limit - estimate), 0)
+local reset_after = until_empty()
+local retry_after = reset_after
+if cur + cost <= limit then
+  -- Denied although c alone leaves room, so p > 0: wait for it to decay.
+  retry_after = math.ceil(window - (limit - cost - cur) * window / prev - elapsed)
+elseif cost <= limit then
+  -- c alone leaves no room: wait until it has become p and decayed enough.
+  retry_after = math.ceil(2 * window - elapsed - (limit - cost) * window / cur)
+end
+retry_after = math.max(retry_after, 0)
+
+local blocked = 0
+if block_us > 0 and not dry_run then
+  redis.call('SET', block_key, '1', 'PX', int(math.ceil(block_us / 1000)))
+  blocked = 1
+  retry_after = block_us
+end
+return {0, remaining, retry_after, reset_after, blocked}

@@ -1,0 +1,370 @@
+//! A real Redis Cluster on free loopback ports: three masters (and
+//! optionally a replica each), created with `redis-cli --cluster create`,
+//! every process killed when dropped.
+//!
+//! Each test starts its own cluster, so tests share no keys. The helpers
+//! speak to single nodes through `redis-cli`, as an operator would, to look
+//! at where keys live and to move slots and fail masters over.
+
+// Each test binary that includes this module uses a part of it.
+#![allow(dead_code)]
+
+use std::{
+    collections::BTreeMap,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use super::redis_server::free_port;
+
+/// One `redis-server --cluster-enabled yes` process.
+struct Node {
+    port: u16,
+    child: Child,
+    // Holds nodes.conf; removed on drop, after the process is killed.
+    _dir: tempfile::TempDir,
+}
+
+/// A running Redis Cluster.
+pub struct RedisCluster {
+    nodes: Vec<Node>,
+}
+
+/// A node's role and slots, from `CLUSTER NODES`.
+#[derive(Debug, Clone)]
+pub struct NodeInfo {
+    /// The node's id.
+    pub id: String,
+    /// Its port on 127.0.0.1.
+    pub port: u16,
+    /// Whether it is a master (else a replica).
+    pub master: bool,
+    /// For a replica, its master's id.
+    pub master_id: Option<String>,
+}
+
+impl RedisCluster {
+    /// Starts three masters, each with `replicas` replicas, and waits until
+    /// every node reports `cluster_state:ok` and agrees on the slots.
+    pub fn start(replicas: usize) -> Self {
+        let count = 3 * (1 + replicas);
+        let nodes: Vec<Node> = (0..count).map(|_| Node::spawn()).collect();
+        let cluster = Self { nodes };
+        for node in &cluster.nodes {
+            cluster.await_reply(node.port, &["PING"], |reply| reply == "PONG");
+        }
+        let addresses: Vec<String> = cluster
+            .nodes
+            .iter()
+            .map(|node| format!("127.0.0.1:{}", node.port))
+            .collect();
+        let output = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&addresses)
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
+            .output()
+            .expect("redis-cli runs");
+        assert!(
+            output.status.success(),
+            "redis-cli --cluster create failed: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        cluster.await_stable();
+        cluster
+    }
+
+    /// A `redis-cluster://` URL naming every master as a seed node.
+    pub fn url(&self) -> String {
+        let seeds: Vec<String> = self
+            .masters()
+            .iter()
+            .map(|node| format!("127.0.0.1:{}", node.port))
+            .collect();
+        format!("redis-cluster://{}", seeds.join(","))
+    }
+
+    /// Runs `redis-cli` against the node on `port` and returns its trimmed
+    /// output.
+    pub fn cli(&self, port: u16, args: &[&str]) -> String {
+        let output = Command::new("redis-cli")
+            .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+            .args(args)
+            .output()
+            .expect("redis-cli runs");
+        String::from_utf8_lossy(&output.stdout).trim().to_owned()
+    }
+
+    /// An integer reply from the node on `port`.
+    pub fn cli_int(&self, port: u16, args: &[&str]) -> i64 {
+        let reply = self.cli(port, args);
+        reply
+            .parse()
+            .unwrap_or_else(|_| panic!("{args:?} on :{port} answered {reply:?}, not an integer"))
+    }
+
+    /// Every node, as the node on `port` sees the cluster.
+    pub fn nodes_seen_by(&self, port: u16) -> Vec<NodeInfo> {
+        self.cli(port, &["CLUSTER", "NODES"])
+            .lines()
+            .filter_map(|line| {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                if fields.len() < 8 || fields[2].contains("fail") {
+                    return None;
+                }
+                // "127.0.0.1:7000@17000" (and, in newer versions, ",hostname").
+                let address = fields[1].split(['@', ',']).next()?;
+                let port = address.rsplit(':').next()?.parse().ok()?;
+                Some(NodeInfo {
+                    id: fields[0].to_owned(),
+                    port,
+                    master: fields[2].contains("master"),
+                    master_id: (fields[3] != "-").then(|| fields[3].to_owned()),
+                })
+            })
+            .collect()
+    }
+
+    /// The current masters, as the first live node sees them, by port.
+    pub fn masters(&self) -> Vec<NodeInfo> {
+        let mut masters: Vec<NodeInfo> = self
+            .nodes_seen_by(self.nodes[0].port)
+            .into_iter()
+            .filter(|node| node.master)
+            .collect();
+        masters.sort_by_key(|node| node.port);
+        masters
+    }
+
+    /// The node id of the node on `port`.
+    pub fn node_id(&self, port: u16) -> String {
+        self.cli(port, &["CLUSTER", "MYID"])
+    }
+
+    /// The slot of `key`.
+    pub fn key_slot(&self, key: &str) -> u16 {
+        let slot = self.cli_int(self.nodes[0].port, &["CLUSTER", "KEYSLOT", key]);
+        u16::try_from(slot).expect("slots are 0..16384")
+    }
+
+    /// The port of the master that owns `slot`, from `CLUSTER SHARDS` ...
+    /// kept simple: from `CLUSTER SLOTS` on the first node.
+    pub fn owner_of(&self, slot: u16) -> u16 {
+        // CLUSTER SLOTS in redis-cli's raw output: start, end, then each
+        // node's ip, port, id (and metadata), master first; one value per line.
+        let slots = self.slot_ranges(self.nodes[0].port);
+        slots
+            .iter()
+            .find(|(range, _)| range.contains(&slot))
+            .map(|(_, port)| *port)
+            .unwrap_or_else(|| panic!("slot {slot} has no owner: {slots:?}"))
+    }
+
+    /// Slot ranges and their masters' ports as the node on `port` sees them.
+    fn slot_ranges(&self, port: u16) -> Vec<(std::ops::RangeInclusive<u16>, u16)> {
+        // `CLUSTER NODES` lists each master's slots after its 8th field.
+        let mut ranges = Vec::new();
+        for line in self.cli(port, &["CLUSTER", "NODES"]).lines() {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            if fields.len() < 9 || !fields[2].contains("master") {
+                continue;
+            }
+            let Some(node_port) = fields[1]
+                .split(['@', ','])
+                .next()
+                .and_then(|address| address.rsplit(':').next())
+                .and_then(|p| p.parse::<u16>().ok())
+            else {
+                continue;
+            };
+            for range in &fields[8..] {
+                // Skip open migrations, shown as "[slot->-id]" or "[slot-<-id]".
+                if range.starts_with('[') {
+                    continue;
+                }
+                let (start, end) = range.split_once('-').unwrap_or((range, range));
+                if let (Ok(start), Ok(end)) = (start.parse(), end.parse()) {
+                    ranges.push((start..=end, node_port));
+                }
+            }
+        }
+        ranges
+    }
+
+    /// Keys on the master on `port` (the test may scan; tollgate never does).
+    pub fn dbsize(&self, port: u16) -> i64 {
+        self.cli_int(port, &["DBSIZE"])
+    }
+
+    /// Moves `slot` from its owner to the master on `to`, keys and all, as
+    /// `redis-cli --cluster reshard` does: IMPORTING on the target,
+    /// MIGRATING on the source, MIGRATE the keys in batches, then
+    /// `SETSLOT NODE` on the target, the source and every other master.
+    /// `pause` runs between the steps, so that requests can hit each state.
+    pub fn migrate_slot(&self, slot: u16, to: u16, mut pause: impl FnMut(&str)) {
+        let from = self.owner_of(slot);
+        assert_ne!(from, to, "slot {slot} already lives on :{to}");
+        let slot_arg = slot.to_string();
+        let from_id = self.node_id(from);
+        let to_id = self.node_id(to);
+        let ok = |port: u16, args: &[&str]| {
+            let reply = self.cli(port, args);
+            assert_eq!(reply, "OK", "{args:?} on :{port}");
+        };
+        ok(
+            to,
+            &[
+                "CLUSTER",
+                "SETSLOT",
+                &slot_arg,
+                "IMPORTING",
+                from_id.as_str(),
+            ],
+        );
+        ok(
+            from,
+            &["CLUSTER", "SETSLOT", &slot_arg, "MIGRATING", to_id.as_str()],
+        );
+        pause("migrating");
+        loop {
+            let keys = self.cli(from, &["CLUSTER", "GETKEYSINSLOT", &slot_arg, "100"]);
+            let keys: Vec<&str> = keys.lines().filter(|key| !key.is_empty()).collect();
+            if keys.is_empty() {
+                break;
+            }
+            let to_port = to.to_string();
+            let mut args = vec!["MIGRATE", "127.0.0.1", &to_port, "", "0", "5000", "KEYS"];
+            args.extend(keys);
+            ok(from, &args);
+        }
+        pause("keys moved");
+        ok(
+            to,
+            &["CLUSTER", "SETSLOT", &slot_arg, "NODE", to_id.as_str()],
+        );
+        ok(
+            from,
+            &["CLUSTER", "SETSLOT", &slot_arg, "NODE", to_id.as_str()],
+        );
+        for master in self.masters() {
+            if master.port != from && master.port != to {
+                ok(
+                    master.port,
+                    &["CLUSTER", "SETSLOT", &slot_arg, "NODE", to_id.as_str()],
+                );
+            }
+        }
+        self.await_stable();
+    }
+
+    /// Promotes the replica on `replica` with a coordinated manual
+    /// failover (`CLUSTER FAILOVER`) and waits until every node agrees.
+    pub fn fail_over(&self, replica: u16) {
+        assert_eq!(self.cli(replica, &["CLUSTER", "FAILOVER"]), "OK");
+        self.await_reply(replica, &["ROLE"], |role| role.starts_with("master"));
+        self.await_stable();
+    }
+
+    /// Waits until every node reports `cluster_state:ok` and sees the same
+    /// slot owners.
+    pub fn await_stable(&self) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let ok = self.nodes.iter().all(|node| {
+                self.cli(node.port, &["CLUSTER", "INFO"])
+                    .lines()
+                    .any(|line| line.trim() == "cluster_state:ok")
+            });
+            let views: Vec<BTreeMap<u16, u16>> = self
+                .nodes
+                .iter()
+                .map(|node| {
+                    self.slot_ranges(node.port)
+                        .into_iter()
+                        .map(|(range, port)| (*range.start(), port))
+                        .collect()
+                })
+                .collect();
+            let agree = views.windows(2).all(|pair| pair[0] == pair[1]) && views[0].len() >= 3;
+            if ok && agree {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the cluster did not settle within 15 s"
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn await_reply(&self, port: u16, args: &[&str], done: impl Fn(&str) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let reply = self.cli(port, args);
+            if done(&reply) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{args:?} on :{port} still answers {reply:?}"
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Node {
+    fn spawn() -> Self {
+        let dir = tempfile::tempdir().expect("a temporary directory for a cluster node");
+        let port = free_port();
+        // The cluster bus gets a free port of its own: the default, port +
+        // 10000, may be taken or past 65535.
+        let bus_port = free_port();
+        let child = Command::new(redis_server_binary())
+            .args([
+                "--port",
+                &port.to_string(),
+                "--cluster-port",
+                &bus_port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+                "--cluster-node-timeout",
+                "2000",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                &dir.path().display().to_string(),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (the README's test command installs it)");
+        Self {
+            port,
+            child,
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn redis_server_binary() -> PathBuf {
+    std::env::var_os("REDIS_SERVER")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("redis-server"))
+}

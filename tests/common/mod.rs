@@ -1,0 +1,3 @@
+pub mod cluster;
+pub mod redis_server;
+pub mod server;

@@ -1,0 +1,826 @@
+//! The Redis store against a real `redis-server`: each Lua script's
+//! documented behaviour (the worked examples in `lua/*.lua`), real-time
+//! sliding windows, lock-outs, script and connection recovery, and
+//! atomicity under concurrency.
+//!
+//! Every test starts its own server, so tests share no keys. The behaviour
+//! both stores share is pinned again by the gRPC conformance suite; this file
+//! is about the scripts and the connection handling.
+
+// The helpers' `pub` items are for their sibling modules and the test
+// crates that use them, not for export.
+#[allow(unreachable_pub)]
+mod common;
+
+use std::time::Duration;
+
+use common::redis_server::{RedisServer, free_port};
+use tokio::{
+    task::JoinSet,
+    time::{Instant, sleep, sleep_until},
+};
+use tollgate::{
+    keys::KeyBuilder,
+    rules::Algorithm,
+    store::{
+        LimitCheck, LimitDecision, Store, StoreError, UsageIncrement,
+        redis::{RedisOptions, RedisStore},
+    },
+};
+
+const PREFIX: &str = "t:";
+const RULE: &str = "api";
+const ALGORITHMS: [Algorithm; 2] = [Algorithm::SlidingLog, Algorithm::SlidingCounter];
+
+fn options(url: String) -> RedisOptions {
+    RedisOptions {
+        url,
+        key_prefix: PREFIX.to_owned(),
+        timeout: Duration::from_secs(1),
+        pool_size: 4,
+    }
+}
+
+async fn connect(server: &RedisServer) -> RedisStore {
+    RedisStore::connect(&options(server.url()))
+        .await
+        .expect("the store connects to a running redis-server")
+}
+
+/// One hit of `RULE` for `subject`, no block, not a dry run.
+fn check(algorithm: Algorithm, subject: &str, limit: u64, window: Duration) -> LimitCheck<'_> {
+    LimitCheck {
+        rule: RULE,
+        subject,
+        algorithm,
+        limit,
+        window,
+        block_for: None,
+        cost: 1,
+        dry_run: false,
+    }
+}
+
+async fn decide(store: &RedisStore, check: &LimitCheck<'_>) -> LimitDecision {
+    store.check_limit(check).await.expect("check_limit answers")
+}
+
+#[track_caller]
+fn assert_near(actual: Duration, expected: Duration, tolerance: Duration) {
+    let gap = actual.abs_diff(expected);
+    assert!(
+        gap <= tolerance,
+        "{actual:?} is not within {tolerance:?} of {expected:?}"
+    );
+}
+
+fn ms(millis: u64) -> Duration {
+    Duration::from_millis(millis)
+}
+
+/// Redis's clock, in microseconds.
+fn redis_now_us(server: &RedisServer) -> u64 {
+    let time = server.cli(&["TIME"]);
+    let mut parts = time.lines().map(|part| part.trim().parse::<u64>());
+    match (parts.next(), parts.next()) {
+        (Some(Ok(secs)), Some(Ok(micros))) => secs * 1_000_000 + micros,
+        _ => panic!("TIME answered {time:?}"),
+    }
+}
+
+fn cli_int(server: &RedisServer, args: &[&str]) -> i64 {
+    let reply = server.cli(args);
+    reply
+        .parse()
+        .unwrap_or_else(|_| panic!("{args:?} answered {reply:?}, not an integer"))
+}
+
+// ---- sliding_log.lua --------------------------------------------------
+
+/// The worked example of `lua/sliding_log.lua`, on Redis's real clock.
+#[tokio::test]
+async fn sliding_log_slides_in_real_time() {
+    let server = RedisServer::start();
+    let store = connect(&server).await;
+    let one = check(Algorithm::SlidingLog, "alice", 4, ms(2000));
+    let two = LimitCheck { cost: 2, ..one };
+    let tolerance = ms(150);
+
+    let start = Instant::now();
+    assert!(decide(&store, &two).await.allowed);
+    sleep_until(start + ms(1500)).await;
+    let decision = decide(&store, &two).await;
+    assert!(decision.allowed);
+    assert_eq!(decision.remaining, 0);
+    let fifth = decide(&store, &one).await;
+    assert!(!fifth.allowed && !fifth.blocked);
+    assert_eq!(fifth.remaining, 0);
+    // The t = 0 entries leave at 2 s, the newest at 3.5 s.
+    assert_near(fifth.retry_after, ms(500), tolerance);
+    assert_near(fifth.reset_after, ms(2000), tolerance);
+
+    sleep_until(start + ms(2200)).await;
+    let decision = decide(&store, &one).await;
+    assert_eq!((decision.allowed, decision.remaining), (true, 1));
+    assert_eq!(decision.reset_after, ms(2000));
+    let decision = decide(&store, &one).await;
+    assert_eq!((decision.allowed, decision.remaining), (true, 0));
+    let denied = decide(&store, &one).await;
+    assert!(!denied.allowed);
+    // The t = 1.5 s entries leave at 3.5 s.
+    assert_near(denied.retry_after, ms(1300), tolerance);
+    assert_near(denied.reset_after, ms(2000), tolerance);
+}
+
+#[tokio::test]
+async fn sliding_log_counts_cost_and_expires_with_its_window() {
+    let server = RedisServer::start();
+    let store = connect(&server).await;
+    let base = check(Algorithm::SlidingLog, "bob", 5, ms(10_000));
+    let keys = KeyBuilder::new(PREFIX).limit(RULE, Algorithm::SlidingLog, "bob");
+
+    let decision = decide(&store, &LimitCheck { cost: 3, ..base }).await;
+    assert_eq!(
+        decision,
+        LimitDecision {
+            allowed: true,
+            remaining: 2,
+            retry_after: Duration::ZERO,
+            reset_after: ms(10_000),
+            blocked: false,
+        }
+    );
+    assert_eq!(cli_int(&server, &["ZCARD", &keys.counter]), 3);
+    let pttl = cli_int(&server, &["PTTL", &keys.counter]);
+    assert!((9_500..=10_000).contains(&pttl), "PTTL {pttl}");
+
+    // Denied: nothing counted, remaining unchanged; the first entry must
+    // leave before 3 more fit.
+    let denied = decide(&store, &LimitCheck { cost: 3, ..base }).await;
+    assert!(!denied.allowed);
+    assert_eq!(denied.remaining, 2);
+    assert_near(denied.retry_after, ms(10_000), ms(200));
+    assert_eq!(cli_int(&server, &["ZCARD", &keys.counter]), 3);
+
+    // More than the limit can never fit: retry when the log is empty.
+    let never = decide(&store, &LimitCheck { cost: 6, ..base }).await;
+    assert!(!never.allowed);
+    assert_eq!(never.retry_after, never.reset_after);
+
+    // A cost larger than one ZADD batch is counted in full.
+    let big = check(Algorithm::SlidingLog, "big", 3000, ms(10_000));
+    let decision = decide(&store, &LimitCheck { cost: 2500, ..big }).await;
+    assert_eq!((decision.allowed, decision.remaining), (true, 500));
+    let big_keys = KeyBuilder::new(PREFIX).limit(RULE, Algorithm::SlidingLog, "big");
+    assert_eq!(cli_int(&server, &["ZCARD", &big_keys.counter]), 2500);
+}
+
+// ---- sliding_counter.lua ----------------------------------------------
+
+/// The worked example of `lua/sliding_counter.lua`, from a seeded hash. The
+/// test cannot choose Redis's clock, so it reads the time into the window
+/// and checks the documented formulas at that point.
+#[tokio::test]
+async fn sliding_counter_weights_the_previous_window() {
+    let server = RedisServer::start();
+    let store = connect(&server).await;
+    let window_us: u64 = 60_000_000;
+    let mut now = redis_now_us(&server);
+    if now % window_us > window_us - 2_000_000 {
+        // Too close to the window's end for the seeded hash to stay current.
+        sleep(Duration::from_micros(window_us - now % window_us + 10_000)).await;
+        now = redis_now_us(&server);
+    }
+    let w = now / window_us;
+    let elapsed = (now % window_us) as f64;
+    let window = window_us as f64;
+    let seed = |subject: &str, index: u64, cur: u64, prev: u64| {
+        let key = KeyBuilder::new(PREFIX)
+            .limit(RULE, Algorithm::SlidingCounter, subject)
+            .counter;
+        let (index, cur, prev) = (index.to_string(), cur.to_string(), prev.to_string());
+        server.cli(&["HSET", &key, "w", &index, "c", &cur, "p", &prev]);
+    };
+    let base = check(
+        Algorithm::SlidingCounter,
+        "s",
+        10,
+        Duration::from_micros(window_us),
+    );
+    let tolerance = ms(100);
+
+    // {w, c = 2, p = 6}: estimate = 6 * (window - elapsed) / window + 2.
+    seed("s", w, 2, 6);
+    let estimate = 6.0 * (window - elapsed) / window + 2.0;
+    let allowed = decide(&store, &base).await;
+    assert!(allowed.allowed);
+    // The estimate only falls as time passes, by 0.1 a second here.
+    let remaining = (10.0 - estimate - 1.0).floor() as u64;
+    assert!(
+        (remaining..=remaining + 1).contains(&allowed.remaining),
+        "{allowed:?}"
+    );
+    assert_near(
+        allowed.reset_after,
+        Duration::from_micros(2 * window_us) - Duration::from_micros(now % window_us),
+        tolerance,
+    );
+    // c is now 3; a cost of 4 fits once 6 * (window - e) / window <= 3.
+    let estimate = 6.0 * (window - elapsed) / window + 3.0;
+    let four = decide(&store, &LimitCheck { cost: 4, ..base }).await;
+    if estimate + 4.0 > 10.05 {
+        assert!(!four.allowed, "{four:?}");
+        let fits_at = window - 3.0 * window / 6.0;
+        assert_near(
+            four.retry_after,
+            Duration::from_micros((fits_at - elapsed) as u64),
+            tolerance,
+        );
+    } else if estimate + 4.0 < 9.95 {
+        assert!(four.allowed, "{four:?}");
+    }
+
+    // c alone leaves no room for the cost: wait for the next window, where
+    // c = 8 becomes p and decays to 7.
+    seed("full", w, 8, 0);
+    let full = LimitCheck {
+        subject: "full",
+        cost: 3,
+        ..base
+    };
+    let denied = decide(&store, &full).await;
+    assert!(!denied.allowed);
+    assert_eq!(denied.remaining, 2);
+    assert_near(
+        denied.retry_after,
+        Duration::from_micros((2.0 * window - elapsed - 7.0 * window / 8.0) as u64),
+        tolerance,
+    );
+    assert_near(
+        denied.reset_after,
+        Duration::from_micros((2.0 * window - elapsed) as u64),
+        tolerance,
+    );
+
+    // The previous window's count moves to p; an older one is forgotten.
+    seed("shift", w - 1, 6, 9);
+    let shifted = decide(
+        &store,
+        &LimitCheck {
+            subject: "shift",
+            ..base
+        },
+    )
+    .await;
+    let estimate = 6.0 * (window - elapsed) / window;
+    let remaining = (10.0 - estimate - 1.0).floor() as u64;
+    assert!((remaining..=remaining + 1).contains(&shifted.remaining));
+    seed("stale", w - 2, 10, 10);
+    let stale = decide(
+        &store,
+        &LimitCheck {
+            subject: "stale",
+            ..base
+        },
+    )
+    .await;
+    assert_eq!((stale.allowed, stale.remaining), (true, 9));
+}
+
+#[tokio::test]
+async fn sliding_counter_keys_stay_small() {
+    let server = RedisServer::start();
+    let store = connect(&server).await;
+    let subject = "user-1234567890";
+    for _ in 0..50 {
+        decide(
+            &store,
+            &check(Algorithm::SlidingCounter, subject, 1_000_000, ms(60_000)),
+        )
+        .await;
+    }
+    let keys = KeyBuilder::new(PREFIX).limit(RULE, Algorithm::SlidingCounter, subject);
+    let bytes = cli_int(&server, &["MEMORY", "USAGE", &keys.counter]);
+    let encoding = server.cli(&["OBJECT", "ENCODING", &keys.counter]);
+    println!(
+        "sliding_counter key {}: {bytes} bytes, {encoding}",
+        keys.counter
+    );
+    assert!(bytes <= 200, "{bytes} bytes");
+    assert_eq!(encoding, "listpack");
+    let pttl = cli_int(&server, &["PTTL", &keys.counter]);
+    assert!((119_000..=120_000).contains(&pttl), "PTTL {pttl}");
+
+    // For comparison: the exact log grows with every hit.
+    for _ in 0..50 {
+        decide(
+            &store,
+            &check(Algorithm::SlidingLog, subject, 1_000_000, ms(60_000)),
+        )
+        .await;
+    }
+    let log = KeyBuilder::new(PREFIX).limit(RULE, Algorithm::SlidingLog, subject);
+    let log_bytes = cli_int(&server, &["MEMORY", "USAGE", &log.counter]);
+    println!("sliding_log key with 50 hits: {log_bytes} bytes");
+}
+
+// ---- both algorithms --------------------------------------------------
+
+/// A denial's retry_after is the earliest time the hit fits: a little
+/// earlier it is still denied, right after it is allowed.
+#[tokio::test]
+async fn retry_after_is_when_the_hit_fits() {
+    let server = RedisServer::start();
+    let store = connect(&server).await;
+    for algorithm in ALGORITHMS {
+        let base = check(algorithm, "retry", 3, ms(600));
+        let start = Instant::now();
+        for _ in 0..3 {
+            assert!(decide(&store, &base).await.allowed);
+        }
+        let denied = decide(&store, &base).await;
+        assert!(!denied.allowed, "{algorithm}: {denied:?}");
+        assert!(
+            denied.retry_after > Duration::ZERO && denied.retry_after <= ms(1200),
+            "{algorithm}: {denied:?}"
+        );
+        assert!(denied.reset_after >= denied.retry_after);
+        let asked = start.elapsed();
+        if denied.retry_after > ms(150) {
+            sleep(denied.retry_after - ms(100)).await;
+            let early = decide(
+                &store,
+                &LimitCheck {
+                    dry_run: true,
+                    ..base
+                },
+            )
+            .await;
+            assert!(!early.allowed, "{algorithm}: allowed before retry_after");
+        }
+        sleep_until(start + asked + denied.retry_after + ms(30)).await;
+        let allowed = decide(&store, &base).await;
+        assert!(allowed.allowed, "{algorithm}: denied after retry_after");
+    }
+}
+
+#[tokio::test]
+async fn dry_run_counts_nothing() {
+    let server = RedisServer::start();
+    let store = connect(&server).await;
+    for algorithm in ALGORITHMS {
+        let base = check(algorithm, "dry", 2, ms(10_000));
+        let keys = KeyBuilder::new(PREFIX).limit(RULE, algorithm, "dry");
+        let dry = LimitCheck {
+            dry_run: true,
+            block_for: Some(ms(5_000)),
+            ..base
+        };
+        let decision = decide(&store, &LimitCheck { cost: 2, ..dry }).await;
+        assert_eq!(
+            decision,
+            LimitDecision {
+                allowed: true,
+                remaining: 0,
+                retry_after: Duration::ZERO,
+                reset_after: Duration::ZERO,
+                blocked: false,
+            }
+        );
+        assert_eq!(cli_int(&server, &["EXISTS", &keys.counter]), 0);
+
+        assert!(
+            decide(&store, &LimitCheck { cost: 2, ..base })
+                .await
+                .allowed
+        );
+        // A dry-run denial neither counts nor starts a block.
+        let denied = decide(&store, &dry).await;
+        assert!(
+            !denied.allowed && !denied.blocked,
+            "{algorithm}: {denied:?}"
+        );
+        assert_eq!(cli_int(&server, &["EXISTS", &keys.block]), 0);
+        let again = decide(&store, &dry).await;
+        assert_eq!(again.remaining, 0);
+    }
+}
+
+#[tokio::test]
+async fn a_denial_blocks_the_subject_for_block_for() {
+    let server = RedisServer::start();
+    let store = connect(&server).await;
+    for algorithm in ALGORITHMS {
+        let base = LimitCheck {
+            block_for: Some(ms(1000)),
+            ..check(algorithm, "blocky", 2, ms(400))
+        };
+        let keys = KeyBuilder::new(PREFIX).limit(RULE, algorithm, "blocky");
+        let start = Instant::now();
+        assert!(decide(&store, &base).await.allowed);
+        assert!(decide(&store, &base).await.allowed);
+        let denied = decide(&store, &base).await;
+        assert!(!denied.allowed && denied.blocked, "{algorithm}: {denied:?}");
+        assert_eq!(denied.retry_after, ms(1000));
+        let pttl = cli_int(&server, &["PTTL", &keys.block]);
+        assert!((900..=1000).contains(&pttl), "PTTL {pttl}");
+
+        // The window has slid past every hit, but the block holds.
+        sleep_until(start + ms(700)).await;
+        let blocked = decide(&store, &base).await;
+        assert!(
+            !blocked.allowed && blocked.blocked,
+            "{algorithm}: {blocked:?}"
+        );
+        assert_eq!(blocked.remaining, 0);
+        assert_near(blocked.retry_after, ms(300), ms(120));
+
+        sleep_until(start + ms(1100)).await;
+        let free = decide(&store, &base).await;
+        assert!(free.allowed && !free.blocked, "{algorithm}: {free:?}");
+    }
+}
+
+#[tokio::test]
+async fn crafted_subjects_do_not_share_counters() {
+    let server = RedisServer::start();
+    let store = connect(&server).await;
+    for algorithm in ALGORITHMS {
+        for subject in ["a:b", "a%3Ab", "{x}", "x", "a}:{rl:api:b"] {
+            let decision = decide(&store, &check(algorithm, subject, 1, ms(10_000))).await;
+            assert!(decision.allowed, "{algorithm} {subject:?} shares a counter");
+        }
+        let again = decide(&store, &check(algorithm, "a:b", 1, ms(10_000))).await;
+        assert!(!again.allowed);
+    }
+    // Users and characters likewise.
+    for (user, character) in [("u:1", "c"), ("u%3A1", "c"), ("u", "1:c"), ("{u}", "c")] {
+        let decision = store
+            .increment_usage(&usage(user, character, Some(1), ms(10_000)))
+            .await
+            .expect("increment answers");
+        assert!(decision.allowed, "{user:?}/{character:?} shares a counter");
+    }
+}
+
+/// 200 concurrent hits on one subject with limit 10, through two stores as
+/// two tollgate instances would: exactly 10 get through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_hits_never_exceed_the_limit() {
+    let server = RedisServer::start();
+    let stores = [connect(&server).await, connect(&server).await];
+    for algorithm in ALGORITHMS {
+        let mut tasks = JoinSet::new();
+        for i in 0..200 {
+            let store = stores[i % 2].clone();
+            tasks.spawn(async move {
+                store
+                    .check_limit(&check(algorithm, "crowd", 10, ms(10_000)))
+                    .await
+                    .expect("check_limit answers")
+                    .allowed
+            });
+        }
+        let allowed = tasks
+            .join_all()
+            .await
+            .into_iter()
+            .filter(|allowed| *allowed)
+            .count();
+        assert_eq!(allowed, 10, "{algorithm}");
+    }
+}
+
+// ---- usage_increment.lua and usage_list.lua ---------------------------
+
+fn usage<'a>(
+    user_id: &'a str,
+    character_id: &'a str,
+    limit: Option<u64>,
+    period: Duration,
+) -> UsageIncrement<'a> {
+    UsageIncrement {
+        user_id,
+        character_id,
+        kind: "text",
+        amount: 1,
+        limit,
+        period,
+    }
+}
+
+/// The worked example of `lua/usage_increment.lua`.
+#[tokio::test]
+async fn usage_counts_up_to_the_quota() {
+    let server = RedisServer::start();
+    let store = connect(&server).await;
+    let day = Duration::from_secs(86_400);
+    let one = usage("u1", "luna", Some(3), day);
+
+    let first = store
+        .increment_usage(&UsageIncrement { amount: 2, ..one })
+        .await
+        .expect("increment answers");
+    assert_eq!((first.allowed, first.used), (true, 2));
+    assert_eq!(first.resets_after, day);
+    let second = store
+        .increment_usage(&one)
+        .await
+        .expect("increment answers");
+    assert_eq!((second.allowed, second.used), (true, 3));
+    assert_near(second.resets_after, day, ms(100));
+    let denied = store
+        .increment_usage(&one)
+        .await
+        .expect("increment answers");
+    assert_eq!((denied.allowed, denied.used), (false, 3));
+    assert_near(denied.resets_after, day, ms(100));
+
+    // Kinds count apart; an unlimited tier is always counted.
+    let image = UsageIncrement {
+        kind: "image",
+        limit: None,
+        ..one
+    };
+    for used in 1..=5 {
+        let decision = store
+            .increment_usage(&image)
+            .await
+            .expect("increment answers");
+        assert_eq!((decision.allowed, decision.used), (true, used));
+    }
+    let counters = store
+        .get_usage("u1", "luna")
+        .await
+        .expect("get_usage answers");
+    assert_eq!(
+        counters.used,
+        vec![("image".to_owned(), 5), ("text".to_owned(), 3)]
+    );
+    assert_near(counters.resets_after, day, ms(100));
+
+    // A quota of 0 allows nothing and creates nothing.
+    let zero = store
+        .increment_usage(&usage("u1", "mars", Some(0), day))
+        .await
+        .expect("increment answers");
+    assert_eq!(
+        (zero.allowed, zero.used, zero.resets_after),
+        (false, 0, Duration::ZERO)
+    );
+    let keys = KeyBuilder::new(PREFIX).usage("u1");
+    assert_eq!(cli_int(&server, &["EXISTS", &keys.conversation("mars")]), 0);
+    assert_eq!(cli_int(&server, &["ZCARD", &keys.index]), 1);
+}
+
+#[tokio::test]
+async fn usage_resets_after_the_period() {
+    let server = RedisServer::start();
+    let store = connect(&server).await;
+    let short = usage("u2", "luna", Some(2), ms(600));
+    let start = Instant::now();
+    for _ in 0..2 {
+        store
+            .increment_usage(&short)
+            .await
+            .expect("increment answers");
+    }
+    assert!(
+        !store
+            .increment_usage(&short)
+            .await
+            .expect("increment answers")
+            .allowed
+    );
+    let keys = KeyBuilder::new(PREFIX).usage("u2");
+    let index_pttl = cli_int(&server, &["PTTL", &keys.index]);
+    assert!((400..=600).contains(&index_pttl), "index PTTL {index_pttl}");
+
+    sleep_until(start + ms(700)).await;
+    let counters = store
+        .get_usage("u2", "luna")
+        .await
+        .expect("get_usage answers");
+    assert_eq!(counters, Default::default());
+    assert!(
+        store
+            .list_usage("u2", 10)
+            .await
+            .expect("list answers")
+            .is_empty()
+    );
+    let fresh = store
+        .increment_usage(&short)
+        .await
+        .expect("increment answers");
+    assert_eq!(
+        (fresh.allowed, fresh.used, fresh.resets_after),
+        (true, 1, ms(600))
+    );
+}
+
+/// ListUsage sorts by character id (bytewise), keeps the smallest `max`,
+/// and skips conversations whose counters expired.
+#[tokio::test]
+async fn list_usage_is_sorted_and_skips_expired_conversations() {
+    let server = RedisServer::start();
+    let store = connect(&server).await;
+    let keys = KeyBuilder::new(PREFIX).usage("u3");
+    let long = Duration::from_secs(60);
+    for (character, period) in [
+        ("b", long),
+        ("é", long),
+        ("short", ms(300)),
+        ("a", long),
+        ("Z", long),
+        ("a:b", long),
+    ] {
+        store
+            .increment_usage(&usage("u3", character, Some(10), period))
+            .await
+            .expect("increment answers");
+    }
+    let start = Instant::now();
+    let ids = |listed: &[(String, tollgate::store::ConversationCounters)]| -> Vec<String> {
+        listed.iter().map(|(id, _)| id.clone()).collect()
+    };
+
+    let listed = store.list_usage("u3", 10).await.expect("list answers");
+    assert_eq!(ids(&listed), ["Z", "a", "a:b", "b", "short", "é"]);
+    let (_, luna) = &listed[0];
+    assert_eq!(luna.used("text"), 1);
+    assert_near(luna.resets_after, long, ms(200));
+
+    sleep_until(start + ms(400)).await;
+    let listed = store.list_usage("u3", 10).await.expect("list answers");
+    assert_eq!(ids(&listed), ["Z", "a", "a:b", "b", "é"]);
+    // The expired entry has left the index, too.
+    assert_eq!(cli_int(&server, &["ZCARD", &keys.index]), 5);
+
+    let listed = store.list_usage("u3", 2).await.expect("list answers");
+    assert_eq!(ids(&listed), ["Z", "a"]);
+    // A conversation gone from under its index entry is skipped, and the
+    // next one takes its place.
+    server.cli(&["DEL", &keys.conversation("a")]);
+    let listed = store.list_usage("u3", 2).await.expect("list answers");
+    assert_eq!(ids(&listed), ["Z", "a:b"]);
+
+    assert!(
+        store
+            .list_usage("nobody", 10)
+            .await
+            .expect("list answers")
+            .is_empty()
+    );
+    assert!(
+        store
+            .list_usage("u3", 0)
+            .await
+            .expect("list answers")
+            .is_empty()
+    );
+}
+
+// ---- script and connection handling ------------------------------------
+
+#[tokio::test]
+async fn scripts_assert_their_argument_counts() {
+    let server = RedisServer::start();
+    for (source, expected) in [
+        (include_str!("../lua/sliding_log.lua"), "expected 2 KEYS"),
+        (
+            include_str!("../lua/sliding_counter.lua"),
+            "expected 2 KEYS",
+        ),
+        (
+            include_str!("../lua/usage_increment.lua"),
+            "expected 2 KEYS",
+        ),
+        (include_str!("../lua/usage_list.lua"), "expected 1 KEY"),
+    ] {
+        // No keys suit none of the scripts.
+        let reply = server.cli(&["EVAL", source, "0", "x"]);
+        assert!(reply.contains(expected), "{reply}");
+    }
+}
+
+#[tokio::test]
+async fn scripts_are_reloaded_after_script_flush() {
+    let server = RedisServer::start();
+    let store = connect(&server).await;
+    let base = check(Algorithm::SlidingLog, "flush", 3, ms(10_000));
+    assert_eq!(decide(&store, &base).await.remaining, 2);
+    assert_eq!(server.cli(&["SCRIPT", "FLUSH"]), "OK");
+    // Counters survive a flush; the script is re-sent on NOSCRIPT.
+    assert_eq!(decide(&store, &base).await.remaining, 1);
+    store
+        .increment_usage(&usage("u", "c", None, ms(10_000)))
+        .await
+        .expect("increment answers");
+    store.list_usage("u", 10).await.expect("list answers");
+}
+
+/// After a restart (no data, no scripts, every socket dead) the store heals
+/// by itself: at most a request or two fail, then the pool reconnects.
+#[tokio::test]
+async fn the_store_recovers_after_a_redis_restart() {
+    let mut server = RedisServer::start();
+    let store = connect(&server).await;
+    let base = check(Algorithm::SlidingCounter, "restart", 5, ms(10_000));
+    // Touch every pooled connection.
+    for _ in 0..8 {
+        decide(&store, &base).await;
+    }
+    server.restart();
+
+    let mut failures = 0;
+    let first = loop {
+        match store.check_limit(&base).await {
+            Ok(decision) => break decision,
+            Err(StoreError::Unavailable(message)) if failures < 5 => {
+                println!("after restart: {message}");
+                failures += 1;
+                sleep(ms(50)).await;
+            }
+            Err(other) => panic!("after {failures} failures: {other:?}"),
+        }
+    };
+    println!("requests failed after the restart: {failures}");
+    assert!(failures <= 2, "{failures} failures");
+    // A fresh server: the counter starts over.
+    assert_eq!((first.allowed, first.remaining), (true, 4));
+    // Every pooled connection has been replaced, and every script reloads.
+    for _ in 0..8 {
+        store.ping().await.expect("ping answers after a restart");
+    }
+    decide(
+        &store,
+        &check(Algorithm::SlidingLog, "restart", 5, ms(10_000)),
+    )
+    .await;
+    store
+        .increment_usage(&usage("u", "c", None, ms(10_000)))
+        .await
+        .expect("increment answers after a restart");
+    store
+        .list_usage("u", 10)
+        .await
+        .expect("list answers after a restart");
+}
+
+#[tokio::test]
+async fn a_dead_redis_fails_fast_and_never_hangs() {
+    let mut server = RedisServer::start();
+    let mut options = options(server.url());
+    options.timeout = ms(300);
+    let store = RedisStore::connect(&options).await.expect("connects");
+    store.ping().await.expect("ping answers");
+    server.kill();
+    for _ in 0..3 {
+        let start = Instant::now();
+        let err = store
+            .check_limit(&check(Algorithm::SlidingLog, "dead", 5, ms(1000)))
+            .await
+            .expect_err("no answer from a dead server");
+        assert!(start.elapsed() < ms(500), "took {:?}", start.elapsed());
+        assert!(
+            matches!(err, StoreError::Unavailable(_) | StoreError::Timeout(_)),
+            "{err:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn connecting_to_nothing_is_unavailable_and_masks_the_password() {
+    let port = free_port();
+    let mut options = options(format!("redis://tollgate:hunter2@127.0.0.1:{port}/0"));
+    options.timeout = ms(300);
+    let start = Instant::now();
+    let err = RedisStore::connect(&options)
+        .await
+        .expect_err("nothing listens there");
+    assert!(start.elapsed() < ms(600), "took {:?}", start.elapsed());
+    let StoreError::Unavailable(message) = &err else {
+        panic!("{err:?}");
+    };
+    println!("{message}");
+    assert!(message.contains(&format!("127.0.0.1:{port}")), "{message}");
+    assert!(!message.contains("hunter2"), "{message}");
+    assert!(!format!("{options:?}").contains("hunter2"));
+}
+
+/// A server that accepts connections and never answers.
+#[tokio::test]
+async fn a_silent_server_times_out() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("local address").port();
+    let mut options = options(format!("redis://127.0.0.1:{port}/0"));
+    options.timeout = ms(300);
+    let start = Instant::now();
+    let err = RedisStore::connect(&options)
+        .await
+        .expect_err("a silent server never answers");
+    assert!(start.elapsed() < ms(600), "took {:?}", start.elapsed());
+    assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+    drop(listener);
+}

@@ -8,12 +8,16 @@
 use std::{sync::Arc, time::Duration};
 
 use crate::{
-    rules::{Policy, Quota, Tier},
+    rules::{FailureMode, Policy, Quota, Tier},
     store::{ConversationCounters, LimitCheck, LimitDecision, Store, StoreError, UsageIncrement},
 };
 
 /// The longest subject, user id or character id accepted, in bytes.
 pub const MAX_ID_BYTES: usize = 256;
+
+/// The `retry_after` of a degraded denial: the store is down, so there is
+/// no window to compute from; this asks callers to back off briefly.
+pub const DEGRADED_RETRY_AFTER: Duration = Duration::from_secs(1);
 
 /// The most conversations one ListUsage reports, so that no caller can make
 /// one request arbitrarily expensive.
@@ -67,8 +71,10 @@ pub struct CheckRequest<'a> {
 pub struct CheckOutcome {
     /// The rule's limit for the caller's tier.
     pub limit: u64,
-    /// The store's decision.
+    /// The store's decision, or the rule's failure mode when degraded.
     pub decision: LimitDecision,
+    /// The store failed; the decision is the rule's `on_store_error`.
+    pub degraded: bool,
 }
 
 /// An IncrementUsage question.
@@ -93,10 +99,13 @@ pub struct IncrementOutcome {
     pub allowed: bool,
     /// The tier's quota for the kind.
     pub quota: Quota,
-    /// Messages of the kind counted so far, after this call.
+    /// Messages of the kind counted so far, after this call (0 when
+    /// degraded: unknown).
     pub used: u64,
     /// Time until the conversation's counters reset.
     pub resets_after: Duration,
+    /// The store failed; `allowed` is the quotas' `on_store_error`.
+    pub degraded: bool,
 }
 
 /// One kind's counter, as GetUsage and ListUsage report it.
@@ -115,7 +124,9 @@ pub struct KindUsage {
 impl KindUsage {
     /// Messages left, or `None` when unlimited.
     pub fn remaining(&self) -> Option<u64> {
-        self.quota.limit().map(|limit| limit.saturating_sub(self.used))
+        self.quota
+            .limit()
+            .map(|limit| limit.saturating_sub(self.used))
     }
 }
 
@@ -143,17 +154,35 @@ impl<S: Store> Limiter<S> {
     }
 
     /// Decides whether `request.subject` may spend `cost` hits of the rule.
+    /// A store failure is an error: callers that must not degrade (the Envoy
+    /// door, where Envoy's own `failure_mode_deny` decides) use this.
     pub async fn check_limit(&self, request: CheckRequest<'_>) -> Result<CheckOutcome, Error> {
+        self.check(request, false).await
+    }
+
+    /// Like [`Self::check_limit`], but a store failure is answered by the
+    /// rule's `on_store_error`, marked `degraded`. Bad input is still an error.
+    pub async fn check_limit_or_degrade(
+        &self,
+        request: CheckRequest<'_>,
+    ) -> Result<CheckOutcome, Error> {
+        self.check(request, true).await
+    }
+
+    async fn check(&self, request: CheckRequest<'_>, degrade: bool) -> Result<CheckOutcome, Error> {
         validate_id("subject", request.subject)?;
-        let rule = self.policy.rule(request.rule).ok_or_else(|| Error::Unknown {
-            field: "rule",
-            what: "rule",
-            name: request.rule.to_owned(),
-            known: join(self.policy.rules().map(|r| r.name())),
-        })?;
+        let rule = self
+            .policy
+            .rule(request.rule)
+            .ok_or_else(|| Error::Unknown {
+                field: "rule",
+                what: "rule",
+                name: request.rule.to_owned(),
+                known: join(self.policy.rules().map(|r| r.name())),
+            })?;
         let tier = self.resolve_tier("tier", request.tier)?;
         let limit = rule.limit(tier);
-        let decision = self
+        let decided = self
             .store
             .check_limit(&LimitCheck {
                 rule: rule.name(),
@@ -165,11 +194,39 @@ impl<S: Store> Limiter<S> {
                 cost: u64::from(request.cost.max(1)),
                 dry_run: request.dry_run,
             })
-            .await?;
-        Ok(CheckOutcome { limit, decision })
+            .await;
+        match decided {
+            Ok(decision) => Ok(CheckOutcome {
+                limit,
+                decision,
+                degraded: false,
+            }),
+            Err(err) if degrade => {
+                tracing::debug!(error = %err, rule = rule.name(), "store failed; degraded answer");
+                let allowed = rule.on_store_error() == FailureMode::Allow;
+                Ok(CheckOutcome {
+                    limit,
+                    decision: LimitDecision {
+                        allowed,
+                        remaining: 0,
+                        retry_after: if allowed {
+                            Duration::ZERO
+                        } else {
+                            DEGRADED_RETRY_AFTER
+                        },
+                        reset_after: Duration::ZERO,
+                        blocked: false,
+                    },
+                    degraded: true,
+                })
+            }
+            Err(err) => Err(err.into()),
+        }
     }
 
     /// Counts `amount` messages of `kind` in a conversation, if within quota.
+    /// A store failure is answered by the quotas' `on_store_error`, marked
+    /// `degraded`.
     pub async fn increment_usage(
         &self,
         request: IncrementRequest<'_>,
@@ -185,7 +242,7 @@ impl<S: Store> Limiter<S> {
             known: join(quotas.kinds().iter().map(|k| k.name())),
         })?;
         let quota = kind.quota(tier);
-        let decision = self
+        let decided = self
             .store
             .increment_usage(&UsageIncrement {
                 user_id: request.user_id,
@@ -195,13 +252,26 @@ impl<S: Store> Limiter<S> {
                 limit: quota.limit(),
                 period: quotas.period(),
             })
-            .await?;
-        Ok(IncrementOutcome {
-            allowed: decision.allowed,
-            quota,
-            used: decision.used,
-            resets_after: decision.resets_after,
-        })
+            .await;
+        match decided {
+            Ok(decision) => Ok(IncrementOutcome {
+                allowed: decision.allowed,
+                quota,
+                used: decision.used,
+                resets_after: decision.resets_after,
+                degraded: false,
+            }),
+            Err(err) => {
+                tracing::debug!(error = %err, "store failed; degraded answer");
+                Ok(IncrementOutcome {
+                    allowed: quotas.on_store_error() == FailureMode::Allow,
+                    quota,
+                    used: 0,
+                    resets_after: Duration::ZERO,
+                    degraded: true,
+                })
+            }
+        }
     }
 
     /// Every configured kind's counter in one conversation.

@@ -11,7 +11,7 @@ use tollgate::{
     config::{self, Config, Overrides},
     limiter::Limiter,
     server,
-    store::{Store, memory::MemoryStore, redis::RedisStore},
+    store::{Store, breaker::CircuitBreaker, memory::MemoryStore, redis::RedisStore},
     telemetry,
 };
 
@@ -108,6 +108,7 @@ async fn serve(config: Config) -> Result<(), String> {
             let store = RedisStore::connect(&options)
                 .await
                 .map_err(|err| format!("cannot use the store: {err}"))?;
+            let store = CircuitBreaker::new(store, settings.store.breaker);
             serve_with(store, policy, &config.settings).await
         }
     }
@@ -132,7 +133,10 @@ async fn serve_with<S: Store>(
 
 fn health(addr: &str, timeout: std::time::Duration) -> ExitCode {
     use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus};
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(err) => return fail(&format!("cannot start the async runtime: {err}")),
     };

@@ -83,9 +83,35 @@ pub struct Rule {
     pub(crate) limits: Vec<u64>,
     pub(crate) block_for: Option<Duration>,
     pub(crate) algorithm: Algorithm,
+    pub(crate) envoy: Option<EnvoyMatch>,
+    pub(crate) on_store_error: FailureMode,
+}
+
+/// What to answer, marked `degraded`, when the store fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureMode {
+    /// Let the call through: availability over strictness.
+    Allow,
+    /// Refuse the call: strictness over availability (lockout rules).
+    Deny,
+}
+
+impl FailureMode {
+    /// The name used in the config file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureMode::Allow => "allow",
+            FailureMode::Deny => "deny",
+        }
+    }
 }
 
 impl Rule {
+    /// What to answer when the store fails.
+    pub fn on_store_error(&self) -> FailureMode {
+        self.on_store_error
+    }
+
     /// The rule's name, as callers send it.
     pub fn name(&self) -> &str {
         &self.name
@@ -109,6 +135,52 @@ impl Rule {
     /// How the rule counts.
     pub fn algorithm(&self) -> Algorithm {
         self.algorithm
+    }
+
+    /// Which Envoy rate-limit descriptors the rule applies to, if any.
+    pub fn envoy(&self) -> Option<&EnvoyMatch> {
+        self.envoy.as_ref()
+    }
+}
+
+/// How an Envoy rate-limit descriptor maps onto a [`Rule`]: the entries it
+/// must hold, and which of its entries carry the subject and the tier.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnvoyMatch {
+    /// `(key, value)` pairs the descriptor must all hold; never empty.
+    pub(crate) entries: Vec<(String, String)>,
+    pub(crate) subject: String,
+    pub(crate) tier: Option<String>,
+}
+
+impl EnvoyMatch {
+    /// The `(key, value)` entries a descriptor must all hold, sorted by key.
+    pub fn entries(&self) -> &[(String, String)] {
+        &self.entries
+    }
+
+    /// The key of the descriptor entry whose value is the subject.
+    pub fn subject(&self) -> &str {
+        &self.subject
+    }
+
+    /// The key of the descriptor entry whose value names the tier; without
+    /// it (or without that entry) the default tier applies.
+    pub fn tier(&self) -> Option<&str> {
+        self.tier.as_deref()
+    }
+
+    /// Whether a descriptor with these `(key, value)` entries holds every
+    /// entry of the match.
+    pub fn matches<'a>(
+        &self,
+        descriptor: impl Iterator<Item = (&'a str, &'a str)> + Clone,
+    ) -> bool {
+        self.entries.iter().all(|(key, value)| {
+            descriptor
+                .clone()
+                .any(|(k, v)| k == key.as_str() && v == value.as_str())
+        })
     }
 }
 
@@ -158,12 +230,19 @@ pub struct Quotas {
     pub(crate) period: Duration,
     /// Sorted by name, the order GetUsage reports them in.
     pub(crate) kinds: Vec<Kind>,
+    /// What IncrementUsage answers when the store fails.
+    pub(crate) on_store_error: FailureMode,
 }
 
 impl Quotas {
     /// How long a conversation's counters live after its first message.
     pub fn period(&self) -> Duration {
         self.period
+    }
+
+    /// What IncrementUsage answers when the store fails.
+    pub fn on_store_error(&self) -> FailureMode {
+        self.on_store_error
     }
 
     /// Every kind, sorted by name.
@@ -184,6 +263,7 @@ pub struct Policy {
     pub(crate) tiers: Tiers,
     pub(crate) rules: BTreeMap<String, Rule>,
     pub(crate) quotas: Quotas,
+    pub(crate) envoy_domain: String,
 }
 
 impl Policy {
@@ -205,6 +285,12 @@ impl Policy {
     /// The message quotas.
     pub fn quotas(&self) -> &Quotas {
         &self.quotas
+    }
+
+    /// The Envoy rate-limit domain tollgate answers for; requests for other
+    /// domains are allowed without counting.
+    pub fn envoy_domain(&self) -> &str {
+        &self.envoy_domain
     }
 }
 
@@ -237,9 +323,9 @@ impl Policy {
             for limit in &rule.limits {
                 let _ = write!(out, " {limit:>12}");
             }
-            let block = rule
-                .block_for
-                .map_or("-".to_owned(), |d| humantime::format_duration(d).to_string());
+            let block = rule.block_for.map_or("-".to_owned(), |d| {
+                humantime::format_duration(d).to_string()
+            });
             let _ = writeln!(
                 out,
                 " {:>16} {:>16} {:>16}",
@@ -247,6 +333,23 @@ impl Policy {
                 block,
                 rule.algorithm.as_str()
             );
+        }
+        let _ = writeln!(
+            out,
+            "\nenvoy: domain {:?}; descriptor -> rule (first by name)",
+            self.envoy_domain
+        );
+        for rule in self.rules() {
+            let Some(envoy) = &rule.envoy else { continue };
+            let _ = write!(out, "{:<16} ", rule.name);
+            for (key, value) in &envoy.entries {
+                let _ = write!(out, "{key}={value} ");
+            }
+            let _ = write!(out, "subject={}", envoy.subject);
+            if let Some(tier) = &envoy.tier {
+                let _ = write!(out, " tier={tier}");
+            }
+            out.push('\n');
         }
         let _ = writeln!(
             out,

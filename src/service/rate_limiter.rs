@@ -39,7 +39,7 @@ impl<S: Store> RateLimiter for RateLimiterService<S> {
         let request = request.get_ref();
         let outcome = self
             .limiter
-            .check_limit(CheckRequest {
+            .check_limit_or_degrade(CheckRequest {
                 rule: &request.rule,
                 subject: &request.subject,
                 tier: &request.tier,
@@ -58,7 +58,7 @@ impl<S: Store> RateLimiter for RateLimiterService<S> {
             retry_after: wire_duration(decision.retry_after),
             reset_after: wire_duration(decision.reset_after),
             blocked: decision.blocked,
-            degraded: false,
+            degraded: outcome.degraded,
         }))
     }
 }

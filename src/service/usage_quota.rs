@@ -66,7 +66,7 @@ impl<S: Store> UsageQuota for UsageQuotaService<S> {
             limit,
             remaining,
             resets_after: wire_duration(outcome.resets_after),
-            degraded: false,
+            degraded: outcome.degraded,
         }))
     }
 

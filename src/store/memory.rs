@@ -203,9 +203,7 @@ impl Store for MemoryStore {
             .iter()
             .filter(|(_, conversation)| conversation.is_live(now))
             .take(max)
-            .map(|(character_id, conversation)| {
-                (character_id.clone(), conversation.counters(now))
-            })
+            .map(|(character_id, conversation)| (character_id.clone(), conversation.counters(now)))
             .collect())
     }
 
@@ -279,10 +277,13 @@ impl LimitState {
     fn decide(&mut self, check: &LimitCheck<'_>, now: u64) -> LimitDecision {
         if let Some(until) = self.blocked_until.filter(|&until| now < until) {
             // Locked out: count nothing, only report when the window empties.
-            let peek = self.count(&LimitCheck {
-                dry_run: true,
-                ..*check
-            }, now);
+            let peek = self.count(
+                &LimitCheck {
+                    dry_run: true,
+                    ..*check
+                },
+                now,
+            );
             return LimitDecision {
                 allowed: false,
                 remaining: 0,
@@ -408,15 +409,18 @@ fn decide_weighted(
         };
     }
     let reset_after = weighted_reset(*current, *previous, window, elapsed);
-    let retry_after = if check.cost > check.limit {
-        reset_after
-    } else if *current + check.cost <= check.limit {
-        // Fits later in this window, once enough of `previous` has slid out.
-        ((w - e) - (limit - cost - cur) * w / prev).ceil() as u64
+    // The same float expressions, in the same order, as
+    // lua/sliding_counter.lua, so both stores round alike.
+    let retry_after = if *current + check.cost <= check.limit {
+        // Fits later in this window, once enough of `previous` has slid out
+        // (denied although `current` leaves room, so `previous` > 0).
+        (w - (limit - cost - cur) * w / prev - e).ceil().max(0.0) as u64
+    } else if check.cost <= check.limit {
+        // Fits only once `current` has become `previous` and decayed enough.
+        (2.0 * w - e - (limit - cost) * w / cur).ceil().max(0.0) as u64
     } else {
-        // Fits only in the next window, once enough of `current` slides out.
-        let into_next = (w - (limit - cost) * w / cur).ceil() as u64;
-        (window - elapsed) + into_next
+        // It can never fit; the best answer is when the window is empty.
+        reset_after
     };
     LimitDecision {
         allowed: false,
@@ -577,7 +581,10 @@ mod tests {
         // Align to a window start so the weights are round numbers.
         let now = store.now();
         clock.advance(Duration::from_micros(1_000_000 - now % 1_000_000));
-        assert_eq!(hit(&store, &rule, 11).await.iter().filter(|a| **a).count(), 10);
+        assert_eq!(
+            hit(&store, &rule, 11).await.iter().filter(|a| **a).count(),
+            10
+        );
         // Half-way through the next window, half the previous one counts.
         clock.advance(Duration::from_millis(1500));
         let allowed = hit(&store, &rule, 6).await;

@@ -8,11 +8,13 @@
 //!
 //! - [`memory`]: in-process, for one instance; the default.
 //! - [`redis`]: Redis through Lua scripts, shared by every instance.
+//! - [`breaker`]: a circuit breaker that wraps either.
 
 use std::{future::Future, time::Duration};
 
 use crate::rules::Algorithm;
 
+pub mod breaker;
 pub mod memory;
 pub mod redis;
 
@@ -108,6 +110,10 @@ pub enum StoreError {
     /// The store could not be reached or refused the connection.
     #[error("store unavailable: {0}")]
     Unavailable(String),
+    /// The circuit breaker is open after repeated failures: the store was not
+    /// asked. It lets a probe through again after the given time.
+    #[error("store circuit breaker is open after repeated failures; next probe in {0:?}")]
+    CircuitOpen(Duration),
     /// The store answered something tollgate does not understand (a bug, or
     /// a key overwritten by something else).
     #[error("unexpected reply from the store: {0}")]

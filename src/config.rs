@@ -18,8 +18,8 @@ use std::{
 use serde::Deserialize;
 
 use crate::{
-    rules::{Algorithm, Kind, Policy, Quota, Quotas, Rule, Tier, Tiers},
-    store::redis::RedisOptions,
+    rules::{Algorithm, EnvoyMatch, FailureMode, Kind, Policy, Quota, Quotas, Rule, Tier, Tiers},
+    store::{breaker::BreakerOptions, redis::RedisOptions},
 };
 
 /// The environment variable prefix: `TOLLGATE_STORE__URL` overrides `store.url`.
@@ -77,6 +77,8 @@ pub struct StoreSettings {
     pub timeout: Duration,
     /// Redis connections in the pool.
     pub pool_size: u32,
+    /// When to stop waiting on a failing store, and for how long.
+    pub breaker: BreakerOptions,
 }
 
 impl StoreSettings {
@@ -84,7 +86,7 @@ impl StoreSettings {
     pub fn redis_options(&self) -> Option<RedisOptions> {
         match &self.backend {
             Backend::Memory => None,
-            Backend::Redis(url) => Some(RedisOptions {
+            Backend::Redis(url) | Backend::RedisCluster(url) => Some(RedisOptions {
                 url: url.expose().to_owned(),
                 key_prefix: self.key_prefix.clone(),
                 timeout: self.timeout,
@@ -101,6 +103,9 @@ pub enum Backend {
     Memory,
     /// A Redis server: `redis://` or `rediss://`.
     Redis(SecretUrl),
+    /// A Redis Cluster: `redis-cluster://host1:port1,host2:port2,...` or
+    /// `rediss-cluster://...`, every seed node already checked.
+    RedisCluster(SecretUrl),
 }
 
 /// A URL that may hold a password: `Debug` and `Display` mask it.
@@ -169,11 +174,25 @@ pub fn load_file(path: &Path, overrides: &Overrides) -> Result<Config, ConfigErr
             config::Environment::with_prefix(ENV_PREFIX)
                 .prefix_separator("_")
                 .separator("__")
-                .try_parsing(true),
+                .try_parsing(true)
+                .source(Some(override_variables(std::env::vars()))),
         );
-    let builder = apply_overrides(builder, overrides)
-        .map_err(|err| from_config_crate(&origin, err))?;
+    let builder =
+        apply_overrides(builder, overrides).map_err(|err| from_config_crate(&origin, err))?;
     build(builder, &origin)
+}
+
+/// The `TOLLGATE_<SECTION>__<KEY>` variables among `vars`. Others that merely
+/// start with `TOLLGATE_` are left alone: Kubernetes, for one, sets
+/// `TOLLGATE_PORT` and `TOLLGATE_SERVICE_HOST` for a service called tollgate,
+/// and those must not stop start-up as unknown keys.
+fn override_variables(vars: impl Iterator<Item = (String, String)>) -> config::Map<String, String> {
+    let prefix = format!("{ENV_PREFIX}_");
+    vars.filter(|(name, _)| {
+        name.strip_prefix(&prefix)
+            .is_some_and(|rest| rest.contains("__"))
+    })
+    .collect()
 }
 
 /// Loads a config from TOML text alone (no environment), as tests and
@@ -214,26 +233,110 @@ fn build(
     raw.validate(&at)
 }
 
-/// Turns the config crate's error into ours, pulling out the key it names.
+/// Turns the config crate's error into ours, naming the key at fault:
+/// the missing or unknown key itself, not its parent table.
 fn from_config_crate(origin: &str, err: config::ConfigError) -> ConfigError {
-    let message = err.to_string();
-    // The config crate says `... for key `a.b` in <origin>`; keep the key and
-    // drop its own origin (it has none for text sources).
-    if let Some(start) = message.find(" for key `") {
-        let rest = &message[start + " for key `".len()..];
-        if let Some(end) = rest.find('`') {
-            return ConfigError {
-                origin: origin.to_owned(),
-                key: rest[..end].to_owned(),
-                problem: message[..start].to_owned(),
-            };
-        }
-    }
-    ConfigError {
+    use config::ConfigError as E;
+    let at = |key: String, problem: String| ConfigError {
         origin: origin.to_owned(),
-        key: String::new(),
-        problem: message,
+        key,
+        problem,
+    };
+    // `At` carries the table the inner error happened in.
+    let (parent, err) = match err {
+        E::At { error, key, .. } => (key.unwrap_or_default(), *error),
+        other => (String::new(), other),
+    };
+    let join = |child: &str| match (parent.as_str(), child) {
+        ("", child) => child.to_owned(),
+        (parent, "") => parent.to_owned(),
+        (parent, child) => format!("{parent}.{child}"),
+    };
+    match err {
+        E::NotFound(key) => at(join(&key), "required but missing".to_owned()),
+        E::Type {
+            origin: from,
+            unexpected,
+            expected,
+            key,
+        } => {
+            // Values from a file read as text have no origin; the
+            // environment's do, and the operator needs to know which.
+            let from = from.map_or_else(String::new, |from| format!(" (from {from})"));
+            at(
+                join(key.as_deref().unwrap_or_default()),
+                format!("expected {expected}, got {unexpected}{from}"),
+            )
+        }
+        // serde's wording for `deny_unknown_fields`.
+        E::Message(message) => match message
+            .strip_prefix("unknown field `")
+            .and_then(|rest| rest.split_once("`, "))
+        {
+            Some((field, expected)) => at(join(field), format!("unknown key; {expected}")),
+            // serde names our private `Raw*` structs; the operator sees tables.
+            None => match message.split_once(", expected struct ") {
+                Some((got, _)) => at(parent, format!("{got}, expected a table")),
+                None => at(parent, message),
+            },
+        },
+        E::FileParse { cause, .. } => at(parent, one_line(&cause.to_string())),
+        other => at(parent, other.to_string()),
     }
+}
+
+/// The TOML parser's message is a multi-line source snippet; keep its first
+/// line (where) and the lines that say what, so the error stays one line.
+fn one_line(message: &str) -> String {
+    let is_snippet = |line: &str| {
+        line.trim_start()
+            .trim_start_matches(|c: char| c.is_ascii_digit())
+            .trim_start()
+            .starts_with('|')
+    };
+    let mut lines = message.lines().map(str::trim).filter(|l| !l.is_empty());
+    let first = lines.next().unwrap_or_default();
+    let what: Vec<&str> = lines.filter(|l| !is_snippet(l)).collect();
+    if what.is_empty() {
+        first.to_owned()
+    } else {
+        format!("{first}: {}", what.join(" "))
+    }
+}
+
+/// Names what an untagged fallback caught. A table fails through one of its
+/// entries, so that entry is named (the first by name, as the table's own
+/// order is lost) rather than the whole table.
+fn describe(value: &config::Value, entry_ok: fn(&config::ValueKind) -> bool) -> String {
+    use config::ValueKind as V;
+    let plain = |value: &config::Value| match &value.kind {
+        V::String(text) => format!("{text:?}"),
+        V::Array(_) => "a list".to_owned(),
+        V::Table(_) => "a table".to_owned(),
+        other => other.to_string(),
+    };
+    match &value.kind {
+        V::Table(table) => table
+            .iter()
+            .filter(|(_, v)| !entry_ok(&v.kind))
+            .min_by(|a, b| a.0.cmp(b.0))
+            .map_or_else(
+                || "a table".to_owned(),
+                |(tier, v)| format!("{tier} = {}", plain(v)),
+            ),
+        _ => plain(value),
+    }
+}
+
+/// A whole number, as TOML integers arrive.
+fn is_count(kind: &config::ValueKind) -> bool {
+    use config::ValueKind as V;
+    matches!(kind, V::U64(_) | V::U128(_)) || matches!(kind, V::I64(n) if *n >= 0)
+}
+
+/// A whole number or a word (`quota_value` judges the word).
+fn is_count_or_word(kind: &config::ValueKind) -> bool {
+    is_count(kind) || matches!(kind, config::ValueKind::String(_))
 }
 
 /// `url` with any password replaced by `***`, for logs and errors.
@@ -273,6 +376,33 @@ struct RawConfig {
     #[serde(default)]
     rules: BTreeMap<String, RawRule>,
     quotas: RawQuotas,
+    #[serde(default)]
+    envoy: RawEnvoy,
+}
+
+/// `[envoy]`: the Envoy rate-limit door.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawEnvoy {
+    domain: String,
+}
+
+impl Default for RawEnvoy {
+    fn default() -> Self {
+        Self {
+            domain: "tollgate".to_owned(),
+        }
+    }
+}
+
+/// `[rules.<name>.envoy]`: which Envoy descriptors the rule applies to.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEnvoyMatch {
+    #[serde(rename = "match")]
+    entries: BTreeMap<String, String>,
+    subject: String,
+    tier: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -296,6 +426,8 @@ struct RawStore {
     key_prefix: String,
     timeout: String,
     pool_size: u32,
+    breaker_failures: u32,
+    breaker_cool_down: String,
 }
 
 impl Default for RawStore {
@@ -305,6 +437,8 @@ impl Default for RawStore {
             key_prefix: "tollgate:".to_owned(),
             timeout: "250ms".to_owned(),
             pool_size: 8,
+            breaker_failures: 5,
+            breaker_cool_down: "1s".to_owned(),
         }
     }
 }
@@ -339,6 +473,8 @@ struct RawRule {
     limit: RawLimit,
     block_for: Option<String>,
     algorithm: Option<String>,
+    envoy: Option<RawEnvoyMatch>,
+    on_store_error: Option<String>,
 }
 
 /// One number for every tier, or a table of tier = number. `Other` catches
@@ -358,6 +494,7 @@ struct RawQuotas {
     period: String,
     #[serde(default)]
     kinds: BTreeMap<String, RawQuota>,
+    on_store_error: Option<String>,
 }
 
 fn default_quota_period() -> String {
@@ -398,12 +535,14 @@ impl RawConfig {
             rules.insert(name, rule);
         }
         let quotas = self.quotas.validate(&tiers, at)?;
+        let envoy_domain = self.envoy.validate(at)?;
         Ok(Config {
             settings,
             policy: Policy {
                 tiers,
                 rules,
                 quotas,
+                envoy_domain,
             },
         })
     }
@@ -414,7 +553,10 @@ impl RawServer {
         self.listen.parse().map_err(|_| {
             at(
                 "server.listen",
-                format!("{:?} is not an address such as 127.0.0.1:50051", self.listen),
+                format!(
+                    "{:?} is not an address such as 127.0.0.1:50051",
+                    self.listen
+                ),
             )
         })
     }
@@ -434,11 +576,23 @@ impl RawStore {
         if self.pool_size == 0 {
             return Err(at("store.pool_size", "must be at least 1".to_owned()));
         }
+        if self.breaker_failures == 0 {
+            return Err(at(
+                "store.breaker_failures",
+                "must be at least 1".to_owned(),
+            ));
+        }
+        let breaker = BreakerOptions {
+            failure_threshold: self.breaker_failures,
+            cool_down: parse_duration(&self.breaker_cool_down)
+                .map_err(|p| at("store.breaker_cool_down", p))?,
+        };
         Ok(StoreSettings {
             backend,
             key_prefix: self.key_prefix,
             timeout,
             pool_size: self.pool_size,
+            breaker,
         })
     }
 }
@@ -446,6 +600,10 @@ impl RawStore {
 fn parse_store_url(url: &str) -> Result<Backend, String> {
     if url == "memory://" {
         return Ok(Backend::Memory);
+    }
+    if crate::store::redis::is_cluster_url(url) {
+        return crate::store::redis::cluster_seed_urls(url)
+            .map(|_| Backend::RedisCluster(SecretUrl(url.to_owned())));
     }
     if url.starts_with("redis://") || url.starts_with("rediss://") {
         return redis::parse_redis_url(url)
@@ -501,10 +659,7 @@ impl RawTiers {
                 .ok_or_else(|| {
                     at(
                         "tiers.default",
-                        format!(
-                            "{name:?} is not in tiers.names ({})",
-                            self.names.join(", ")
-                        ),
+                        format!("{name:?} is not in tiers.names ({})", self.names.join(", ")),
                     )
                 })?,
         };
@@ -538,23 +693,103 @@ impl RawRule {
         };
         let limits = match self.limit {
             RawLimit::Uniform(limit) => vec![limit; tiers.names.len()],
-            RawLimit::PerTier(table) => per_tier(&table, tiers, |&n| Ok(n))
-                .map_err(|p| at(&key("limit"), p))?,
+            RawLimit::PerTier(table) => {
+                per_tier(&table, tiers, |&n| Ok(n)).map_err(|p| at(&key("limit"), p))?
+            }
             RawLimit::Other(value) => {
                 return Err(at(
                     &key("limit"),
                     format!(
-                        "expected a whole number or a table of tier = number, got {value}"
+                        "expected a whole number or a table of tier = number, got {}",
+                        describe(&value, is_count)
                     ),
                 ));
             }
         };
+        let envoy = self
+            .envoy
+            .map(|raw| raw.validate(&key("envoy"), at))
+            .transpose()?;
         Ok(Rule {
             name: name.to_owned(),
             window,
             limits,
             block_for,
             algorithm,
+            envoy,
+            // Lockout rules guard against brute force: fail closed unless
+            // the operator says otherwise.
+            on_store_error: failure_mode(
+                self.on_store_error.as_deref(),
+                if block_for.is_some() {
+                    FailureMode::Deny
+                } else {
+                    FailureMode::Allow
+                },
+            )
+            .map_err(|p| at(&key("on_store_error"), p))?,
+        })
+    }
+}
+
+impl RawEnvoy {
+    fn validate(self, at: At<'_>) -> Result<String, ConfigError> {
+        if self.domain.is_empty() {
+            return Err(at(
+                "envoy.domain",
+                "must not be empty: it is the domain of Envoy's rate_limits (e.g. \"tollgate\")"
+                    .to_owned(),
+            ));
+        }
+        Ok(self.domain)
+    }
+}
+
+impl RawEnvoyMatch {
+    /// `key` is `rules.<name>.envoy`.
+    fn validate(self, key: &str, at: At<'_>) -> Result<EnvoyMatch, ConfigError> {
+        let field = |name: &str| format!("{key}.{name}");
+        if self.entries.is_empty() {
+            return Err(at(
+                &field("match"),
+                "must hold at least one descriptor entry, e.g. { generic_key = \"api\" }"
+                    .to_owned(),
+            ));
+        }
+        for (entry, value) in &self.entries {
+            if entry.is_empty() || value.is_empty() {
+                return Err(at(
+                    &field("match"),
+                    format!("{entry:?} = {value:?}: descriptor keys and values must not be empty"),
+                ));
+            }
+        }
+        if self.subject.is_empty() {
+            return Err(at(
+                &field("subject"),
+                "must name the descriptor entry that carries the subject, e.g. \"user_id\""
+                    .to_owned(),
+            ));
+        }
+        match self.tier.as_deref() {
+            Some("") => {
+                return Err(at(
+                    &field("tier"),
+                    "must name a descriptor entry, or be left out for the default tier".to_owned(),
+                ));
+            }
+            Some(tier) if tier == self.subject => {
+                return Err(at(
+                    &field("tier"),
+                    format!("{tier:?} is also the subject entry; the tier needs its own entry"),
+                ));
+            }
+            _ => {}
+        }
+        Ok(EnvoyMatch {
+            entries: self.entries.into_iter().collect(),
+            subject: self.subject,
+            tier: self.tier,
         })
     }
 }
@@ -577,14 +812,32 @@ impl RawQuotas {
                     return Err(at(
                         &key,
                         format!(
-                            "expected a whole number, \"unlimited\" or a table of tier = either, got {value}"
+                            "expected a whole number, \"unlimited\" or a table of tier = either, got {}",
+                            describe(&value, is_count_or_word)
                         ),
                     ));
                 }
             };
             kinds.push(Kind { name, quotas });
         }
-        Ok(Quotas { period, kinds })
+        let on_store_error = failure_mode(self.on_store_error.as_deref(), FailureMode::Allow)
+            .map_err(|p| at("quotas.on_store_error", p))?;
+        Ok(Quotas {
+            period,
+            kinds,
+            on_store_error,
+        })
+    }
+}
+
+fn failure_mode(text: Option<&str>, default: FailureMode) -> Result<FailureMode, String> {
+    match text {
+        None => Ok(default),
+        Some("allow") => Ok(FailureMode::Allow),
+        Some("deny") => Ok(FailureMode::Deny),
+        Some(other) => Err(format!(
+            "{other:?} is not a failure mode; known: allow, deny"
+        )),
     }
 }
 
@@ -648,6 +901,19 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_section_key_variables_override() {
+        let vars = [
+            ("TOLLGATE_STORE__URL", "redis://h:1/0"),
+            ("TOLLGATE_PORT", "tcp://10.0.0.1:50051"),
+            ("TOLLGATE_SERVICE_HOST", "10.0.0.1"),
+            ("PATH", "/bin"),
+        ]
+        .map(|(k, v)| (k.to_owned(), v.to_owned()));
+        let kept = override_variables(vars.into_iter());
+        assert_eq!(kept.keys().collect::<Vec<_>>(), ["TOLLGATE_STORE__URL"]);
+    }
 
     #[test]
     fn masks_passwords() {

@@ -37,4 +37,10 @@ pub mod proto {
     /// Encoded descriptors of every tollgate proto, served by reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] =
         include_bytes!(concat!(env!("OUT_DIR"), "/tollgate_descriptor.bin"));
+
+    /// Encoded descriptors of Envoy's rate limit service (trimmed copies
+    /// under proto/envoy/), served by reflection so that ghz and grpcurl can
+    /// call ShouldRateLimit with no proto files at hand.
+    pub const ENVOY_FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/envoy_descriptor.bin"));
 }

@@ -6,6 +6,7 @@
 
 use std::{future::Future, sync::Arc, time::Duration};
 
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
@@ -14,7 +15,7 @@ use tonic_health::{ServingStatus, server::HealthReporter};
 use crate::{
     limiter::Limiter,
     proto::{self, rate_limiter_server::RateLimiterServer, usage_quota_server::UsageQuotaServer},
-    service::{RateLimiterService, UsageQuotaService},
+    service::{EnvoyService, RateLimiterService, UsageQuotaService},
     store::Store,
 };
 
@@ -22,8 +23,13 @@ use crate::{
 pub const HEALTH_PROBE_INTERVAL: Duration = Duration::from_millis(500);
 
 /// The names the health service reports: the whole server ("") and each
-/// tollgate service.
-const HEALTH_NAMES: [&str; 3] = ["", "tollgate.v1.RateLimiter", "tollgate.v1.UsageQuota"];
+/// service it serves.
+const HEALTH_NAMES: [&str; 4] = [
+    "",
+    "tollgate.v1.RateLimiter",
+    "tollgate.v1.UsageQuota",
+    "envoy.service.ratelimit.v3.RateLimitService",
+];
 
 /// Why the server stopped abnormally.
 #[derive(Debug, thiserror::Error)]
@@ -36,24 +42,28 @@ pub enum ServerError {
     Transport(#[from] tonic::transport::Error),
 }
 
-/// Serves `limiter` on `listener` until `shutdown` completes, then lets
-/// in-flight requests finish.
+/// Serves `limiter` on `listener` until `shutdown` completes; then health
+/// turns NOT_SERVING, no new connection is accepted, and in-flight requests
+/// finish before this returns.
 pub async fn run<S: Store>(
     limiter: Arc<Limiter<S>>,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServerError> {
     let (reporter, health) = tonic_health::server::health_reporter();
-    let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()?;
+    let reflection_v1 = reflection().build_v1()?;
+    let reflection_v1alpha = reflection().build_v1alpha()?;
 
     let prober = tokio::spawn(probe_store(limiter.clone(), reporter.clone()));
+    // On shutdown, turn NOT_SERVING first, so load balancers stop sending
+    // while in-flight requests finish.
+    let stop_prober = prober.abort_handle();
+    let shutdown_reporter = reporter.clone();
+    let shutdown = async move {
+        shutdown.await;
+        stop_prober.abort();
+        set_health(&shutdown_reporter, ServingStatus::NotServing).await;
+    };
     let served = Server::builder()
         .add_service(health)
         .add_service(reflection_v1)
@@ -61,12 +71,24 @@ pub async fn run<S: Store>(
         .add_service(RateLimiterServer::new(RateLimiterService::new(
             limiter.clone(),
         )))
-        .add_service(UsageQuotaServer::new(UsageQuotaService::new(limiter)))
+        .add_service(UsageQuotaServer::new(UsageQuotaService::new(
+            limiter.clone(),
+        )))
+        // Envoy's rate limit service, for gateways.
+        .add_service(RateLimitServiceServer::new(EnvoyService::new(limiter)))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await;
     prober.abort();
     set_health(&reporter, ServingStatus::NotServing).await;
     Ok(served?)
+}
+
+/// Every service's descriptors, for both reflection versions.
+fn reflection() -> tonic_reflection::server::Builder<'static> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(proto::ENVOY_FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
 }
 
 /// Keeps the health service SERVING exactly while the store answers.

@@ -7,9 +7,11 @@ use tonic::Status;
 
 use crate::{limiter, store::StoreError};
 
+pub mod envoy;
 mod rate_limiter;
 mod usage_quota;
 
+pub use envoy::EnvoyService;
 pub use rate_limiter::RateLimiterService;
 pub use usage_quota::UsageQuotaService;
 
@@ -21,9 +23,9 @@ impl From<limiter::Error> for Status {
             }
             // The store could not be reached in time: the caller may retry,
             // and gateways know UNAVAILABLE as "try again", not "allowed".
-            limiter::Error::Store(StoreError::Timeout(_) | StoreError::Unavailable(_)) => {
-                Status::unavailable(err.to_string())
-            }
+            limiter::Error::Store(
+                StoreError::Timeout(_) | StoreError::Unavailable(_) | StoreError::CircuitOpen(_),
+            ) => Status::unavailable(err.to_string()),
             limiter::Error::Store(StoreError::Protocol(_)) => Status::internal(err.to_string()),
         }
     }
@@ -32,8 +34,10 @@ impl From<limiter::Error> for Status {
 /// Durations always go on the wire, zero included, so callers need not tell
 /// an absent field from zero.
 fn wire_duration(duration: Duration) -> Option<prost_types::Duration> {
-    Some(prost_types::Duration::try_from(duration).unwrap_or(prost_types::Duration {
-        seconds: i64::MAX,
-        nanos: 0,
-    }))
+    Some(
+        prost_types::Duration::try_from(duration).unwrap_or(prost_types::Duration {
+            seconds: i64::MAX,
+            nanos: 0,
+        }),
+    )
 }

@@ -1,0 +1,372 @@
+//! `envoy.service.ratelimit.v3.RateLimitService`: tollgate as the global rate
+//! limit service of Envoy, Istio and other gateways that speak Envoy's
+//! protocol, on the same port as tollgate's own services.
+//!
+//! # Mapping
+//!
+//! A rule takes part when the config gives it an `[rules.<name>.envoy]`
+//! mapping (see [`EnvoyMatch`]):
+//!
+//! ```toml
+//! [envoy]
+//! domain = "tollgate"
+//! [rules.api.envoy]
+//! match = { generic_key = "api" }
+//! subject = "user_id"
+//! tier = "tier"
+//! ```
+//!
+//! - A request whose `domain` is not `envoy.domain` gets OK for every
+//!   descriptor and counts nothing (a debug log line says so).
+//! - A rule applies to a descriptor that holds every `match` entry *and* the
+//!   `subject` entry. A descriptor that holds the `match` entries but not the
+//!   subject entry is one of another shape, as Envoy sends when a header is
+//!   missing from a request, and does not match: the next rule is tried.
+//!   When several rules apply, the first by rule name wins.
+//! - The `tier` entry's value names the tier; without that entry (or
+//!   without a `tier` key in the mapping) the default tier applies. An
+//!   unknown tier is INVALID_ARGUMENT, as in CheckLimit.
+//! - The cost is the descriptor's `hits_addend` where set, else the
+//!   request's `hits_addend`, where 0 (unset in proto3) means 1. A
+//!   descriptor `hits_addend` explicitly set to 0 checks without counting
+//!   (a dry run): OVER_LIMIT when one more hit would not fit, and
+//!   `limit_remaining` is what is left now. A cost above `u32::MAX` is clamped to `u32::MAX`, which
+//!   no limit Envoy can express admits: the descriptor is OVER_LIMIT.
+//! - Each descriptor gets one status, in order: OK or OVER_LIMIT,
+//!   `current_limit` (`name` = the rule, `requests_per_unit` = the tier's
+//!   limit, `unit` from the window, see [`unit_for`]), `limit_remaining` and
+//!   `duration_until_reset` (when the window holds no hits). A descriptor
+//!   that matches no rule is OK without `current_limit`, as Envoy expects.
+//!   `overall_code` is OVER_LIMIT when any descriptor is.
+//! - The hits go through the same [`Limiter`] as CheckLimit, so a hit through
+//!   either door counts against the same window of the same rule and
+//!   subject.
+//!
+//! # Errors
+//!
+//! Store failures (timeouts, Redis down, an unexpected reply) are always
+//! UNAVAILABLE: Envoy then applies its own `failure_mode_deny`, the
+//! operator's switch between failing open and closed. An invalid subject
+//! (empty, over 256 bytes) or an unknown tier is INVALID_ARGUMENT naming the
+//! descriptor and entry; Envoy treats that as a failure too, so take
+//! subjects and tiers from sources a client cannot stretch (the remote
+//! address, a verified JWT claim) or set `failure_mode_deny`.
+//!
+//! # Known limitations
+//!
+//! - Each descriptor is decided on its own, in order, not all or nothing:
+//!   when a later descriptor is OVER_LIMIT, the earlier ones were still
+//!   counted (Envoy's reference service behaves the same way).
+//! - A descriptor's `limit` override is ignored: limits come from the config.
+//! - Server reflection does not list this service: `envoy-types` ships no
+//!   encoded descriptors. Point grpcurl or ghz at Envoy's `.proto` files.
+
+use std::{sync::Arc, time::Duration};
+
+use envoy_types::pb::{
+    envoy::{
+        extensions::common::ratelimit::v3::RateLimitDescriptor,
+        service::ratelimit::v3::{
+            RateLimitRequest, RateLimitResponse,
+            rate_limit_response::{Code, DescriptorStatus, RateLimit, rate_limit::Unit},
+            rate_limit_service_server::RateLimitService,
+        },
+    },
+    google::protobuf::Duration as WireDuration,
+};
+use tonic::{Request, Response, Status};
+use tracing::{Span, instrument};
+
+use crate::{
+    limiter::{self, CheckRequest, Limiter},
+    rules::{EnvoyMatch, Policy, Rule},
+    store::Store,
+};
+
+/// Serves ShouldRateLimit from a shared limiter.
+#[derive(Debug)]
+pub struct EnvoyService<S> {
+    limiter: Arc<Limiter<S>>,
+}
+
+impl<S> EnvoyService<S> {
+    /// A service answering from `limiter`.
+    pub fn new(limiter: Arc<Limiter<S>>) -> Self {
+        Self { limiter }
+    }
+}
+
+#[tonic::async_trait]
+impl<S: Store> RateLimitService for EnvoyService<S> {
+    #[instrument(
+        name = "ShouldRateLimit",
+        skip_all,
+        fields(
+            domain = %request.get_ref().domain,
+            descriptors = request.get_ref().descriptors.len(),
+            overall,
+        )
+    )]
+    async fn should_rate_limit(
+        &self,
+        request: Request<RateLimitRequest>,
+    ) -> Result<Response<RateLimitResponse>, Status> {
+        let request = request.get_ref();
+        let policy = self.limiter.policy();
+        let statuses = if request.domain == policy.envoy_domain() {
+            let mut statuses = Vec::with_capacity(request.descriptors.len());
+            for (index, descriptor) in request.descriptors.iter().enumerate() {
+                statuses.push(self.decide(index, descriptor, request.hits_addend).await?);
+            }
+            statuses
+        } else {
+            tracing::debug!(
+                domain = %request.domain,
+                configured = %policy.envoy_domain(),
+                "another domain: every descriptor OK, nothing counted"
+            );
+            vec![unmatched(); request.descriptors.len()]
+        };
+        let over = statuses.iter().any(|s| s.code == Code::OverLimit as i32);
+        let overall = if over { Code::OverLimit } else { Code::Ok };
+        Span::current().record("overall", overall.as_str_name());
+        Ok(Response::new(RateLimitResponse {
+            overall_code: overall as i32,
+            statuses,
+            ..RateLimitResponse::default()
+        }))
+    }
+}
+
+impl<S: Store> EnvoyService<S> {
+    /// The status of the descriptor at `index`.
+    async fn decide(
+        &self,
+        index: usize,
+        descriptor: &RateLimitDescriptor,
+        request_hits: u32,
+    ) -> Result<DescriptorStatus, Status> {
+        let Some(applied) = find_rule(self.limiter.policy(), descriptor) else {
+            return Ok(unmatched());
+        };
+        let tier = applied
+            .mapping
+            .tier()
+            .and_then(|key| entry(descriptor, key))
+            .unwrap_or("");
+        let (cost, dry_run) = cost(descriptor.hits_addend.map(|h| h.value), request_hits);
+        let outcome = self
+            .limiter
+            .check_limit(CheckRequest {
+                rule: applied.rule.name(),
+                subject: applied.subject,
+                tier,
+                cost,
+                dry_run,
+            })
+            .await
+            .map_err(|err| to_status(index, &applied, err))?;
+        let decision = outcome.decision;
+        // The limiter reports what would be left after the hit; a check
+        // that counts nothing reports what is left now.
+        let remaining = if dry_run && decision.allowed {
+            decision.remaining.saturating_add(u64::from(cost))
+        } else {
+            decision.remaining
+        };
+        Ok(DescriptorStatus {
+            code: if decision.allowed {
+                Code::Ok
+            } else {
+                Code::OverLimit
+            } as i32,
+            current_limit: Some(RateLimit {
+                name: applied.rule.name().to_owned(),
+                requests_per_unit: saturate(outcome.limit),
+                unit: unit_for(applied.rule.window()) as i32,
+            }),
+            limit_remaining: saturate(remaining),
+            duration_until_reset: Some(wire_duration(decision.reset_after)),
+            quota: None,
+        })
+    }
+}
+
+/// The rule a descriptor falls under, and its subject.
+#[derive(Debug)]
+struct Applied<'a> {
+    rule: &'a Rule,
+    mapping: &'a EnvoyMatch,
+    subject: &'a str,
+}
+
+/// The first rule by name whose mapping the descriptor matches: it holds every
+/// `match` entry and the subject entry.
+fn find_rule<'a>(policy: &'a Policy, descriptor: &'a RateLimitDescriptor) -> Option<Applied<'a>> {
+    let entries = descriptor
+        .entries
+        .iter()
+        .map(|e| (e.key.as_str(), e.value.as_str()));
+    policy.rules().find_map(|rule| {
+        let mapping = rule.envoy()?;
+        if !mapping.matches(entries.clone()) {
+            return None;
+        }
+        let subject = entry(descriptor, mapping.subject())?;
+        Some(Applied {
+            rule,
+            mapping,
+            subject,
+        })
+    })
+}
+
+/// The value of the descriptor's first entry called `key`.
+fn entry<'a>(descriptor: &'a RateLimitDescriptor, key: &str) -> Option<&'a str> {
+    descriptor
+        .entries
+        .iter()
+        .find(|e| e.key == key)
+        .map(|e| e.value.as_str())
+}
+
+/// The hits to spend and whether to only check: the descriptor's
+/// `hits_addend` where set (0 = check without counting), else the request's
+/// (0 = unset = 1). A cost above `u32::MAX` is clamped, which keeps it over
+/// any limit Envoy can express.
+fn cost(descriptor_hits: Option<u64>, request_hits: u32) -> (u32, bool) {
+    match descriptor_hits {
+        Some(0) => (1, true),
+        Some(hits) => (u32::try_from(hits).unwrap_or(u32::MAX), false),
+        None => (request_hits.max(1), false),
+    }
+}
+
+/// Envoy's units, with their length as Envoy reads them (a month is 30 days,
+/// a year 365).
+const UNITS: [(Unit, u64); 7] = [
+    (Unit::Second, 1),
+    (Unit::Minute, 60),
+    (Unit::Hour, 3_600),
+    (Unit::Day, 86_400),
+    (Unit::Week, 7 * 86_400),
+    (Unit::Month, 30 * 86_400),
+    (Unit::Year, 365 * 86_400),
+];
+
+/// The Envoy unit for a rule's window: the unit itself when the window is
+/// exactly one of it, else the nearest on a logarithmic scale (5m is a
+/// MINUTE, 15m an HOUR, 90s a MINUTE). Envoy's unit cannot say "per 15
+/// minutes"; `requests_per_unit` stays the rule's limit, so the unit is a
+/// hint for headers such as `X-RateLimit-Limit`, not the window itself.
+pub fn unit_for(window: Duration) -> Unit {
+    let seconds = window.as_secs_f64();
+    let distance = |unit_seconds: u64| (seconds / unit_seconds as f64).ln().abs();
+    UNITS
+        .iter()
+        .min_by(|a, b| distance(a.1).total_cmp(&distance(b.1)))
+        .map_or(Unit::Second, |&(unit, _)| unit)
+}
+
+/// OK, with no `current_limit`: what Envoy expects for a descriptor that no
+/// rule covers.
+fn unmatched() -> DescriptorStatus {
+    DescriptorStatus {
+        code: Code::Ok as i32,
+        ..DescriptorStatus::default()
+    }
+}
+
+/// The limiter's errors, as this door reports them: the store's are always
+/// UNAVAILABLE (Envoy's `failure_mode_deny` then decides), bad descriptor
+/// values INVALID_ARGUMENT naming the descriptor and entry.
+fn to_status(index: usize, applied: &Applied<'_>, err: limiter::Error) -> Status {
+    let rule = applied.rule.name();
+    // The limiter names its request fields; the operator knows entries.
+    let entry_key = |field: &'static str| match field {
+        "tier" => applied.mapping.tier().unwrap_or("tier"),
+        _ => applied.mapping.subject(),
+    };
+    match err {
+        limiter::Error::Store(err) => {
+            Status::unavailable(format!("descriptors[{index}]: rule {rule:?}: {err}"))
+        }
+        limiter::Error::InvalidArgument { field, problem } => Status::invalid_argument(format!(
+            "descriptors[{index}]: entry {:?} ({field} of rule {rule:?}): {problem}",
+            entry_key(field)
+        )),
+        limiter::Error::Unknown {
+            field,
+            what,
+            name,
+            known,
+        } => Status::invalid_argument(format!(
+            "descriptors[{index}]: entry {:?} ({field} of rule {rule:?}): unknown {what} {name:?}; known: {known}",
+            entry_key(field)
+        )),
+    }
+}
+
+fn saturate(n: u64) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+/// Envoy's copy of `google.protobuf.Duration`; always set, zero included.
+fn wire_duration(duration: Duration) -> WireDuration {
+    WireDuration {
+        seconds: i64::try_from(duration.as_secs()).unwrap_or(i64::MAX),
+        // Below one billion, so it fits.
+        nanos: duration.subsec_nanos() as i32,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exact_windows_get_their_unit() {
+        let cases = [
+            (1, Unit::Second),
+            (60, Unit::Minute),
+            (3_600, Unit::Hour),
+            (86_400, Unit::Day),
+            (7 * 86_400, Unit::Week),
+        ];
+        for (seconds, unit) in cases {
+            assert_eq!(unit_for(Duration::from_secs(seconds)), unit, "{seconds}s");
+        }
+    }
+
+    #[test]
+    fn other_windows_get_the_nearest_unit() {
+        let cases = [
+            (Duration::from_millis(200), Unit::Second),
+            (Duration::from_secs(5), Unit::Second),
+            (Duration::from_secs(10), Unit::Minute),
+            (Duration::from_secs(90), Unit::Minute),
+            (Duration::from_secs(5 * 60), Unit::Minute),
+            (Duration::from_secs(15 * 60), Unit::Hour),
+            (Duration::from_secs(4 * 3_600), Unit::Hour),
+            (Duration::from_secs(6 * 3_600), Unit::Day),
+        ];
+        for (window, unit) in cases {
+            assert_eq!(unit_for(window), unit, "{window:?}");
+        }
+    }
+
+    #[test]
+    fn cost_prefers_the_descriptor_and_reads_zero_as_a_dry_run() {
+        assert_eq!(cost(None, 0), (1, false));
+        assert_eq!(cost(None, 7), (7, false));
+        assert_eq!(cost(Some(3), 7), (3, false));
+        assert_eq!(cost(Some(0), 7), (1, true));
+        assert_eq!(cost(Some(u64::MAX), 0), (u32::MAX, false));
+    }
+
+    #[test]
+    fn durations_keep_their_nanos() {
+        let wire = wire_duration(Duration::from_millis(1_500));
+        assert_eq!((wire.seconds, wire.nanos), (1, 500_000_000));
+    }
+}

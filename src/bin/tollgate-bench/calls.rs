@@ -1,0 +1,149 @@
+//! One [`Caller`] per RPC: it builds a request for a subject, sends it and
+//! says whether the server allowed it.
+//!
+//! Adding a call means one `impl Caller` here and one match arm in
+//! `main::run`.
+
+use std::future::Future;
+
+use envoy_types::pb::envoy::{
+    extensions::common::ratelimit::v3::{RateLimitDescriptor, rate_limit_descriptor::Entry},
+    service::ratelimit::v3::{
+        RateLimitRequest, rate_limit_response::Code,
+        rate_limit_service_client::RateLimitServiceClient,
+    },
+};
+use tollgate::proto::{
+    CheckLimitRequest, IncrementUsageRequest, rate_limiter_client::RateLimiterClient,
+    usage_quota_client::UsageQuotaClient,
+};
+use tonic::{Status, transport::Channel};
+
+use crate::cli::Plan;
+
+/// Sends one kind of request. A worker owns one clone and sends one request
+/// at a time through it; clones share the connection they were built on.
+pub(crate) trait Caller: Clone + Send + 'static {
+    /// A caller that sends over `channel`, with the plan's fixed fields.
+    fn new(channel: Channel, plan: &Plan) -> Self;
+
+    /// Sends one request for `subject`: `Ok(true)` when allowed, `Ok(false)`
+    /// when denied.
+    fn send(&mut self, subject: &str) -> impl Future<Output = Result<bool, Status>> + Send;
+}
+
+/// tollgate.v1.RateLimiter/CheckLimit.
+#[derive(Debug, Clone)]
+pub(crate) struct CheckLimit {
+    client: RateLimiterClient<Channel>,
+    rule: String,
+    tier: String,
+    cost: u32,
+}
+
+impl Caller for CheckLimit {
+    fn new(channel: Channel, plan: &Plan) -> Self {
+        Self {
+            client: RateLimiterClient::new(channel),
+            rule: plan.rule.clone(),
+            tier: plan.tier.clone(),
+            cost: plan.cost,
+        }
+    }
+
+    async fn send(&mut self, subject: &str) -> Result<bool, Status> {
+        // prost messages own their strings, so each request copies the
+        // pre-built ones; nothing is formatted per request.
+        let request = CheckLimitRequest {
+            rule: self.rule.clone(),
+            subject: subject.to_owned(),
+            tier: self.tier.clone(),
+            cost: self.cost,
+            dry_run: false,
+        };
+        let response = self.client.check_limit(request).await?;
+        Ok(response.get_ref().allowed)
+    }
+}
+
+/// tollgate.v1.UsageQuota/IncrementUsage, one conversation per subject (the
+/// subject is the user, the character is fixed).
+#[derive(Debug, Clone)]
+pub(crate) struct IncrementUsage {
+    client: UsageQuotaClient<Channel>,
+    character: String,
+    kind: String,
+    tier: String,
+    amount: u32,
+}
+
+impl Caller for IncrementUsage {
+    fn new(channel: Channel, plan: &Plan) -> Self {
+        Self {
+            client: UsageQuotaClient::new(channel),
+            character: plan.character.clone(),
+            kind: plan.kind.clone(),
+            tier: plan.tier.clone(),
+            amount: plan.cost,
+        }
+    }
+
+    async fn send(&mut self, subject: &str) -> Result<bool, Status> {
+        let request = IncrementUsageRequest {
+            user_id: subject.to_owned(),
+            character_id: self.character.clone(),
+            kind: self.kind.clone(),
+            tier: self.tier.clone(),
+            amount: self.amount,
+        };
+        let response = self.client.increment_usage(request).await?;
+        Ok(response.get_ref().allowed)
+    }
+}
+
+/// envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit with one
+/// descriptor, `generic_key = <rule>, user_id = <subject>` (plus
+/// `tier = <tier>` when one is given), in the shipped config's domain: the
+/// shape the shipped `[rules.<name>.envoy]` mappings match.
+#[derive(Debug, Clone)]
+pub(crate) struct ShouldRateLimit {
+    client: RateLimitServiceClient<Channel>,
+    rule: String,
+    tier: String,
+    hits: u32,
+}
+
+/// The shipped config's `[envoy] domain`.
+const ENVOY_DOMAIN: &str = "tollgate";
+
+impl Caller for ShouldRateLimit {
+    fn new(channel: Channel, plan: &Plan) -> Self {
+        Self {
+            client: RateLimitServiceClient::new(channel),
+            rule: plan.rule.clone(),
+            tier: plan.tier.clone(),
+            hits: plan.cost,
+        }
+    }
+
+    async fn send(&mut self, subject: &str) -> Result<bool, Status> {
+        let entry = |key: &str, value: &str| Entry {
+            key: key.to_owned(),
+            value: value.to_owned(),
+        };
+        let mut entries = vec![entry("generic_key", &self.rule), entry("user_id", subject)];
+        if !self.tier.is_empty() {
+            entries.push(entry("tier", &self.tier));
+        }
+        let request = RateLimitRequest {
+            domain: ENVOY_DOMAIN.to_owned(),
+            descriptors: vec![RateLimitDescriptor {
+                entries,
+                ..RateLimitDescriptor::default()
+            }],
+            hits_addend: self.hits,
+        };
+        let response = self.client.should_rate_limit(request).await?;
+        Ok(response.get_ref().overall_code == Code::Ok as i32)
+    }
+}

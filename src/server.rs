@@ -4,15 +4,24 @@
 //! The caller binds the listener and owns the shutdown signal, so tests can
 //! bind port 0 and stop the server cleanly, and `main` stays thin.
 
-use std::{future::Future, sync::Arc, time::Duration};
+use std::{
+    future::Future,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
 
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
-use tonic::transport::Server;
+use tonic::{
+    Code, Status,
+    codegen::http::Response,
+    transport::{Certificate, Identity, Server, ServerTlsConfig},
+};
 use tonic_health::{ServingStatus, server::HealthReporter};
 
 use crate::{
+    config::Settings,
     limiter::Limiter,
     proto::{self, rate_limiter_server::RateLimiterServer, usage_quota_server::UsageQuotaServer},
     service::{EnvoyService, RateLimiterService, UsageQuotaService},
@@ -31,28 +40,118 @@ const HEALTH_NAMES: [&str; 4] = [
     "envoy.service.ratelimit.v3.RateLimitService",
 ];
 
+/// The largest request message a service decodes by default, in bytes. The
+/// largest valid request (a `ShouldRateLimit` with many descriptors) is a
+/// few KiB; 64 KiB leaves room and still bounds what one request can cost.
+pub const DEFAULT_MAX_REQUEST_BYTES: usize = 64 * 1024;
+
+/// How long a client may take over its TLS handshake; a stalled one must not
+/// hold a connection slot for ever.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How [`run_with`] serves, beyond what it serves.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// TLS for every connection (mutual TLS when it names a client CA), or
+    /// `None` for plaintext HTTP/2.
+    pub tls: Option<ServerTlsConfig>,
+    /// The largest request message any service decodes, in bytes; a larger
+    /// one is refused with RESOURCE_EXHAUSTED before it is read.
+    pub max_decoding_message_size: usize,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        Self {
+            tls: None,
+            max_decoding_message_size: DEFAULT_MAX_REQUEST_BYTES,
+        }
+    }
+}
+
+impl ServeOptions {
+    /// The options `settings` ask for, reading the PEM files that
+    /// `[server.tls]` names (checked already when the config loaded; read
+    /// again here, as they are at every start).
+    pub fn from_settings(settings: &Settings) -> Result<Self, ServerError> {
+        let Some(tls) = &settings.tls else {
+            return Ok(Self::default());
+        };
+        let read = |key: &'static str, path: &Path| {
+            std::fs::read(path).map_err(|source| ServerError::TlsFile {
+                key,
+                path: path.to_owned(),
+                source,
+            })
+        };
+        let mut config = ServerTlsConfig::new().identity(Identity::from_pem(
+            read("server.tls.cert", &tls.cert)?,
+            read("server.tls.key", &tls.key)?,
+        ));
+        if let Some(client_ca) = &tls.client_ca {
+            config = config.client_ca_root(Certificate::from_pem(read(
+                "server.tls.client_ca",
+                client_ca,
+            )?));
+        }
+        Ok(Self {
+            tls: Some(config),
+            ..Self::default()
+        })
+    }
+}
+
 /// Why the server stopped abnormally.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     /// The reflection service could not be built from the descriptors.
     #[error("building the reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
-    /// The transport failed.
+    /// The transport failed, or rejected the TLS certificate or key.
     #[error("serving gRPC: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// A PEM file that `[server.tls]` names could not be read.
+    #[error("{key}: cannot read {path:?}: {source}")]
+    TlsFile {
+        /// The config key that names the file.
+        key: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// Why it could not be read.
+        source: std::io::Error,
+    },
 }
 
 /// Serves `limiter` on `listener` until `shutdown` completes; then health
 /// turns NOT_SERVING, no new connection is accepted, and in-flight requests
-/// finish before this returns.
+/// finish before this returns. Plaintext, with the default request size
+/// limit: [`run_with`] with [`ServeOptions::default`].
 pub async fn run<S: Store>(
     limiter: Arc<Limiter<S>>,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServerError> {
+    run_with(limiter, listener, shutdown, ServeOptions::default()).await
+}
+
+/// [`run`], over TLS when `options` say so, and with their request size
+/// limit.
+pub async fn run_with<S: Store>(
+    limiter: Arc<Limiter<S>>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+    options: ServeOptions,
+) -> Result<(), ServerError> {
     let (reporter, health) = tonic_health::server::health_reporter();
-    let reflection_v1 = reflection().build_v1()?;
-    let reflection_v1alpha = reflection().build_v1alpha()?;
+    let limit = options.max_decoding_message_size;
+    let reflection_v1 = reflection().build_v1()?.max_decoding_message_size(limit);
+    let reflection_v1alpha = reflection()
+        .build_v1alpha()?
+        .max_decoding_message_size(limit);
+    let mut builder = Server::builder();
+    if let Some(tls) = options.tls {
+        builder = builder.tls_config(tls.timeout(TLS_HANDSHAKE_TIMEOUT))?;
+    }
 
     let prober = tokio::spawn(probe_store(limiter.clone(), reporter.clone()));
     // On shutdown, turn NOT_SERVING first, so load balancers stop sending
@@ -64,23 +163,65 @@ pub async fn run<S: Store>(
         stop_prober.abort();
         set_health(&shutdown_reporter, ServingStatus::NotServing).await;
     };
-    let served = Server::builder()
-        .add_service(health)
+    let served = builder
+        .layer(tower::util::MapResponseLayer::new(
+            move |response: Response<tonic::body::Body>| {
+                oversized_is_resource_exhausted(response, limit)
+            },
+        ))
+        .add_service(health.max_decoding_message_size(limit))
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(RateLimiterServer::new(RateLimiterService::new(
-            limiter.clone(),
-        )))
-        .add_service(UsageQuotaServer::new(UsageQuotaService::new(
-            limiter.clone(),
-        )))
+        .add_service(
+            RateLimiterServer::new(RateLimiterService::new(limiter.clone()))
+                .max_decoding_message_size(limit),
+        )
+        .add_service(
+            UsageQuotaServer::new(UsageQuotaService::new(limiter.clone()))
+                .max_decoding_message_size(limit),
+        )
         // Envoy's rate limit service, for gateways.
-        .add_service(RateLimitServiceServer::new(EnvoyService::new(limiter)))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .add_service(
+            RateLimitServiceServer::new(EnvoyService::new(limiter))
+                .max_decoding_message_size(limit),
+        )
+        .serve_with_incoming_shutdown(incoming(listener), shutdown)
         .await;
     prober.abort();
     set_health(&reporter, ServingStatus::NotServing).await;
     Ok(served?)
+}
+
+/// tonic refuses a request message over the decoding limit with
+/// OUT_OF_RANGE; gRPC's status code table says RESOURCE_EXHAUSTED ("received
+/// message larger than max"), which is what clients of other gRPC stacks
+/// expect. The refusal is a trailers-only response, so its status is in the
+/// headers, where this rewrites it.
+fn oversized_is_resource_exhausted(
+    mut response: Response<tonic::body::Body>,
+    limit: usize,
+) -> Response<tonic::body::Body> {
+    let oversized = Status::from_header_map(response.headers()).is_some_and(|status| {
+        status.code() == Code::OutOfRange
+            && status
+                .message()
+                .contains("decoded message length too large")
+    });
+    if oversized {
+        let status =
+            Status::resource_exhausted(format!("the request is larger than {limit} bytes"));
+        // Only fails on a message that is not a valid header value; ours is.
+        let _ = status.add_header(response.headers_mut());
+    }
+    response
+}
+
+/// Accepted connections with Nagle's algorithm off: an answer is one small
+/// frame, and Nagle holding it back for the client's delayed ACK puts ~40 ms
+/// on the latency tail. tonic's `Server::tcp_nodelay` does not reach
+/// listeners handed in by the caller, so it is set here.
+fn incoming(listener: TcpListener) -> tonic::transport::server::TcpIncoming {
+    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
 }
 
 /// Every service's descriptors, for both reflection versions.
@@ -98,7 +239,11 @@ async fn probe_store<S: Store>(limiter: Arc<Limiter<S>>, reporter: HealthReporte
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         interval.tick().await;
-        let status = match limiter.store().ping().await {
+        let pinged = limiter.store().ping().await;
+        limiter
+            .metrics()
+            .set_breaker_open(limiter.store().circuit_open());
+        let status = match pinged {
             Ok(()) => ServingStatus::Serving,
             Err(err) => {
                 tracing::warn!(error = %err, "store does not answer; health is NOT_SERVING");

@@ -2,9 +2,10 @@
 //! a real tonic client over a real socket.
 //!
 //! Each behaviour is written once as `async fn case(backend: Backend)` and
-//! expanded by [`conformance!`] into `memory::case` and `redis::case`, so the
-//! embedded store and the Redis store (a real redis-server per test) can
-//! never disagree unnoticed. Time-based cases use real sleeps on windows of
+//! expanded by [`conformance!`] into `memory::case`, `redis::case` and
+//! `cluster::case`, so the embedded store, the Redis store (a real
+//! redis-server per test) and Redis Cluster (a real 3-master cluster per
+//! test) can never disagree unnoticed. Time-based cases use real sleeps on windows of
 //! one or two seconds; the Redis store keeps time by Redis's own clock.
 
 // The shared helpers in tests/common are `pub` for every test binary that
@@ -40,6 +41,14 @@ macro_rules! conformance {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
                 async fn $case() {
                     super::$case(super::Backend::new(super::StoreKind::Redis)).await;
+                }
+            )*
+        }
+        mod cluster {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $case() {
+                    super::$case(super::Backend::new(super::StoreKind::Cluster)).await;
                 }
             )*
         }
@@ -1387,7 +1396,7 @@ const CALLS: usize = 200;
 async fn instances(backend: &Backend) -> Vec<TestServer> {
     let count = match backend.kind() {
         StoreKind::Memory => 1,
-        StoreKind::Redis => 2,
+        StoreKind::Redis | StoreKind::Cluster => 2,
     };
     let mut config = shipped_config();
     // These cases pin atomicity, not latency: 200 calls at once on a debug

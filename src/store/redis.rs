@@ -32,6 +32,12 @@
 //! Both kinds hide behind one [`Link`], so each store method is written
 //! once, and every call is bounded by the store timeout in [`RedisStore::call`].
 //!
+//! Credentials come in the URL (`redis://:password@host` or
+//! `redis://user:password@host`), which reaches messages and logs only
+//! masked. `rediss://` verifies the server's certificate against the
+//! system's roots, or against the CA that [`RedisStore::connect_with_ca`]
+//! is given (`store.tls_ca`), with rustls.
+//!
 //! # Scripts
 //!
 //! The scripts are loaded at start-up (on every node of a cluster). A node
@@ -210,29 +216,33 @@ fn check_node_address(node: &str) -> Result<(), String> {
     if node.is_empty() {
         return Err("is empty: separate nodes with single commas".to_owned());
     }
-    let (host, port) = if let Some(v6) = node.strip_prefix('[') {
+    let port = if let Some(v6) = node.strip_prefix('[') {
         let Some((host, after)) = v6.split_once(']') else {
             return Err("has an unclosed '[' around its IPv6 address".to_owned());
         };
+        if host.is_empty() || !host.contains(':') || host.contains(['[', ']', ' ']) {
+            return Err("has no valid IPv6 address in its brackets".to_owned());
+        }
         match after {
-            "" => (host, None),
+            "" => None,
             _ => match after.strip_prefix(':') {
-                Some(port) => (host, Some(port)),
+                Some(port) => Some(port),
                 None => return Err("has text after its IPv6 address".to_owned()),
             },
         }
     } else {
-        match node.rsplit_once(':') {
+        let (host, port) = match node.rsplit_once(':') {
             Some((host, port)) => (host, Some(port)),
             None => (node, None),
+        };
+        if host.is_empty() {
+            return Err("has no host".to_owned());
         }
+        if host.contains([':', '[', ']', ' ']) {
+            return Err("is not host:port (put an IPv6 address in brackets)".to_owned());
+        }
+        port
     };
-    if host.is_empty() {
-        return Err("has no host".to_owned());
-    }
-    if host.contains([':', '[', ']', ' ']) {
-        return Err("is not host:port (put an IPv6 address in brackets)".to_owned());
-    }
     if let Some(port) = port {
         match port.parse::<u16>() {
             Ok(0) | Err(_) => return Err(format!("has no valid port: {port:?}")),
@@ -296,6 +306,20 @@ impl RedisStore {
     /// them. Fails with [`StoreError::Unavailable`] when Redis cannot be
     /// reached within `options.timeout`.
     pub async fn connect(options: &RedisOptions) -> Result<Self, StoreError> {
+        Self::connect_with_ca(options, None).await
+    }
+
+    /// [`connect`](Self::connect), trusting the PEM CA certificates `ca_pem`
+    /// instead of the system's roots for a `rediss://` (or
+    /// `rediss-cluster://`) server: `store.tls_ca`.
+    pub async fn connect_with_ca(
+        options: &RedisOptions,
+        ca_pem: Option<&[u8]>,
+    ) -> Result<Self, StoreError> {
+        let certificates = ca_pem.map(|pem| redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(pem.to_vec()),
+        });
         let masked_url = mask_url_password(&options.url);
         let invalid = |err: &dyn fmt::Display| {
             StoreError::Unavailable(format!("invalid Redis URL {masked_url}: {err}"))
@@ -316,7 +340,11 @@ impl RedisStore {
 
         if is_cluster_url(&options.url) {
             let seeds = cluster_seed_urls(&options.url).map_err(|err| invalid(&err))?;
-            let client = ClusterClient::builder(seeds)
+            let mut builder = ClusterClient::builder(seeds);
+            if let Some(certificates) = certificates {
+                builder = builder.certs(certificates);
+            }
+            let client = builder
                 .connection_timeout(options.timeout)
                 .response_timeout(options.timeout)
                 .min_retry_wait(CLUSTER_MIN_RETRY_WAIT_MS)
@@ -351,7 +379,11 @@ impl RedisStore {
             return Ok(store);
         }
 
-        let client = Client::open(options.url.as_str()).map_err(|err| invalid(&err))?;
+        let client = match certificates {
+            None => Client::open(options.url.as_str()),
+            Some(certificates) => Client::build_with_tls(options.url.as_str(), certificates),
+        }
+        .map_err(|err| invalid(&err))?;
         let manager = Manager {
             client,
             // The connection's own timeouts bound a connect attempt made in
@@ -960,5 +992,69 @@ impl bb8::ManageConnection for Manager {
 
     fn has_broken(&self, conn: &mut PooledRedis) -> bool {
         !self.health.is_current(conn)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cluster_urls_give_one_seed_url_per_node() {
+        assert_eq!(
+            cluster_seed_urls("redis-cluster://10.0.0.1:7000,10.0.0.2:7001,db.internal"),
+            Ok(vec![
+                "redis://10.0.0.1:7000".to_owned(),
+                "redis://10.0.0.2:7001".to_owned(),
+                "redis://db.internal".to_owned(),
+            ])
+        );
+        // Credentials once, for every node; TLS for every node.
+        assert_eq!(
+            cluster_seed_urls("rediss-cluster://app:s3cr%40t@h1:7000,[::1]:7001/0"),
+            Ok(vec![
+                "rediss://app:s3cr%40t@h1:7000".to_owned(),
+                "rediss://app:s3cr%40t@[::1]:7001".to_owned(),
+            ])
+        );
+        assert!(is_cluster_url("redis-cluster://h:1"));
+        assert!(is_cluster_url("rediss-cluster://h:1"));
+        assert!(!is_cluster_url("redis://h:1/0"));
+    }
+
+    #[test]
+    fn bad_cluster_urls_name_the_node_and_mask_the_password() {
+        for (url, expected) in [
+            (
+                "redis-cluster://:hunter2@h1:7000,,h2:7001",
+                "\"redis-cluster://:***@h1:7000,,h2:7001\": node 2 (\"\") is empty",
+            ),
+            (
+                "redis-cluster://:hunter2@h1:7000,h2:70x1",
+                "node 2 (\"h2:70x1\") has no valid port: \"70x1\"",
+            ),
+            (
+                "redis-cluster://h1:0",
+                "node 1 (\"h1:0\") has no valid port",
+            ),
+            ("redis-cluster://:7000", "node 1 (\":7000\") has no host"),
+            (
+                "redis-cluster://::1:7000",
+                "is not host:port (put an IPv6 address in brackets)",
+            ),
+            ("redis-cluster://[::1:7000", "unclosed '['"),
+            ("redis-cluster://", "names no node"),
+            ("redis-cluster://:hunter2@", "names no node"),
+            ("redis-cluster://h1:7000/3", "takes no database or options"),
+            (
+                "redis-cluster://h1:7000?protocol=resp3",
+                "takes no database",
+            ),
+            ("redis://h1:7000", "is not a Redis Cluster URL"),
+        ] {
+            let err = cluster_seed_urls(url).expect_err(url);
+            assert!(err.contains(expected), "{url}: {err}");
+            assert!(!err.contains("hunter2"), "{url}: {err}");
+        }
     }
 }

@@ -50,11 +50,8 @@ impl RedisCluster {
     /// every node reports `cluster_state:ok` and agrees on the slots.
     pub fn start(replicas: usize) -> Self {
         let count = 3 * (1 + replicas);
-        let nodes: Vec<Node> = (0..count).map(|_| Node::spawn()).collect();
+        let nodes: Vec<Node> = (0..count).map(|_| Node::start()).collect();
         let cluster = Self { nodes };
-        for node in &cluster.nodes {
-            cluster.await_reply(node.port, &["PING"], |reply| reply == "PONG");
-        }
         let addresses: Vec<String> = cluster
             .nodes
             .iter()
@@ -150,11 +147,8 @@ impl RedisCluster {
         u16::try_from(slot).expect("slots are 0..16384")
     }
 
-    /// The port of the master that owns `slot`, from `CLUSTER SHARDS` ...
-    /// kept simple: from `CLUSTER SLOTS` on the first node.
+    /// The port of the master that owns `slot`, as the first node sees it.
     pub fn owner_of(&self, slot: u16) -> u16 {
-        // CLUSTER SLOTS in redis-cli's raw output: start, end, then each
-        // node's ip, port, id (and metadata), master first; one value per line.
         let slots = self.slot_ranges(self.nodes[0].port);
         slots
             .iter()
@@ -194,17 +188,38 @@ impl RedisCluster {
         ranges
     }
 
-    /// Keys on the master on `port` (the test may scan; tollgate never does).
-    pub fn dbsize(&self, port: u16) -> i64 {
-        self.cli_int(port, &["DBSIZE"])
+    /// How often the node on `port` answered each error code
+    /// (`INFO errorstats`), e.g. `MOVED`, `ASK`, `TRYAGAIN`, `NOSCRIPT`.
+    pub fn error_counts(&self, port: u16) -> BTreeMap<String, u64> {
+        self.info_counts(port, "errorstats", "errorstat_")
+    }
+
+    /// How often the node on `port` ran each command (`INFO
+    /// commandstats`), e.g. `eval`, `evalsha`.
+    pub fn command_counts(&self, port: u16) -> BTreeMap<String, u64> {
+        self.info_counts(port, "commandstats", "cmdstat_")
+    }
+
+    /// `<prefix><name>:calls=N,...` or `<prefix><name>:count=N` lines of
+    /// an INFO section, as name -> N.
+    fn info_counts(&self, port: u16, section: &str, prefix: &str) -> BTreeMap<String, u64> {
+        self.cli(port, &["INFO", section])
+            .lines()
+            .filter_map(|line| {
+                let (name, fields) = line.trim().strip_prefix(prefix)?.split_once(':')?;
+                let count = fields.split(',').next()?.split_once('=')?.1.parse().ok()?;
+                Some((name.to_owned(), count))
+            })
+            .collect()
     }
 
     /// Moves `slot` from its owner to the master on `to`, keys and all, as
     /// `redis-cli --cluster reshard` does: IMPORTING on the target,
     /// MIGRATING on the source, MIGRATE the keys in batches, then
     /// `SETSLOT NODE` on the target, the source and every other master.
-    /// `pause` runs between the steps, so that requests can hit each state.
-    pub fn migrate_slot(&self, slot: u16, to: u16, mut pause: impl FnMut(&str)) {
+    /// `step` is called in each state ("migrating", "keys moved", "slot
+    /// moved"); it may pause there so that requests hit that state.
+    pub fn migrate_slot(&self, slot: u16, to: u16, mut step: impl FnMut(&str)) {
         let from = self.owner_of(slot);
         assert_ne!(from, to, "slot {slot} already lives on :{to}");
         let slot_arg = slot.to_string();
@@ -228,7 +243,7 @@ impl RedisCluster {
             from,
             &["CLUSTER", "SETSLOT", &slot_arg, "MIGRATING", to_id.as_str()],
         );
-        pause("migrating");
+        step("migrating");
         loop {
             let keys = self.cli(from, &["CLUSTER", "GETKEYSINSLOT", &slot_arg, "100"]);
             let keys: Vec<&str> = keys.lines().filter(|key| !key.is_empty()).collect();
@@ -240,7 +255,7 @@ impl RedisCluster {
             args.extend(keys);
             ok(from, &args);
         }
-        pause("keys moved");
+        step("keys moved");
         ok(
             to,
             &["CLUSTER", "SETSLOT", &slot_arg, "NODE", to_id.as_str()],
@@ -249,6 +264,7 @@ impl RedisCluster {
             from,
             &["CLUSTER", "SETSLOT", &slot_arg, "NODE", to_id.as_str()],
         );
+        step("slot moved");
         for master in self.masters() {
             if master.port != from && master.port != to {
                 ok(
@@ -261,15 +277,18 @@ impl RedisCluster {
     }
 
     /// Promotes the replica on `replica` with a coordinated manual
-    /// failover (`CLUSTER FAILOVER`) and waits until every node agrees.
-    pub fn fail_over(&self, replica: u16) {
+    /// failover (`CLUSTER FAILOVER`), calls `promoted` once it is a master,
+    /// and waits until every node agrees.
+    pub fn fail_over(&self, replica: u16, promoted: impl FnOnce()) {
         assert_eq!(self.cli(replica, &["CLUSTER", "FAILOVER"]), "OK");
         self.await_reply(replica, &["ROLE"], |role| role.starts_with("master"));
+        promoted();
         self.await_stable();
     }
 
-    /// Waits until every node reports `cluster_state:ok` and sees the same
-    /// slot owners.
+    /// Waits until every node reports `cluster_state:ok`, knows every other
+    /// node, sees the same slot owners, and every replica is in sync with
+    /// its master.
     pub fn await_stable(&self) {
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
@@ -277,18 +296,33 @@ impl RedisCluster {
                 self.cli(node.port, &["CLUSTER", "INFO"])
                     .lines()
                     .any(|line| line.trim() == "cluster_state:ok")
+                    && self.nodes_seen_by(node.port).len() == self.nodes.len()
+                    && (self.cli(node.port, &["ROLE"]).starts_with("master")
+                        || self
+                            .cli(node.port, &["INFO", "replication"])
+                            .lines()
+                            .any(|line| line.trim() == "master_link_status:up"))
             });
-            let views: Vec<BTreeMap<u16, u16>> = self
+            // Each node's view: slot owners, and every node's role.
+            type View = (BTreeMap<u16, u16>, BTreeMap<u16, Option<String>>);
+            let views: Vec<View> = self
                 .nodes
                 .iter()
                 .map(|node| {
-                    self.slot_ranges(node.port)
+                    let slots = self
+                        .slot_ranges(node.port)
                         .into_iter()
                         .map(|(range, port)| (*range.start(), port))
-                        .collect()
+                        .collect();
+                    let roles = self
+                        .nodes_seen_by(node.port)
+                        .into_iter()
+                        .map(|seen| (seen.port, seen.master_id))
+                        .collect();
+                    (slots, roles)
                 })
                 .collect();
-            let agree = views.windows(2).all(|pair| pair[0] == pair[1]) && views[0].len() >= 3;
+            let agree = views.windows(2).all(|pair| pair[0] == pair[1]) && views[0].0.len() >= 3;
             if ok && agree {
                 return;
             }
@@ -317,6 +351,32 @@ impl RedisCluster {
 }
 
 impl Node {
+    /// Starts a node and waits until it answers. A port that was free a
+    /// moment ago may be taken (by another test's connection, say) before
+    /// redis-server binds it; the node then exits, and another pair of
+    /// ports is tried.
+    fn start() -> Self {
+        for _ in 0..5 {
+            let mut node = Self::spawn();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                if ping(node.port) {
+                    return node;
+                }
+                if node.child.try_wait().ok().flatten().is_some() {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "redis-server did not start on port {}",
+                    node.port
+                );
+                thread::sleep(Duration::from_millis(20));
+            }
+        }
+        panic!("redis-server exited at start five times (ports taken?)");
+    }
+
     fn spawn() -> Self {
         let dir = tempfile::tempdir().expect("a temporary directory for a cluster node");
         let port = free_port();
@@ -341,6 +401,10 @@ impl Node {
                 "",
                 "--appendonly",
                 "no",
+                // A replica's first sync starts at once, not 5 s later: a
+                // manual failover waits for the replica to catch up.
+                "--repl-diskless-sync-delay",
+                "0",
                 "--dir",
                 &dir.path().display().to_string(),
             ])
@@ -361,6 +425,13 @@ impl Drop for Node {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+fn ping(port: u16) -> bool {
+    Command::new("redis-cli")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "PING"])
+        .output()
+        .is_ok_and(|output| output.stdout.starts_with(b"PONG"))
 }
 
 fn redis_server_binary() -> PathBuf {

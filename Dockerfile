@@ -25,6 +25,10 @@ USER tollgate
 # else tollgate binds to loopback by default.
 ENV TOLLGATE_SERVER__LISTEN=0.0.0.0:50051
 EXPOSE 50051 9464
+# With TLS on ([server.tls]), set TOLLGATE_HEALTH_CA to the CA that signed
+# the server's certificate (and TOLLGATE_HEALTH_CERT / TOLLGATE_HEALTH_KEY for
+# mutual TLS, TOLLGATE_HEALTH_DOMAIN when the certificate does not name
+# 127.0.0.1): `--ca` makes health dial https:// (see README, "TLS").
 HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
     CMD ["tollgate", "health", "--addr", "http://127.0.0.1:50051"]
 ENTRYPOINT ["tollgate"]

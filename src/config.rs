@@ -60,10 +60,28 @@ pub struct Config {
 pub struct Settings {
     /// The gRPC listen address.
     pub listen: SocketAddr,
+    /// Where Prometheus scrapes `/metrics`; `None` serves no metrics.
+    pub metrics_listen: Option<SocketAddr>,
+    /// TLS for the gRPC listener, from `[server.tls]`; `None` serves
+    /// plaintext.
+    pub tls: Option<ServerTls>,
     /// Where counters live.
     pub store: StoreSettings,
     /// How to log.
     pub log: LogSettings,
+}
+
+/// `[server.tls]`: PEM files, every one checked readable when the config
+/// loads. Relative paths are relative to the working directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerTls {
+    /// The server's certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// The certificate's private key.
+    pub key: PathBuf,
+    /// When set, mutual TLS: a client must present a certificate this CA
+    /// signed, or the handshake is refused.
+    pub client_ca: Option<PathBuf>,
 }
 
 /// Which store to use and how to talk to it.
@@ -79,6 +97,9 @@ pub struct StoreSettings {
     pub pool_size: u32,
     /// When to stop waiting on a failing store, and for how long.
     pub breaker: BreakerOptions,
+    /// PEM CA certificates that a `rediss://` server's certificate must
+    /// chain to, instead of the system's roots.
+    pub tls_ca: Option<PathBuf>,
 }
 
 impl StoreSettings {
@@ -409,14 +430,28 @@ struct RawEnvoyMatch {
 #[serde(deny_unknown_fields, default)]
 struct RawServer {
     listen: String,
+    tls: Option<RawServerTls>,
+    metrics_listen: Option<String>,
 }
 
 impl Default for RawServer {
     fn default() -> Self {
         Self {
             listen: "127.0.0.1:50051".to_owned(),
+            tls: None,
+            metrics_listen: None,
         }
     }
+}
+
+/// `[server.tls]`. Every key optional here, so that a missing one is named
+/// by our own check rather than as a missing field.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServerTls {
+    cert: Option<String>,
+    key: Option<String>,
+    client_ca: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -428,6 +463,7 @@ struct RawStore {
     pool_size: u32,
     breaker_failures: u32,
     breaker_cool_down: String,
+    tls_ca: Option<String>,
 }
 
 impl Default for RawStore {
@@ -439,6 +475,7 @@ impl Default for RawStore {
             pool_size: 8,
             breaker_failures: 5,
             breaker_cool_down: "1s".to_owned(),
+            tls_ca: None,
         }
     }
 }
@@ -523,8 +560,22 @@ type At<'a> = &'a dyn Fn(&str, String) -> ConfigError;
 
 impl RawConfig {
     fn validate(self, at: At<'_>) -> Result<Config, ConfigError> {
+        let server_tls = self
+            .server
+            .tls
+            .as_ref()
+            .map(|tls| tls.validate(at))
+            .transpose()?;
+        let metrics_listen = self
+            .server
+            .metrics_listen
+            .as_deref()
+            .map(|addr| parse_socket_addr(addr, "server.metrics_listen", "127.0.0.1:9464", at))
+            .transpose()?;
         let settings = Settings {
             listen: self.server.validate(at)?,
+            metrics_listen,
+            tls: server_tls,
             store: self.store.validate(at)?,
             log: self.log.validate(at)?,
         };
@@ -550,16 +601,18 @@ impl RawConfig {
 
 impl RawServer {
     fn validate(self, at: At<'_>) -> Result<SocketAddr, ConfigError> {
-        self.listen.parse().map_err(|_| {
-            at(
-                "server.listen",
-                format!(
-                    "{:?} is not an address such as 127.0.0.1:50051",
-                    self.listen
-                ),
-            )
-        })
+        parse_socket_addr(&self.listen, "server.listen", "127.0.0.1:50051", at)
     }
+}
+
+fn parse_socket_addr(
+    text: &str,
+    key: &str,
+    example: &str,
+    at: At<'_>,
+) -> Result<SocketAddr, ConfigError> {
+    text.parse()
+        .map_err(|_| at(key, format!("{text:?} is not an address such as {example}")))
 }
 
 impl RawStore {
@@ -582,6 +635,20 @@ impl RawStore {
                 "must be at least 1".to_owned(),
             ));
         }
+        let tls_ca = match (&self.tls_ca, &backend) {
+            (None, _) => None,
+            (Some(path), Backend::Redis(url) | Backend::RedisCluster(url))
+                if url.expose().starts_with("rediss") =>
+            {
+                Some(pem_file(path, Pem::Certificate).map_err(|p| at("store.tls_ca", p))?)
+            }
+            (Some(_), _) => {
+                return Err(at(
+                    "store.tls_ca",
+                    "applies only to a TLS store URL (rediss:// or rediss-cluster://)".to_owned(),
+                ));
+            }
+        };
         let breaker = BreakerOptions {
             failure_threshold: self.breaker_failures,
             cool_down: parse_duration(&self.breaker_cool_down)
@@ -593,8 +660,80 @@ impl RawStore {
             timeout,
             pool_size: self.pool_size,
             breaker,
+            tls_ca,
         })
     }
+}
+
+impl RawServerTls {
+    fn validate(&self, at: At<'_>) -> Result<ServerTls, ConfigError> {
+        let (cert, key) = match (&self.cert, &self.key) {
+            (Some(cert), Some(key)) => (cert, key),
+            (Some(_), None) => {
+                return Err(at(
+                    "server.tls.key",
+                    "required with server.tls.cert: the certificate's private key (PEM)".to_owned(),
+                ));
+            }
+            (None, _) => {
+                return Err(at(
+                    "server.tls.cert",
+                    "required in [server.tls]: the server's certificate chain (PEM)".to_owned(),
+                ));
+            }
+        };
+        Ok(ServerTls {
+            cert: pem_file(cert, Pem::Certificate).map_err(|p| at("server.tls.cert", p))?,
+            key: pem_file(key, Pem::PrivateKey).map_err(|p| at("server.tls.key", p))?,
+            client_ca: self
+                .client_ca
+                .as_deref()
+                .map(|ca| pem_file(ca, Pem::Certificate))
+                .transpose()
+                .map_err(|p| at("server.tls.client_ca", p))?,
+        })
+    }
+}
+
+/// What a PEM file must hold.
+#[derive(Debug, Clone, Copy)]
+enum Pem {
+    /// At least one certificate.
+    Certificate,
+    /// A private key (PKCS#8, PKCS#1 or SEC1).
+    PrivateKey,
+}
+
+/// Checks that `path` is readable and holds PEM of the `expected` kind, so
+/// that a wrong path stops start-up here, named by its key, rather than at
+/// the first TLS handshake. The contents are not kept: the key is a secret,
+/// and settings are printed in debug logs.
+fn pem_file(path: &str, expected: Pem) -> Result<PathBuf, String> {
+    if path.is_empty() {
+        return Err("must name a PEM file".to_owned());
+    }
+    let text = std::fs::read(path).map_err(|err| {
+        // "No such file or directory (os error 2)": the number says nothing
+        // more to an operator.
+        let err = err.to_string();
+        let err = err.split(" (os error ").next().unwrap_or_default();
+        format!("cannot read {path:?}: {err}")
+    })?;
+    let text = String::from_utf8_lossy(&text);
+    let found = match expected {
+        Pem::Certificate => text.contains("-----BEGIN CERTIFICATE-----"),
+        Pem::PrivateKey => text
+            .lines()
+            .any(|line| line.starts_with("-----BEGIN ") && line.ends_with("PRIVATE KEY-----")),
+    };
+    if !found {
+        let what = match expected {
+            Pem::Certificate => "a PEM certificate (-----BEGIN CERTIFICATE-----)",
+            Pem::PrivateKey => "a PEM private key (-----BEGIN PRIVATE KEY-----)",
+        };
+        return Err(format!("{path:?} does not hold {what}"));
+    }
+    Ok(PathBuf::from(path))
 }
 
 fn parse_store_url(url: &str) -> Result<Backend, String> {
@@ -930,6 +1069,34 @@ mod tests {
             "redis://localhost:6379/0"
         );
         assert_eq!(mask_url_password("memory://"), "memory://");
+    }
+
+    #[test]
+    fn cluster_urls_select_the_cluster_backend() {
+        let toml = |url: &str| {
+            format!(
+                "[store]\nurl = {url:?}\n[tiers]\nnames = [\"free\"]\n[quotas]\nperiod = \"1h\"\n"
+            )
+        };
+        let url = "redis-cluster://:hunter2@h1:7000,h2:7001";
+        let config = load_str(&toml(url), "t").expect("a valid cluster URL");
+        assert!(matches!(
+            config.settings.store.backend,
+            Backend::RedisCluster(_)
+        ));
+        let options = config
+            .settings
+            .store
+            .redis_options()
+            .expect("a Redis store");
+        assert_eq!(options.url, url);
+        assert!(!format!("{config:?}").contains("hunter2"));
+
+        let err = load_str(&toml("redis-cluster://:hunter2@h1:7000,h2:x"), "t")
+            .expect_err("a node without a valid port");
+        assert_eq!(err.key, "store.url");
+        assert!(err.problem.contains("node 2 (\"h2:x\")"), "{err}");
+        assert!(!err.to_string().contains("hunter2"), "{err}");
     }
 
     #[test]

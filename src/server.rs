@@ -72,7 +72,9 @@ impl Default for ServeOptions {
 impl ServeOptions {
     /// The options `settings` ask for, reading the PEM files that
     /// `[server.tls]` names (checked already when the config loaded; read
-    /// again here, as they are at every start).
+    /// again here, as they are at every start) and checking that rustls
+    /// takes them: a key that does not parse or does not match the
+    /// certificate fails here, before anything listens.
     pub fn from_settings(settings: &Settings) -> Result<Self, ServerError> {
         let Some(tls) = &settings.tls else {
             return Ok(Self::default());
@@ -94,6 +96,17 @@ impl ServeOptions {
                 client_ca,
             )?));
         }
+        // tonic's own message is only "transport error": the why is in the
+        // sources.
+        if let Err(err) = Server::builder().tls_config(config.clone()) {
+            let mut why = err.to_string();
+            let mut source = std::error::Error::source(&err);
+            while let Some(cause) = source {
+                why = format!("{why}: {cause}");
+                source = cause.source();
+            }
+            return Err(ServerError::TlsConfig(why));
+        }
         Ok(Self {
             tls: Some(config),
             ..Self::default()
@@ -110,6 +123,9 @@ pub enum ServerError {
     /// The transport failed, or rejected the TLS certificate or key.
     #[error("serving gRPC: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// rustls refused the certificate, key or client CA of `[server.tls]`.
+    #[error("server.tls: the certificate, key or client CA is not usable: {0}")]
+    TlsConfig(String),
     /// A PEM file that `[server.tls]` names could not be read.
     #[error("{key}: cannot read {path:?}: {source}")]
     TlsFile {

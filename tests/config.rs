@@ -148,6 +148,16 @@ const BROKEN: &[(&str, &str, &str)] = &[
         "store.pool_size",
         "must be at least 1",
     ),
+    (
+        "tls_cert_without_key.toml",
+        "server.tls.key",
+        "required with server.tls.cert: the certificate's private key (PEM)",
+    ),
+    (
+        "tls_unreadable_cert.toml",
+        "server.tls.cert",
+        "cannot read \"/nope.pem\": No such file or directory",
+    ),
 ];
 
 #[test]

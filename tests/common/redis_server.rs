@@ -5,7 +5,7 @@
 
 use std::{
     net::{Ipv4Addr, TcpListener, TcpStream},
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     thread,
     time::{Duration, Instant},
@@ -16,18 +16,64 @@ pub struct RedisServer {
     port: u16,
     dir: tempfile::TempDir,
     child: Option<Child>,
+    /// Given to redis-server after the usual options (a later one wins).
+    args: Vec<String>,
+    /// Given to every redis-cli call, the start-up PING included.
+    cli_args: Vec<String>,
 }
 
 #[allow(dead_code)]
 impl RedisServer {
     /// Starts `redis-server` on a free loopback port and waits until it answers.
     pub fn start() -> Self {
-        let dir = tempfile::tempdir().expect("a temporary directory for redis-server");
+        Self::start_with(&[], &[])
+    }
+
+    /// Starts `redis-server` with `args` after the usual options (a later
+    /// option wins over an earlier one), giving `cli_args` to every
+    /// `redis-cli` call, e.g. `start_with(&["--requirepass", "s3cret"],
+    /// &["-a", "s3cret", "--no-auth-warning"])`.
+    pub fn start_with(args: &[&str], cli_args: &[&str]) -> Self {
+        Self::launch(free_port(), owned(args), owned(cli_args))
+    }
+
+    /// Starts `redis-server` serving TLS only, on [`port`](Self::port):
+    /// `cert` and `key` (PEM) are its own and `ca` signed them; clients are
+    /// not asked for certificates. `extra` goes after the other options.
+    pub fn start_tls(cert: &Path, key: &Path, ca: &Path, extra: &[&str]) -> Self {
         let port = free_port();
+        let (port_text, cert, key, ca) = (
+            port.to_string(),
+            cert.display().to_string(),
+            key.display().to_string(),
+            ca.display().to_string(),
+        );
+        let mut args = owned(&[
+            "--port",
+            "0",
+            "--tls-port",
+            &port_text,
+            "--tls-cert-file",
+            &cert,
+            "--tls-key-file",
+            &key,
+            "--tls-ca-cert-file",
+            &ca,
+            "--tls-auth-clients",
+            "no",
+        ]);
+        args.extend(owned(extra));
+        Self::launch(port, args, owned(&["--tls", "--cacert", &ca]))
+    }
+
+    fn launch(port: u16, args: Vec<String>, cli_args: Vec<String>) -> Self {
+        let dir = tempfile::tempdir().expect("a temporary directory for redis-server");
         let mut server = Self {
             port,
             dir,
             child: None,
+            args,
+            cli_args,
         };
         server.spawn();
         server
@@ -51,6 +97,26 @@ impl RedisServer {
         }
     }
 
+    /// Freezes the server (SIGSTOP): connections stay open and nothing
+    /// answers, as when Redis hangs rather than refuses.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Thaws a paused server (SIGCONT); queued commands then run.
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let child = self.child.as_ref().expect("redis-server is running");
+        let status = Command::new("kill")
+            .args([signal, &child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill {signal} redis-server");
+    }
+
     /// Kills the server and starts a fresh one on the same port: no data,
     /// no scripts loaded.
     pub fn restart(&mut self) {
@@ -62,6 +128,7 @@ impl RedisServer {
     pub fn cli(&self, args: &[&str]) -> String {
         let output = Command::new("redis-cli")
             .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(&self.cli_args)
             .args(args)
             .output()
             .expect("redis-cli runs");
@@ -82,13 +149,18 @@ impl RedisServer {
                 "--dir",
                 &self.dir.path().display().to_string(),
             ])
+            .args(&self.args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("redis-server must be installed (the README's test command installs it)");
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
-        while self.cli(&["PING"]) != "PONG" {
+        // Up when it answers, if only to ask for a password the cli lacks.
+        while !matches!(
+            self.cli(&["PING"]).as_str(),
+            "PONG" | "NOAUTH Authentication required."
+        ) {
             assert!(
                 Instant::now() < deadline,
                 "redis-server did not start on port {}",
@@ -103,6 +175,10 @@ impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+fn owned(args: &[&str]) -> Vec<String> {
+    args.iter().map(|&arg| arg.to_owned()).collect()
 }
 
 fn redis_server_binary() -> PathBuf {

@@ -23,7 +23,10 @@ COPY config/tollgate.toml /etc/tollgate/tollgate.toml
 USER tollgate
 # Inside a container the port must be reachable from outside it; everywhere
 # else tollgate binds to loopback by default.
-ENV TOLLGATE_SERVER__LISTEN=0.0.0.0:50051
+ENV TOLLGATE_SERVER__LISTEN=0.0.0.0:50051 \
+    TOLLGATE_SERVER__METRICS_LISTEN=0.0.0.0:9464
+# gRPC (CheckLimit, IncrementUsage, ShouldRateLimit, health, reflection) and
+# Prometheus metrics.
 EXPOSE 50051 9464
 # With TLS on ([server.tls]), set TOLLGATE_HEALTH_CA to the CA that signed
 # the server's certificate (and TOLLGATE_HEALTH_CERT / TOLLGATE_HEALTH_KEY for

@@ -6,6 +6,8 @@ WORKDIR /src
 # Build dependencies first so that source edits reuse the cached layer.
 COPY Cargo.toml Cargo.lock build.rs ./
 COPY proto proto
+# Cargo.toml names a [[bench]], so every build needs its file.
+COPY benches benches
 RUN mkdir -p src/bin/tollgate-bench && echo 'fn main() {}' > src/main.rs \
     && echo 'fn main() {}' > src/bin/tollgate-bench/main.rs && touch src/lib.rs \
     && cargo build --release --locked || true

@@ -10,8 +10,6 @@
 //!   subject's counters or escape its hash tag. Rule and kind names come
 //!   from the operator's config and are restricted to `[a-z0-9_-]`.
 
-use std::fmt::Write;
-
 use crate::rules::Algorithm;
 
 /// Builds keys under one configured prefix.
@@ -67,7 +65,7 @@ impl KeyBuilder {
     /// the key so that switching a rule's algorithm never reads a counter of
     /// the other type.
     pub fn limit(&self, rule: &str, algorithm: Algorithm, subject: &str) -> LimitKeys {
-        let mut tag = String::with_capacity(self.prefix.len() + rule.len() + subject.len() + 12);
+        let mut tag = String::with_capacity(self.prefix.len() + rule.len() + subject.len() + 16);
         tag.push_str(&self.prefix);
         tag.push_str("{rl:");
         tag.push_str(rule);
@@ -78,22 +76,33 @@ impl KeyBuilder {
             Algorithm::SlidingLog => ":log",
             Algorithm::SlidingCounter => ":ctr",
         };
+        // Two allocations per decision: the tag grows into the block key
+        // (the capacity above has room for ":block") and a copy of it into
+        // the counter key.
+        let mut counter = String::with_capacity(tag.len() + suffix.len());
+        counter.push_str(&tag);
+        counter.push_str(suffix);
+        tag.push_str(":block");
         LimitKeys {
-            counter: format!("{tag}{suffix}"),
-            block: format!("{tag}:block"),
+            counter,
+            block: tag,
         }
     }
 
     /// The keys of `user_id`'s usage quotas.
     pub fn usage(&self, user_id: &str) -> UsageKeys {
-        let mut tag = String::with_capacity(self.prefix.len() + user_id.len() + 8);
+        let mut tag = String::with_capacity(self.prefix.len() + user_id.len() + 11);
         tag.push_str(&self.prefix);
         tag.push_str("{uq:");
         encode_into(&mut tag, user_id);
         tag.push('}');
+        let mut index = String::with_capacity(tag.len() + 6);
+        index.push_str(&tag);
+        index.push_str(":convs");
+        tag.push_str(":c:");
         UsageKeys {
-            index: format!("{tag}:convs"),
-            conversation_stem: format!("{tag}:c:"),
+            index,
+            conversation_stem: tag,
         }
     }
 }
@@ -112,8 +121,10 @@ fn encode_into(out: &mut String, id: &str) {
         if byte.is_ascii_alphanumeric() || matches!(byte, b'.' | b'_' | b'~' | b'@' | b'-') {
             out.push(char::from(byte));
         } else {
-            // Writing to a String cannot fail.
-            let _ = write!(out, "%{byte:02X}");
+            const HEX: &[u8; 16] = b"0123456789ABCDEF";
+            out.push('%');
+            out.push(char::from(HEX[usize::from(byte >> 4)]));
+            out.push(char::from(HEX[usize::from(byte & 0xf)]));
         }
     }
 }

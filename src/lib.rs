@@ -23,6 +23,8 @@
 pub mod config;
 pub mod keys;
 pub mod limiter;
+pub mod metrics;
+pub mod reload;
 pub mod rules;
 pub mod server;
 pub mod service;

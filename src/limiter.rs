@@ -7,7 +7,10 @@
 
 use std::{sync::Arc, time::Duration};
 
+use arc_swap::ArcSwap;
+
 use crate::{
+    metrics::{Metrics, Operation, Outcome},
     rules::{FailureMode, Policy, Quota, Tier},
     store::{ConversationCounters, LimitCheck, LimitDecision, Store, StoreError, UsageIncrement},
 };
@@ -131,26 +134,53 @@ impl KindUsage {
 }
 
 /// Validates requests and asks the store for decisions.
+///
+/// The policy can be replaced while requests are in flight (hot reload):
+/// each request reads it once, so it is decided wholly by the old policy or
+/// wholly by the new one. Counters are keyed by rule and subject, never by
+/// limit, so a reload keeps them and a changed limit applies to the next
+/// decision.
 #[derive(Debug)]
 pub struct Limiter<S> {
     store: S,
-    policy: Arc<Policy>,
+    policy: ArcSwap<Policy>,
+    metrics: Arc<Metrics>,
 }
 
 impl<S: Store> Limiter<S> {
     /// A limiter enforcing `policy` with counters in `store`.
     pub fn new(store: S, policy: Arc<Policy>) -> Self {
-        Self { store, policy }
+        Self {
+            store,
+            policy: ArcSwap::new(policy),
+            metrics: Arc::new(Metrics::new()),
+        }
     }
 
-    /// The policy in force.
-    pub fn policy(&self) -> &Policy {
-        &self.policy
+    /// Records into `metrics` instead of a private set.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    /// The policy in force now.
+    pub fn policy(&self) -> Arc<Policy> {
+        self.policy.load_full()
+    }
+
+    /// Puts `policy` in force for every request that starts from now on.
+    pub fn replace_policy(&self, policy: Arc<Policy>) {
+        self.policy.store(policy);
     }
 
     /// The store behind the limiter.
     pub fn store(&self) -> &S {
         &self.store
+    }
+
+    /// The metrics the limiter records into.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     /// Decides whether `request.subject` may spend `cost` hits of the rule.
@@ -170,41 +200,43 @@ impl<S: Store> Limiter<S> {
     }
 
     async fn check(&self, request: CheckRequest<'_>, degrade: bool) -> Result<CheckOutcome, Error> {
+        let _in_flight = self.metrics.in_flight();
+        let policy = self.policy.load();
         validate_id("subject", request.subject)?;
-        let rule = self
-            .policy
-            .rule(request.rule)
-            .ok_or_else(|| Error::Unknown {
-                field: "rule",
-                what: "rule",
-                name: request.rule.to_owned(),
-                known: join(self.policy.rules().map(|r| r.name())),
-            })?;
-        let tier = self.resolve_tier("tier", request.tier)?;
+        let rule = policy.rule(request.rule).ok_or_else(|| Error::Unknown {
+            field: "rule",
+            what: "rule",
+            name: request.rule.to_owned(),
+            known: join(policy.rules().map(|r| r.name())),
+        })?;
+        let tier = resolve_tier(&policy, request.tier)?;
         let limit = rule.limit(tier);
         let decided = self
-            .store
-            .check_limit(&LimitCheck {
-                rule: rule.name(),
-                subject: request.subject,
-                algorithm: rule.algorithm(),
-                limit,
-                window: rule.window(),
-                block_for: rule.block_for(),
-                cost: u64::from(request.cost.max(1)),
-                dry_run: request.dry_run,
-            })
+            .metrics
+            .store_call(
+                Operation::check_limit,
+                self.store.check_limit(&LimitCheck {
+                    rule: rule.name(),
+                    subject: request.subject,
+                    algorithm: rule.algorithm(),
+                    limit,
+                    window: rule.window(),
+                    block_for: rule.block_for(),
+                    cost: u64::from(request.cost.max(1)),
+                    dry_run: request.dry_run,
+                }),
+            )
             .await;
-        match decided {
-            Ok(decision) => Ok(CheckOutcome {
+        let outcome = match decided {
+            Ok(decision) => CheckOutcome {
                 limit,
                 decision,
                 degraded: false,
-            }),
+            },
             Err(err) if degrade => {
                 tracing::debug!(error = %err, rule = rule.name(), "store failed; degraded answer");
                 let allowed = rule.on_store_error() == FailureMode::Allow;
-                Ok(CheckOutcome {
+                CheckOutcome {
                     limit,
                     decision: LimitDecision {
                         allowed,
@@ -218,10 +250,22 @@ impl<S: Store> Limiter<S> {
                         blocked: false,
                     },
                     degraded: true,
-                })
+                }
             }
-            Err(err) => Err(err.into()),
-        }
+            Err(err) => return Err(err.into()),
+        };
+        let counted_as = if outcome.degraded {
+            Outcome::degraded
+        } else if outcome.decision.blocked {
+            Outcome::blocked
+        } else if outcome.decision.allowed {
+            Outcome::allowed
+        } else {
+            Outcome::denied
+        };
+        self.metrics
+            .decision(rule.name(), policy.tiers().name(tier), counted_as);
+        Ok(outcome)
     }
 
     /// Counts `amount` messages of `kind` in a conversation, if within quota.
@@ -231,10 +275,12 @@ impl<S: Store> Limiter<S> {
         &self,
         request: IncrementRequest<'_>,
     ) -> Result<IncrementOutcome, Error> {
+        let _in_flight = self.metrics.in_flight();
+        let policy = self.policy.load();
         validate_id("user_id", request.user_id)?;
         validate_id("character_id", request.character_id)?;
-        let tier = self.resolve_tier("tier", request.tier)?;
-        let quotas = self.policy.quotas();
+        let tier = resolve_tier(&policy, request.tier)?;
+        let quotas = policy.quotas();
         let kind = quotas.kind(request.kind).ok_or_else(|| Error::Unknown {
             field: "kind",
             what: "kind",
@@ -243,35 +289,45 @@ impl<S: Store> Limiter<S> {
         })?;
         let quota = kind.quota(tier);
         let decided = self
-            .store
-            .increment_usage(&UsageIncrement {
-                user_id: request.user_id,
-                character_id: request.character_id,
-                kind: kind.name(),
-                amount: u64::from(request.amount.max(1)),
-                limit: quota.limit(),
-                period: quotas.period(),
-            })
+            .metrics
+            .store_call(
+                Operation::increment_usage,
+                self.store.increment_usage(&UsageIncrement {
+                    user_id: request.user_id,
+                    character_id: request.character_id,
+                    kind: kind.name(),
+                    amount: u64::from(request.amount.max(1)),
+                    limit: quota.limit(),
+                    period: quotas.period(),
+                }),
+            )
             .await;
-        match decided {
-            Ok(decision) => Ok(IncrementOutcome {
+        let outcome = match decided {
+            Ok(decision) => IncrementOutcome {
                 allowed: decision.allowed,
                 quota,
                 used: decision.used,
                 resets_after: decision.resets_after,
                 degraded: false,
-            }),
+            },
             Err(err) => {
                 tracing::debug!(error = %err, "store failed; degraded answer");
-                Ok(IncrementOutcome {
+                IncrementOutcome {
                     allowed: quotas.on_store_error() == FailureMode::Allow,
                     quota,
                     used: 0,
                     resets_after: Duration::ZERO,
                     degraded: true,
-                })
+                }
             }
-        }
+        };
+        let counted_as = match (outcome.degraded, outcome.allowed) {
+            (true, _) => Outcome::degraded,
+            (false, true) => Outcome::allowed,
+            (false, false) => Outcome::denied,
+        };
+        self.metrics.increment(kind.name(), counted_as);
+        Ok(outcome)
     }
 
     /// Every configured kind's counter in one conversation.
@@ -281,11 +337,19 @@ impl<S: Store> Limiter<S> {
         character_id: &str,
         tier: &str,
     ) -> Result<Vec<KindUsage>, Error> {
+        let _in_flight = self.metrics.in_flight();
+        let policy = self.policy.load();
         validate_id("user_id", user_id)?;
         validate_id("character_id", character_id)?;
-        let tier = self.resolve_tier("tier", tier)?;
-        let counters = self.store.get_usage(user_id, character_id).await?;
-        Ok(self.kind_usages(&counters, tier))
+        let tier = resolve_tier(&policy, tier)?;
+        let counters = self
+            .metrics
+            .store_call(
+                Operation::get_usage,
+                self.store.get_usage(user_id, character_id),
+            )
+            .await?;
+        Ok(kind_usages(&policy, &counters, tier))
     }
 
     /// Every conversation of `user_id` with live counters, by character id.
@@ -294,41 +358,49 @@ impl<S: Store> Limiter<S> {
         user_id: &str,
         tier: &str,
     ) -> Result<Vec<(String, Vec<KindUsage>)>, Error> {
+        let _in_flight = self.metrics.in_flight();
+        let policy = self.policy.load();
         validate_id("user_id", user_id)?;
-        let tier = self.resolve_tier("tier", tier)?;
+        let tier = resolve_tier(&policy, tier)?;
         let conversations = self
-            .store
-            .list_usage(user_id, MAX_LISTED_CONVERSATIONS)
+            .metrics
+            .store_call(
+                Operation::list_usage,
+                self.store.list_usage(user_id, MAX_LISTED_CONVERSATIONS),
+            )
             .await?;
         Ok(conversations
             .into_iter()
-            .map(|(character_id, counters)| (character_id, self.kind_usages(&counters, tier)))
+            .map(|(character_id, counters)| {
+                let usage = kind_usages(&policy, &counters, tier);
+                (character_id, usage)
+            })
             .collect())
     }
+}
 
-    fn kind_usages(&self, counters: &ConversationCounters, tier: Tier) -> Vec<KindUsage> {
-        self.policy
-            .quotas()
-            .kinds()
-            .iter()
-            .map(|kind| KindUsage {
-                kind: kind.name().to_owned(),
-                used: counters.used(kind.name()),
-                quota: kind.quota(tier),
-                resets_after: counters.resets_after,
-            })
-            .collect()
-    }
-
-    fn resolve_tier(&self, field: &'static str, name: &str) -> Result<Tier, Error> {
-        let tiers = self.policy.tiers();
-        tiers.resolve(name).ok_or_else(|| Error::Unknown {
-            field,
-            what: "tier",
-            name: name.to_owned(),
-            known: join(tiers.names().iter().map(String::as_str)),
+fn kind_usages(policy: &Policy, counters: &ConversationCounters, tier: Tier) -> Vec<KindUsage> {
+    policy
+        .quotas()
+        .kinds()
+        .iter()
+        .map(|kind| KindUsage {
+            kind: kind.name().to_owned(),
+            used: counters.used(kind.name()),
+            quota: kind.quota(tier),
+            resets_after: counters.resets_after,
         })
-    }
+        .collect()
+}
+
+fn resolve_tier(policy: &Policy, name: &str) -> Result<Tier, Error> {
+    let tiers = policy.tiers();
+    tiers.resolve(name).ok_or_else(|| Error::Unknown {
+        field: "tier",
+        what: "tier",
+        name: name.to_owned(),
+        known: join(tiers.names().iter().map(String::as_str)),
+    })
 }
 
 fn validate_id(field: &'static str, id: &str) -> Result<(), Error> {

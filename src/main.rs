@@ -10,10 +10,18 @@ use tokio::net::TcpListener;
 use tollgate::{
     config::{self, Config, Overrides},
     limiter::Limiter,
-    server,
-    store::{Store, breaker::CircuitBreaker, memory::MemoryStore, redis::RedisStore},
+    metrics, reload, server,
+    store::{
+        Store, breaker::CircuitBreaker, deny_cache::DenyCache, memory::MemoryStore,
+        redis::RedisStore,
+    },
     telemetry,
 };
+
+/// Every request allocates (HTTP/2 frames, protobuf strings, Redis
+/// commands and replies); mimalloc does that for about half of glibc's CPU.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Rate limits and usage quotas over gRPC.
 #[derive(Debug, Parser)]
@@ -44,6 +52,10 @@ enum Command {
     },
     /// Ask a running tollgate whether it is SERVING (exit 0) or not (exit 1),
     /// through the gRPC health service; for container health checks.
+    ///
+    /// Over TLS when the address is `https://` or `--ca` is given: the server's
+    /// certificate must chain to `--ca` (else to the system's roots). For
+    /// mutual TLS, `--cert` and `--key` are the client's certificate and key.
     Health {
         /// The server's address.
         #[arg(long, default_value = "http://127.0.0.1:50051")]
@@ -51,7 +63,77 @@ enum Command {
         /// Give up after this long (humantime).
         #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
         timeout: std::time::Duration,
+        #[command(flatten)]
+        tls: HealthTls,
     },
+}
+
+/// `tollgate health` over TLS. Each flag can come from the environment
+/// instead, so that a container's fixed HEALTHCHECK works once TLS is on.
+#[derive(Debug, clap::Args)]
+struct HealthTls {
+    /// PEM CA certificate the server's certificate must chain to; implies TLS.
+    #[arg(long, value_name = "FILE", env = "TOLLGATE_HEALTH_CA")]
+    ca: Option<PathBuf>,
+    /// PEM client certificate, for a server that requires mutual TLS.
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "key",
+        env = "TOLLGATE_HEALTH_CERT"
+    )]
+    cert: Option<PathBuf>,
+    /// PEM private key of `--cert`.
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "cert",
+        env = "TOLLGATE_HEALTH_KEY"
+    )]
+    key: Option<PathBuf>,
+    /// The name to verify the server's certificate against, when it is not
+    /// the address's host (e.g. checking 127.0.0.1 with a certificate for
+    /// tollgate.example.com).
+    #[arg(long, value_name = "NAME", env = "TOLLGATE_HEALTH_DOMAIN")]
+    domain: Option<String>,
+}
+
+impl HealthTls {
+    /// The TLS config `tollgate health` connects with, if any, and the
+    /// address with `https://` when TLS is on.
+    fn apply(
+        &self,
+        addr: &str,
+    ) -> Result<(String, Option<tonic::transport::ClientTlsConfig>), String> {
+        use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+        let https = addr.starts_with("https://");
+        if !https && self.ca.is_none() && self.cert.is_none() {
+            return Ok((addr.to_owned(), None));
+        }
+        let read = |flag: &str, path: &PathBuf| {
+            std::fs::read(path)
+                .map_err(|err| format!("{flag}: cannot read {}: {err}", path.display()))
+        };
+        let mut tls = ClientTlsConfig::new();
+        tls = match &self.ca {
+            Some(ca) => tls.ca_certificate(Certificate::from_pem(read("--ca", ca)?)),
+            None => tls.with_native_roots(),
+        };
+        if let (Some(cert), Some(key)) = (&self.cert, &self.key) {
+            tls = tls.identity(Identity::from_pem(
+                read("--cert", cert)?,
+                read("--key", key)?,
+            ));
+        }
+        if let Some(domain) = &self.domain {
+            tls = tls.domain_name(domain.clone());
+        }
+        let addr = match addr.strip_prefix("http://") {
+            Some(rest) => format!("https://{rest}"),
+            None => addr.to_owned(),
+        };
+        Ok((addr, Some(tls)))
+    }
 }
 
 fn main() -> ExitCode {
@@ -67,7 +149,7 @@ fn main() -> ExitCode {
                 Err(err) => fail(&err),
             };
         }
-        Command::Health { addr, timeout } => return health(&addr, timeout),
+        Command::Health { addr, timeout, tls } => return health(&addr, timeout, &tls),
         Command::Serve {
             config,
             listen,
@@ -89,27 +171,40 @@ fn main() -> ExitCode {
         Ok(runtime) => runtime,
         Err(err) => return fail(&format!("cannot start the async runtime: {err}")),
     };
-    match runtime.block_on(serve(config)) {
+    let watch = reload::Watch {
+        path,
+        overrides,
+        settings: config.settings.clone(),
+    };
+    match runtime.block_on(serve(config, watch)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => fail(&message),
     }
 }
 
-async fn serve(config: Config) -> Result<(), String> {
+async fn serve(config: Config, watch: reload::Watch) -> Result<(), String> {
     let settings = &config.settings;
     let policy = Arc::new(config.policy);
     match settings.store.redis_options() {
         None => {
             tracing::info!("store: memory:// (embedded, this instance only)");
-            serve_with(MemoryStore::new(), policy, &config.settings).await
+            // Surely-denied subjects are answered without the store.
+            serve_with(DenyCache::new(MemoryStore::new()), policy, watch).await
         }
         Some(options) => {
             tracing::info!(url = ?options, "store: redis");
-            let store = RedisStore::connect(&options)
+            let ca = match &settings.store.tls_ca {
+                None => None,
+                Some(path) => Some(std::fs::read(path).map_err(|err| {
+                    format!("store.tls_ca: cannot read {}: {err}", path.display())
+                })?),
+            };
+            let store = RedisStore::connect_with_ca(&options, ca.as_deref())
                 .await
                 .map_err(|err| format!("cannot use the store: {err}"))?;
             let store = CircuitBreaker::new(store, settings.store.breaker);
-            serve_with(store, policy, &config.settings).await
+            // In front of the breaker: a cached denial needs neither.
+            serve_with(DenyCache::new(store), policy, watch).await
         }
     }
 }
@@ -117,21 +212,46 @@ async fn serve(config: Config) -> Result<(), String> {
 async fn serve_with<S: Store>(
     store: S,
     policy: Arc<tollgate::rules::Policy>,
-    settings: &config::Settings,
+    watch: reload::Watch,
 ) -> Result<(), String> {
+    let settings = &watch.settings;
+    let options = server::ServeOptions::from_settings(settings).map_err(|err| err.to_string())?;
     let listener = TcpListener::bind(settings.listen)
         .await
         .map_err(|err| format!("cannot listen on {}: {err}", settings.listen))?;
-    tracing::info!(address = %settings.listen, "tollgate listening");
+    tracing::info!(
+        address = %settings.listen,
+        tls = options.tls.is_some(),
+        mutual_tls = settings.tls.as_ref().is_some_and(|tls| tls.client_ca.is_some()),
+        "tollgate listening"
+    );
     let limiter = Arc::new(Limiter::new(store, policy));
-    server::run(limiter, listener, shutdown_signal())
-        .await
-        .map_err(|err| err.to_string())?;
+    let metrics = match settings.metrics_listen {
+        None => None,
+        Some(address) => {
+            let listener = TcpListener::bind(address)
+                .await
+                .map_err(|err| format!("cannot listen for metrics on {address}: {err}"))?;
+            tracing::info!(%address, "metrics at http://{address}/metrics");
+            Some(tokio::spawn(metrics::serve(
+                limiter.metrics().clone(),
+                listener,
+                std::future::pending(),
+            )))
+        }
+    };
+    let reloader = tokio::spawn(reload::run(limiter.clone(), watch.clone()));
+    let served = serve_until_shutdown(limiter, listener, options).await;
+    reloader.abort();
+    if let Some(metrics) = metrics {
+        metrics.abort();
+    }
+    served.map_err(|err| err.to_string())?;
     tracing::info!("tollgate stopped");
     Ok(())
 }
 
-fn health(addr: &str, timeout: std::time::Duration) -> ExitCode {
+fn health(addr: &str, timeout: std::time::Duration, tls: &HealthTls) -> ExitCode {
     use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus};
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -140,9 +260,19 @@ fn health(addr: &str, timeout: std::time::Duration) -> ExitCode {
         Ok(runtime) => runtime,
         Err(err) => return fail(&format!("cannot start the async runtime: {err}")),
     };
+    let (addr, tls) = match tls.apply(addr) {
+        Ok(applied) => applied,
+        Err(message) => return fail(&message),
+    };
+    let addr = addr.as_str();
     let check = async {
-        let endpoint = tonic::transport::Endpoint::from_shared(addr.to_owned())
+        let mut endpoint = tonic::transport::Endpoint::from_shared(addr.to_owned())
             .map_err(|err| format!("{addr:?} is not a valid address: {err}"))?;
+        if let Some(tls) = tls {
+            endpoint = endpoint
+                .tls_config(tls)
+                .map_err(|err| format!("TLS for {addr}: {err}"))?;
+        }
         let channel = endpoint
             .connect()
             .await
@@ -161,6 +291,51 @@ fn health(addr: &str, timeout: std::time::Duration) -> ExitCode {
         Ok(Ok(status)) => fail(&status.as_str_name()),
         Ok(Err(message)) => fail(&message),
         Err(_) => fail(&format!("no answer from {addr} within {timeout:?}")),
+    }
+}
+
+/// How long in-flight requests may take to finish once shutdown starts,
+/// before tollgate exits anyway.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Serves until SIGINT or SIGTERM; then health turns NOT_SERVING, no new
+/// connection or stream is accepted, and tollgate exits once the requests in
+/// flight are answered (at most [`SHUTDOWN_GRACE`] later).
+///
+/// It waits for requests rather than connections: clients keep idle HTTP/2
+/// connections open, and hyper's graceful shutdown can wait on those for as
+/// long as they stay (hyperium/hyper#4170).
+async fn serve_until_shutdown<S: Store>(
+    limiter: Arc<Limiter<S>>,
+    listener: TcpListener,
+    options: server::ServeOptions,
+) -> Result<(), server::ServerError> {
+    let (stopping, mut stop_seen) = tokio::sync::watch::channel(false);
+    let shutdown = async move {
+        shutdown_signal().await;
+        let _ = stopping.send(true);
+    };
+    let metrics = limiter.metrics().clone();
+    let served = server::run_with(limiter, listener, shutdown, options);
+    let drained = async move {
+        let _ = stop_seen.wait_for(|stopping| *stopping).await;
+        let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
+        // A request that arrived just before the signal may not have
+        // reached the limiter yet: give it a moment to be counted.
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        while metrics.requests_in_flight() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        metrics.requests_in_flight()
+    };
+    tokio::select! {
+        result = served => result,
+        still_in_flight = drained => {
+            if still_in_flight > 0 {
+                tracing::warn!(still_in_flight, grace = ?SHUTDOWN_GRACE, "requests still in flight at the end of the grace period");
+            }
+            Ok(())
+        }
     }
 }
 

@@ -10,7 +10,13 @@ pub fn init(log: &LogSettings) {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&log.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = fmt().with_env_filter(filter).with_target(false);
+    // Colours only on a terminal: escape codes in a log file or a
+    // collector's pipe are noise.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let builder = fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .with_ansi(ansi);
     // try_init: a second call (tests embedding the server) is harmless.
     let _ = match log.format {
         LogFormat::Text => builder.try_init(),

@@ -229,7 +229,7 @@ fn the_shipped_config_holds_the_documented_defaults() {
     assert!(settings.store.redis_options().is_none());
     assert_eq!(settings.store.key_prefix, "aim:");
     assert_eq!(settings.store.timeout, Duration::from_millis(250));
-    assert_eq!(settings.store.pool_size, 8);
+    assert_eq!(settings.store.pool_size, 1);
     assert_eq!(settings.log.level, "info");
     assert_eq!(settings.log.format, LogFormat::Text);
 

@@ -116,7 +116,10 @@ impl<S: Store> RateLimitService for EnvoyService<S> {
         let statuses = if request.domain == policy.envoy_domain() {
             let mut statuses = Vec::with_capacity(request.descriptors.len());
             for (index, descriptor) in request.descriptors.iter().enumerate() {
-                statuses.push(self.decide(index, descriptor, request.hits_addend).await?);
+                statuses.push(
+                    self.decide(&policy, index, descriptor, request.hits_addend)
+                        .await?,
+                );
             }
             statuses
         } else {
@@ -142,11 +145,12 @@ impl<S: Store> EnvoyService<S> {
     /// The status of the descriptor at `index`.
     async fn decide(
         &self,
+        policy: &Policy,
         index: usize,
         descriptor: &RateLimitDescriptor,
         request_hits: u32,
     ) -> Result<DescriptorStatus, Status> {
-        let Some(applied) = find_rule(self.limiter.policy(), descriptor) else {
+        let Some(applied) = find_rule(policy, descriptor) else {
             return Ok(unmatched());
         };
         let tier = applied

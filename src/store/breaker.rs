@@ -220,6 +220,10 @@ impl<S: Store> Store for CircuitBreaker<S> {
     async fn ping(&self) -> Result<(), StoreError> {
         self.call(self.inner.ping()).await
     }
+
+    fn circuit_open(&self) -> bool {
+        self.state() == BreakerState::Open || self.inner.circuit_open()
+    }
 }
 
 #[cfg(test)]

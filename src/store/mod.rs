@@ -9,12 +9,14 @@
 //! - [`memory`]: in-process, for one instance; the default.
 //! - [`redis`]: Redis through Lua scripts, shared by every instance.
 //! - [`breaker`]: a circuit breaker that wraps either.
+//! - [`deny_cache`]: answers surely-denied checks locally; wraps any store.
 
 use std::{future::Future, time::Duration};
 
 use crate::rules::Algorithm;
 
 pub mod breaker;
+pub mod deny_cache;
 pub mod memory;
 pub mod redis;
 
@@ -154,4 +156,10 @@ pub trait Store: Send + Sync + 'static {
 
     /// Succeeds when the store answers; drives the health service.
     fn ping(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Whether a circuit breaker in this store is open, so calls are not
+    /// reaching the backend; for metrics. Wrappers forward it.
+    fn circuit_open(&self) -> bool {
+        false
+    }
 }

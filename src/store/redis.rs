@@ -60,7 +60,7 @@ use std::{
 };
 
 use redis::{
-    AsyncConnectionConfig, Client, Cmd, ErrorKind, FromRedisValue, Pipeline, RedisError,
+    Arg, AsyncConnectionConfig, Client, Cmd, ErrorKind, FromRedisValue, Pipeline, RedisError,
     RedisFuture, RedisResult, Script, ToRedisArgs, Value,
     aio::{ConnectionLike, MultiplexedConnection},
     cluster::ClusterClient,
@@ -515,9 +515,7 @@ impl RedisStore {
         let mut conn = self.checkout(deadline).await?;
         let first = timeout_at(
             deadline,
-            invocation
-                .command("EVALSHA", invocation.script.script.get_hash())
-                .query_async::<Value>(&mut conn.redis),
+            invocation.evalsha().query_async::<Value>(&mut conn.redis),
         )
         .await;
         if !matches!(&first, Ok(Err(err)) if err.code() == Some("NOSCRIPT")) {
@@ -526,9 +524,7 @@ impl RedisStore {
         self.call(
             deadline,
             conn.generation,
-            invocation
-                .command("EVAL", invocation.script.source)
-                .query_async::<Value>(&mut conn.redis),
+            invocation.eval().query_async::<Value>(&mut conn.redis),
         )
         .await
     }
@@ -633,42 +629,71 @@ impl ConnectionLike for Link {
     }
 }
 
-/// One call of a script: its keys and arguments, sent as `EVALSHA` or
-/// `EVAL`.
+/// One call of a script, packed once as `EVALSHA sha numkeys keys...
+/// args...` straight into the command's own buffer (no per-key or per-arg
+/// allocation: this is built for every decision); the `EVAL` twin is made
+/// from it only after a `NOSCRIPT`. A cluster routes either by its first key.
 struct Invocation {
     script: &'static LuaScript,
-    keys: Vec<String>,
-    args: Vec<Vec<u8>>,
+    evalsha: Cmd,
+    /// Keys still to come before the arguments.
+    keys_left: usize,
 }
 
 impl Invocation {
-    fn new(script: &'static LuaScript) -> Self {
+    fn new(script: &'static LuaScript, numkeys: usize) -> Self {
+        // Room for the sliding-window scripts' 2 keys and 5 arguments, so
+        // that building one never reallocates.
+        let mut evalsha = Cmd::with_capacity(3 + numkeys + 5, 192);
+        evalsha
+            .arg("EVALSHA")
+            .arg(script.script.get_hash())
+            .arg(numkeys);
         Self {
             script,
-            keys: Vec::new(),
-            args: Vec::new(),
+            evalsha,
+            keys_left: numkeys,
         }
     }
 
-    fn key(mut self, key: impl Into<String>) -> Self {
-        self.keys.push(key.into());
+    fn key(mut self, key: impl ToRedisArgs) -> Self {
+        debug_assert!(
+            self.keys_left > 0,
+            "{}: more keys than numkeys",
+            self.script.name
+        );
+        self.keys_left = self.keys_left.saturating_sub(1);
+        self.evalsha.arg(key);
         self
     }
 
     fn arg(mut self, arg: impl ToRedisArgs) -> Self {
-        arg.write_redis_args(&mut self.args);
+        debug_assert_eq!(
+            self.keys_left, 0,
+            "{}: an argument before a key",
+            self.script.name
+        );
+        self.evalsha.arg(arg);
         self
     }
 
-    /// `verb body numkeys keys... args...`: `EVALSHA` with the hash or `EVAL`
-    /// with the source. A cluster routes either by its first key.
-    fn command(&self, verb: &str, body: &str) -> Cmd {
-        let mut cmd = redis::cmd(verb);
-        cmd.arg(body)
-            .arg(self.keys.len())
-            .arg(&self.keys)
-            .arg(&self.args);
-        cmd
+    /// `EVALSHA sha numkeys keys... args...`.
+    fn evalsha(&self) -> &Cmd {
+        &self.evalsha
+    }
+
+    /// `EVAL source numkeys keys... args...`: the same call with the
+    /// script's source, for a node that has not cached it.
+    fn eval(&self) -> Cmd {
+        let mut eval = redis::cmd("EVAL");
+        eval.arg(self.script.source);
+        // Skip "EVALSHA" and the hash; numkeys, keys and arguments follow.
+        for arg in self.evalsha.args_iter().skip(2) {
+            if let Arg::Simple(bytes) = arg {
+                eval.arg(bytes);
+            }
+        }
+        eval
     }
 }
 
@@ -717,7 +742,7 @@ impl Store for RedisStore {
             .shared
             .keys
             .limit(check.rule, check.algorithm, check.subject);
-        let invocation = Invocation::new(script)
+        let invocation = Invocation::new(script, 2)
             .key(keys.counter)
             .key(keys.block)
             .arg(check.limit)
@@ -753,7 +778,7 @@ impl Store for RedisStore {
             .unwrap_or(u64::MAX)
             // PEXPIRE 0 would delete the counters at once.
             .max(1);
-        let invocation = Invocation::new(&USAGE_INCREMENT)
+        let invocation = Invocation::new(&USAGE_INCREMENT, 2)
             .key(keys.conversation(increment.character_id))
             .key(keys.index)
             .arg(increment.kind)
@@ -797,7 +822,7 @@ impl Store for RedisStore {
             return Ok(Vec::new());
         }
         let keys = self.shared.keys.usage(user_id);
-        let invocation = Invocation::new(&USAGE_LIST).key(&keys.index);
+        let invocation = Invocation::new(&USAGE_LIST, 1).key(&keys.index);
 
         // One deadline for the script and the reads after it.
         let deadline = self.deadline();

@@ -30,6 +30,7 @@ use tollgate::{
     store::{
         Store,
         breaker::CircuitBreaker,
+        deny_cache::DenyCache,
         memory::MemoryStore,
         redis::{RedisOptions, RedisStore},
     },
@@ -40,7 +41,7 @@ use tonic_health::pb::{
 };
 use tonic_reflection::pb::{v1, v1alpha};
 
-use super::redis_server::RedisServer;
+use super::{cluster::RedisCluster, redis_server::RedisServer};
 
 /// Every Redis key the tests make starts with this.
 pub(crate) const KEY_PREFIX: &str = "conformance:";
@@ -66,6 +67,8 @@ pub(crate) enum StoreKind {
     Memory,
     /// A real `redis-server`, started for this backend alone.
     Redis,
+    /// A real 3-master Redis Cluster, started for this backend alone.
+    Cluster,
 }
 
 /// One store that tollgate instances share.
@@ -74,16 +77,19 @@ pub(crate) struct Backend {
     /// Cloned into every instance: clones share one set of counters.
     memory: MemoryStore,
     redis: Option<RedisServer>,
+    cluster: Option<RedisCluster>,
 }
 
 impl Backend {
     /// A fresh, empty store of `kind` (starting a redis-server for Redis).
     pub(crate) fn new(kind: StoreKind) -> Self {
         let redis = (kind == StoreKind::Redis).then(RedisServer::start);
+        let cluster = (kind == StoreKind::Cluster).then(|| RedisCluster::start(0));
         Self {
             kind,
             memory: MemoryStore::new(),
             redis,
+            cluster,
         }
     }
 
@@ -109,8 +115,12 @@ impl Backend {
     /// The Redis connection options an instance of `config` uses: the
     /// config's timeout and pool size, this backend's server.
     pub(crate) fn redis_options(&self, config: &Config) -> RedisOptions {
+        let url = match &self.cluster {
+            Some(cluster) => cluster.url(),
+            None => self.redis().url(),
+        };
         RedisOptions {
-            url: self.redis().url(),
+            url,
             key_prefix: KEY_PREFIX.to_owned(),
             timeout: config.settings.store.timeout,
             pool_size: config.settings.store.pool_size,
@@ -118,17 +128,19 @@ impl Backend {
     }
 
     /// Starts one more tollgate instance enforcing `config`'s policy on this
-    /// backend's store, built as `tollgate serve` builds it: Redis behind the
-    /// circuit breaker configured in `[store]`.
+    /// backend's store, built as `tollgate serve` builds it: behind a deny
+    /// cache, and Redis behind the circuit breaker configured in `[store]`.
     pub(crate) async fn serve(&self, config: &Config) -> TestServer {
         match self.kind {
-            StoreKind::Memory => TestServer::start(self.memory.clone(), config).await,
-            StoreKind::Redis => {
+            StoreKind::Memory => {
+                TestServer::start(DenyCache::new(self.memory.clone()), config).await
+            }
+            StoreKind::Redis | StoreKind::Cluster => {
                 let store = RedisStore::connect(&self.redis_options(config))
                     .await
                     .expect("RedisStore connects to the test's redis-server");
                 let store = CircuitBreaker::new(store, config.settings.store.breaker);
-                TestServer::start(store, config).await
+                TestServer::start(DenyCache::new(store), config).await
             }
         }
     }

@@ -1,0 +1,266 @@
+//! Prometheus metrics, served over HTTP at `/metrics` when
+//! `server.metrics_listen` is set.
+//!
+//! | metric | type | labels |
+//! |---|---|---|
+//! | `tollgate_decisions_total` | counter | `rule`, `tier`, `outcome` = allowed, denied, blocked, degraded |
+//! | `tollgate_quota_increments_total` | counter | `kind`, `outcome` = allowed, denied, degraded |
+//! | `tollgate_store_call_duration_seconds` | histogram | `operation` |
+//! | `tollgate_store_errors_total` | counter | `operation`, `error` = timeout, unavailable, protocol, circuit_open |
+//! | `tollgate_circuit_breaker_open` | gauge | (1 while the breaker is open) |
+//! | `tollgate_requests_in_flight` | gauge | |
+//!
+//! Subjects, user ids and store URLs never become labels: they are unbounded
+//! or secret.
+
+use std::{
+    future::Future,
+    sync::{Arc, atomic::AtomicI64},
+};
+
+use prometheus_client::{
+    encoding::{EncodeLabelSet, EncodeLabelValue},
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
+
+use crate::store::StoreError;
+
+/// The outcome label of a decision.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum Outcome {
+    /// Allowed by the store.
+    allowed,
+    /// Denied by the store.
+    denied,
+    /// Denied because the subject is locked out.
+    blocked,
+    /// Answered without the store.
+    degraded,
+}
+
+/// The store operation a latency or error belongs to.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum Operation {
+    /// A rate-limit decision.
+    check_limit,
+    /// A quota check-and-count.
+    increment_usage,
+    /// Reading one conversation.
+    get_usage,
+    /// Listing a user's conversations.
+    list_usage,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DecisionLabels {
+    rule: String,
+    tier: String,
+    outcome: Outcome,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct IncrementLabels {
+    kind: String,
+    outcome: Outcome,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OperationLabels {
+    operation: Operation,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ErrorLabels {
+    operation: Operation,
+    error: &'static str,
+}
+
+type HistogramFamily = Family<OperationLabels, Histogram, fn() -> Histogram>;
+
+/// Every metric tollgate exports, and the registry that encodes them.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    decisions: Family<DecisionLabels, Counter>,
+    increments: Family<IncrementLabels, Counter>,
+    store_latency: HistogramFamily,
+    store_errors: Family<ErrorLabels, Counter>,
+    breaker_open: Gauge<i64, AtomicI64>,
+    in_flight: Gauge<i64, AtomicI64>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// A fresh set of metrics in its own registry.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("tollgate");
+        let decisions = Family::default();
+        registry.register(
+            "decisions",
+            "Rate-limit decisions by rule, tier and outcome",
+            Family::clone(&decisions),
+        );
+        let increments = Family::default();
+        registry.register(
+            "quota_increments",
+            "Quota increments by kind and outcome",
+            Family::clone(&increments),
+        );
+        // 50 us to about 1.6 s: a Redis round trip on loopback is ~100 us,
+        // the default store timeout 250 ms.
+        let store_latency: HistogramFamily =
+            Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.00005, 2.0, 16)));
+        registry.register(
+            "store_call_duration_seconds",
+            "Latency of store calls",
+            Family::clone(&store_latency),
+        );
+        let store_errors = Family::default();
+        registry.register(
+            "store_errors",
+            "Failed store calls by operation and error",
+            Family::clone(&store_errors),
+        );
+        let breaker_open = Gauge::default();
+        registry.register(
+            "circuit_breaker_open",
+            "1 while the store circuit breaker is open",
+            breaker_open.clone(),
+        );
+        let in_flight = Gauge::default();
+        registry.register(
+            "requests_in_flight",
+            "Requests being decided now",
+            in_flight.clone(),
+        );
+        Self {
+            registry,
+            decisions,
+            increments,
+            store_latency,
+            store_errors,
+            breaker_open,
+            in_flight,
+        }
+    }
+
+    /// Counts one rate-limit decision.
+    pub fn decision(&self, rule: &str, tier: &str, outcome: Outcome) {
+        self.decisions
+            .get_or_create(&DecisionLabels {
+                rule: rule.to_owned(),
+                tier: tier.to_owned(),
+                outcome,
+            })
+            .inc();
+    }
+
+    /// Counts one quota increment.
+    pub fn increment(&self, kind: &str, outcome: Outcome) {
+        self.increments
+            .get_or_create(&IncrementLabels {
+                kind: kind.to_owned(),
+                outcome,
+            })
+            .inc();
+    }
+
+    /// Runs a store call, recording its latency and any error.
+    pub async fn store_call<T>(
+        &self,
+        operation: Operation,
+        call: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let started = tokio::time::Instant::now();
+        let result = call.await;
+        self.store_latency
+            .get_or_create(&OperationLabels { operation })
+            .observe(started.elapsed().as_secs_f64());
+        if let Err(err) = &result {
+            let error = match err {
+                StoreError::Timeout(_) => "timeout",
+                StoreError::Unavailable(_) => "unavailable",
+                StoreError::CircuitOpen(_) => "circuit_open",
+                StoreError::Protocol(_) => "protocol",
+            };
+            self.store_errors
+                .get_or_create(&ErrorLabels { operation, error })
+                .inc();
+        }
+        result
+    }
+
+    /// Sets the breaker gauge.
+    pub fn set_breaker_open(&self, open: bool) {
+        self.breaker_open.set(i64::from(open));
+    }
+
+    /// Counts a request as in flight until the guard is dropped.
+    pub fn in_flight(&self) -> InFlight {
+        self.in_flight.inc();
+        InFlight(self.in_flight.clone())
+    }
+
+    /// Requests being decided right now.
+    pub fn requests_in_flight(&self) -> i64 {
+        self.in_flight.get()
+    }
+
+    /// The metrics in the Prometheus text format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// Marks one request in flight; dropping it ends the request.
+#[derive(Debug)]
+pub struct InFlight(Gauge<i64, AtomicI64>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// Serves `GET /metrics` on `listener` until `shutdown` completes.
+pub async fn serve(
+    metrics: Arc<Metrics>,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    use axum::{Router, http::header, routing::get};
+    let app = Router::new().route(
+        "/metrics",
+        get(move || {
+            let metrics = metrics.clone();
+            async move {
+                (
+                    [(
+                        header::CONTENT_TYPE,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
+                    metrics.encode(),
+                )
+            }
+        }),
+    );
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}

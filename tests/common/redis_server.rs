@@ -188,12 +188,18 @@ fn redis_server_binary() -> PathBuf {
 }
 
 /// A loopback port that was free a moment ago. Another process could take it
-/// before redis-server binds it; the start-up wait then fails loudly.
+/// before redis-server binds it; the start-up wait then fails loudly (and
+/// cluster nodes retry on a fresh port).
 pub fn free_port() -> u16 {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind an ephemeral port");
-    let port = listener.local_addr().expect("bound address").port();
-    drop(listener);
-    // Make sure nothing answers there yet.
-    assert!(TcpStream::connect((Ipv4Addr::LOCALHOST, port)).is_err());
-    port
+    for _ in 0..100 {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind an ephemeral port");
+        let port = listener.local_addr().expect("bound address").port();
+        drop(listener);
+        // Tests run in parallel: a server another test just started may
+        // already answer there. Pick again rather than fail.
+        if TcpStream::connect((Ipv4Addr::LOCALHOST, port)).is_err() {
+            return port;
+        }
+    }
+    panic!("no free loopback port in 100 tries");
 }

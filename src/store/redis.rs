@@ -386,11 +386,14 @@ impl RedisStore {
         .map_err(|err| invalid(&err))?;
         let manager = Manager {
             client,
-            // The connection's own timeouts bound a connect attempt made in
-            // the pool's background, where no request's deadline applies.
+            // The connection timeout bounds a connect attempt (with its
+            // AUTH and HELLO) made in the pool's background, where no
+            // request's deadline applies. Every request is bounded by its own
+            // deadline in `call` and `run_script`, so the connection's
+            // per-request timer would only be a second timer per decision.
             config: AsyncConnectionConfig::new()
                 .set_connection_timeout(Some(options.timeout))
-                .set_response_timeout(Some(options.timeout)),
+                .set_response_timeout(None),
             health,
         };
         // bb8 panics on a pool of size 0; one connection is the least that works.

@@ -62,6 +62,9 @@ pub struct Settings {
     pub listen: SocketAddr,
     /// Where Prometheus scrapes `/metrics`; `None` serves no metrics.
     pub metrics_listen: Option<SocketAddr>,
+    /// Threads that serve requests (`server.worker_threads`); `None`: one
+    /// per CPU core.
+    pub worker_threads: Option<usize>,
     /// TLS for the gRPC listener, from `[server.tls]`; `None` serves
     /// plaintext.
     pub tls: Option<ServerTls>,
@@ -432,6 +435,7 @@ struct RawServer {
     listen: String,
     tls: Option<RawServerTls>,
     metrics_listen: Option<String>,
+    worker_threads: Option<i64>,
 }
 
 impl Default for RawServer {
@@ -440,6 +444,7 @@ impl Default for RawServer {
             listen: "127.0.0.1:50051".to_owned(),
             tls: None,
             metrics_listen: None,
+            worker_threads: None,
         }
     }
 }
@@ -574,9 +579,15 @@ impl RawConfig {
             .as_deref()
             .map(|addr| parse_socket_addr(addr, "server.metrics_listen", "127.0.0.1:9464", at))
             .transpose()?;
+        let worker_threads = self
+            .server
+            .worker_threads
+            .map(|threads| worker_threads(threads, at))
+            .transpose()?;
         let settings = Settings {
             listen: self.server.validate(at)?,
             metrics_listen,
+            worker_threads,
             tls: server_tls,
             store: self.store.validate(at)?,
             log: self.log.validate(at)?,
@@ -604,6 +615,23 @@ impl RawConfig {
 impl RawServer {
     fn validate(self, at: At<'_>) -> Result<SocketAddr, ConfigError> {
         parse_socket_addr(&self.listen, "server.listen", "127.0.0.1:50051", at)
+    }
+}
+
+/// The most threads `server.worker_threads` takes: far more than any machine
+/// has cores, low enough to catch a typo.
+const MAX_WORKER_THREADS: i64 = 1024;
+
+fn worker_threads(threads: i64, at: At<'_>) -> Result<usize, ConfigError> {
+    match usize::try_from(threads) {
+        Ok(count) if (1..=MAX_WORKER_THREADS).contains(&threads) => Ok(count),
+        _ => Err(at(
+            "server.worker_threads",
+            format!(
+                "{threads} is not a thread count from 1 to {MAX_WORKER_THREADS} \
+                 (leave it out for one per CPU core)"
+            ),
+        )),
     }
 }
 

@@ -149,6 +149,11 @@ const BROKEN: &[(&str, &str, &str)] = &[
         "must be at least 1",
     ),
     (
+        "zero_worker_threads.toml",
+        "server.worker_threads",
+        "0 is not a thread count from 1 to 1024 (leave it out for one per CPU core)",
+    ),
+    (
         "tls_cert_without_key.toml",
         "server.tls.key",
         "required with server.tls.cert: the certificate's private key (PEM)",
@@ -230,6 +235,7 @@ fn the_shipped_config_holds_the_documented_defaults() {
     assert_eq!(settings.store.key_prefix, "aim:");
     assert_eq!(settings.store.timeout, Duration::from_millis(250));
     assert_eq!(settings.store.pool_size, 1);
+    assert_eq!(settings.worker_threads, None, "one thread per core");
     assert_eq!(settings.log.level, "info");
     assert_eq!(settings.log.format, LogFormat::Text);
 
@@ -392,4 +398,12 @@ fn operators_add_tiers_rules_and_kinds_without_code() {
         "operator.toml: rules.api.limit: tier \"enterprise\" is not covered: \
          give it a value, or use one number for every tier"
     );
+}
+
+#[test]
+fn worker_threads_are_taken_as_given() {
+    let toml = "[server]\nworker_threads = 3\n[tiers]\nnames = [\"free\"]\n\
+                [rules.api]\nwindow = \"1m\"\nlimit = 1\n[quotas.kinds]\ntext = 1\n";
+    let config = config::load_str(toml, "inline").unwrap_or_else(|err| panic!("{err}"));
+    assert_eq!(config.settings.worker_threads, Some(3));
 }

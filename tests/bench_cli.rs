@@ -181,6 +181,35 @@ async fn should_rate_limit_counts_are_exact() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fixed_rate_sends_exactly_its_arrivals_and_never_faster() {
+    let server = Server::start().await;
+    // 400 per second for 1 s: arrivals 0..400 fall inside the second.
+    let json = bench_json(&[
+        "--addr",
+        &server.addr,
+        "--rps",
+        "400",
+        "--duration",
+        "1s",
+        "--concurrency",
+        "8",
+        "--subjects",
+        "1000",
+        "--json",
+    ])
+    .await;
+    assert_eq!(field(&json, "count"), 400, "{json}");
+    assert_eq!(field(&json, "errors"), 0, "{json}");
+    assert_eq!(field(&json, "target_rps"), 400, "{json}");
+    // The last arrival is due 399/400 s after the first, so the achieved
+    // rate can only exceed the target by that rounding, however fast the
+    // server is.
+    let rps = field(&json, "rps");
+    assert!(rps <= 401, "paced at most 400/s: {json}");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_human_summary_and_a_duration_bound() {
     let server = Server::start().await;
     let output = bench(&[

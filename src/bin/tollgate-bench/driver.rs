@@ -14,7 +14,7 @@ use std::{
 };
 
 use hdrhistogram::Histogram;
-use tokio::sync::watch;
+use tokio::sync::{Mutex, mpsc};
 use tonic::{Code, Status};
 
 use crate::{
@@ -120,27 +120,24 @@ pub(crate) struct Phase {
     pub(crate) concurrency: u32,
 }
 
-/// Stops every phase early (Ctrl-C): an atomic flag for the hot path and a
-/// watch channel to wake workers that sleep until their scheduled time.
+/// Stops every phase early (Ctrl-C): an atomic flag that workers and the
+/// pacer check before each request.
 #[derive(Debug, Clone)]
 pub(crate) struct Stop {
     flag: Arc<AtomicBool>,
-    wake: watch::Receiver<bool>,
 }
 
 impl Stop {
     /// A stop signal and the function that raises it.
     pub(crate) fn new() -> (Self, impl FnOnce()) {
         let flag = Arc::new(AtomicBool::new(false));
-        let (sender, wake) = watch::channel(false);
         let raise = {
             let flag = flag.clone();
             move || {
                 flag.store(true, Ordering::Relaxed);
-                let _ = sender.send(true);
             }
         };
-        (Self { flag, wake }, raise)
+        (Self { flag }, raise)
     }
 
     fn raised(&self) -> bool {
@@ -148,14 +145,27 @@ impl Stop {
     }
 }
 
-/// What workers share: the request counter and the phase's clock.
+/// What workers share: the request counter and the phase's clock, and, at a
+/// fixed rate, the queue of arrivals the pacer releases.
 struct Shared {
     next: AtomicU64,
-    start: Instant,
     deadline: Instant,
     phase: Phase,
     subjects: Arc<[String]>,
+    arrivals: Option<Mutex<mpsc::Receiver<Arrival>>>,
 }
+
+/// One request released by the pacer: its number and the instant its
+/// latency counts from.
+#[derive(Debug, Clone, Copy)]
+struct Arrival {
+    number: u64,
+    at: Instant,
+}
+
+/// Arrivals the pacer may run ahead of the workers before it waits for them
+/// (and stamps what follows late, so that the wait still counts).
+const ARRIVAL_BACKLOG: usize = 65_536;
 
 /// Runs one phase with `callers` (one per connection; worker `w` uses
 /// `callers[w % len]`) and returns the merged tally and the elapsed time.
@@ -166,12 +176,26 @@ pub(crate) async fn run_phase<C: Caller>(
     stop: &Stop,
 ) -> (Tally, Duration) {
     let start = Instant::now();
+    let deadline = start + phase.bounds.duration;
+    let (arrivals, pacer) = match phase.rps {
+        None => (None, None),
+        Some(rps) => {
+            let (sender, receiver) = mpsc::channel(ARRIVAL_BACKLOG);
+            let stop = stop.clone();
+            let requests = phase.bounds.requests;
+            let pacer = std::thread::Builder::new()
+                .name("pacer".to_owned())
+                .spawn(move || pace(sender, start, deadline, requests, rps, &stop))
+                .expect("the OS lets a load generator start one thread");
+            (Some(Mutex::new(receiver)), Some(pacer))
+        }
+    };
     let shared = Arc::new(Shared {
         next: AtomicU64::new(0),
-        start,
-        deadline: start + phase.bounds.duration,
+        deadline,
         phase,
         subjects,
+        arrivals,
     });
     let workers: Vec<_> = (0..phase.concurrency as usize)
         .map(|worker| {
@@ -187,12 +211,16 @@ pub(crate) async fn run_phase<C: Caller>(
             Err(err) => std::panic::resume_unwind(err.into_panic()),
         }
     }
+    if let Some(pacer) = pacer {
+        // The workers only finish once the pacer has closed the queue.
+        let _ = pacer.join();
+    }
     (total, start.elapsed())
 }
 
-/// One worker: claims request numbers until a bound is reached, sending one
-/// request at a time.
-async fn work<C: Caller>(mut caller: C, shared: Arc<Shared>, mut stop: Stop, seed: u64) -> Tally {
+/// One worker: takes requests until a bound is reached (or, at a fixed rate,
+/// until the pacer stops releasing them), sending one at a time.
+async fn work<C: Caller>(mut caller: C, shared: Arc<Shared>, stop: Stop, seed: u64) -> Tally {
     let mut tally = Tally::new();
     let mut random = SplitMix64::new(seed);
     let subjects = &*shared.subjects;
@@ -201,60 +229,94 @@ async fn work<C: Caller>(mut caller: C, shared: Arc<Shared>, mut stop: Stop, see
         if stop.raised() {
             break;
         }
-        let number = shared.next.fetch_add(1, Ordering::Relaxed);
-        if number >= phase.bounds.requests {
+        let Some(Arrival { number, at }) = next_request(&shared).await else {
             break;
-        }
-        let began = match phase.rps {
-            None => {
-                let now = Instant::now();
-                if now >= shared.deadline {
-                    break;
-                }
-                now
-            }
-            Some(rps) => match scheduled_start(&shared, number, rps, &mut stop).await {
-                Some(began) => began,
-                None => break,
-            },
         };
         let index = match phase.pick {
             Pick::RoundRobin => number % subjects.len() as u64,
             Pick::Random => random.below(subjects.len() as u64),
         };
         let outcome = caller.send(&subjects[index as usize]).await;
-        tally.record(began.elapsed(), outcome);
+        tally.record(at.elapsed(), outcome);
     }
     tally
 }
 
-/// Waits for request `number`'s slot in a fixed-rate schedule and returns
-/// the instant its latency counts from, or `None` when the phase is over.
-///
-/// Latency counts from the scheduled time when the worker is late for it
-/// (all workers were busy: the server is behind, and that queueing is part
-/// of the latency, so coordinated omission is avoided). A worker that was
-/// idle and slept counts from when it woke, so the timer's millisecond
-/// granularity is not charged to the server.
-async fn scheduled_start(
-    shared: &Shared,
-    number: u64,
-    rps: u32,
-    stop: &mut Stop,
-) -> Option<Instant> {
-    let offset_nanos = u128::from(number) * 1_000_000_000 / u128::from(rps);
-    let scheduled = shared.start + Duration::from_nanos(u64::try_from(offset_nanos).ok()?);
-    if scheduled >= shared.deadline {
-        return None;
-    }
-    if scheduled <= Instant::now() {
-        return Some(scheduled);
-    }
-    tokio::select! {
-        () = tokio::time::sleep_until(scheduled.into()) => Some(Instant::now()),
-        _ = stop.wake.changed() => None,
+/// The next request to send, or `None` when the phase is over: as fast as
+/// the workers go, or the next arrival the pacer released.
+async fn next_request(shared: &Shared) -> Option<Arrival> {
+    match &shared.arrivals {
+        None => {
+            let number = shared.next.fetch_add(1, Ordering::Relaxed);
+            let at = Instant::now();
+            (number < shared.phase.bounds.requests && at < shared.deadline)
+                .then_some(Arrival { number, at })
+        }
+        Some(arrivals) => arrivals.lock().await.recv().await,
     }
 }
+
+/// The pacer, on a thread of its own: releases request `n` at `start + n /
+/// rps` until a bound is reached, then closes the queue.
+///
+/// Arrivals are spread evenly with the OS's sleep, which is accurate to tens
+/// of microseconds. (Workers sleeping on tokio's timer, which wakes in whole
+/// milliseconds, would instead send a burst of `rps / 1000` requests at every
+/// millisecond tick and measure the bursts' queueing.) An arrival's latency
+/// counts from its scheduled time when the pacer is late for it because the
+/// workers fell behind (that queueing is the server's, so coordinated
+/// omission is avoided); when the pacer only overslept, it counts from when
+/// the pacer woke.
+fn pace(
+    sender: mpsc::Sender<Arrival>,
+    start: Instant,
+    deadline: Instant,
+    requests: u64,
+    rps: u32,
+    stop: &Stop,
+) {
+    for number in 0..requests {
+        let offset_nanos = u128::from(number) * 1_000_000_000 / u128::from(rps);
+        let Some(scheduled) = u64::try_from(offset_nanos)
+            .ok()
+            .map(|nanos| start + Duration::from_nanos(nanos))
+        else {
+            return;
+        };
+        if scheduled >= deadline || stop.raised() {
+            return;
+        }
+        let at = if scheduled > Instant::now() {
+            if !sleep_until(scheduled, stop) {
+                return;
+            }
+            Instant::now()
+        } else {
+            scheduled
+        };
+        if sender.blocking_send(Arrival { number, at }).is_err() {
+            return;
+        }
+    }
+}
+
+/// Sleeps the pacer's thread until `until`, in slices short enough to notice
+/// a stop within [`STOP_CHECK`]; false if the stop came first.
+fn sleep_until(until: Instant, stop: &Stop) -> bool {
+    loop {
+        if stop.raised() {
+            return false;
+        }
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return true;
+        }
+        std::thread::sleep(left.min(STOP_CHECK));
+    }
+}
+
+/// How long a sleeping pacer may take to notice a stop.
+const STOP_CHECK: Duration = Duration::from_millis(50);
 
 /// A small, fast generator for random subject picks; quality needs are low.
 struct SplitMix64(u64);

@@ -27,6 +27,9 @@ pub struct Pki {
     pub ca: PathBuf,
     /// A server certificate for 127.0.0.1 and localhost, signed by `ca`.
     pub server: CertFiles,
+    /// A server certificate for the name localhost only (no IP address),
+    /// signed by `ca`.
+    pub localhost_only: CertFiles,
     /// A client certificate, signed by `ca`.
     pub client: CertFiles,
     /// A CA that nothing here trusts.
@@ -48,6 +51,13 @@ impl Pki {
             ExtendedKeyUsagePurpose::ServerAuth,
             &ca_issuer,
         );
+        let localhost_only = make_leaf(
+            dir.path(),
+            "localhost-only",
+            &["localhost"],
+            ExtendedKeyUsagePurpose::ServerAuth,
+            &ca_issuer,
+        );
         let client = make_leaf(
             dir.path(),
             "client",
@@ -66,6 +76,7 @@ impl Pki {
             dir,
             ca,
             server,
+            localhost_only,
             client,
             other_ca,
             other_client,

@@ -1,6 +1,7 @@
 //! A real Redis Cluster on free loopback ports: three masters (and
 //! optionally a replica each), created with `redis-cli --cluster create`,
-//! every process killed when dropped.
+//! every process killed when dropped. [`RedisCluster::start_tls`] starts one
+//! whose nodes speak TLS only, to clients and on the cluster bus.
 //!
 //! Each test starts its own cluster, so tests share no keys. The helpers
 //! speak to single nodes through `redis-cli`, as an operator would, to look
@@ -11,13 +12,16 @@
 
 use std::{
     collections::BTreeMap,
-    path::PathBuf,
-    process::{Child, Command, Stdio},
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
     thread,
     time::{Duration, Instant},
 };
 
-use super::redis_server::free_port;
+use super::{
+    certs::{CertFiles, Pki},
+    redis_server::free_port,
+};
 
 /// One `redis-server --cluster-enabled yes` process.
 struct Node {
@@ -30,6 +34,12 @@ struct Node {
 /// A running Redis Cluster.
 pub struct RedisCluster {
     nodes: Vec<Node>,
+    /// Whether the nodes speak TLS only.
+    tls: bool,
+    /// The `default` user's password, if the nodes want one.
+    password: Option<String>,
+    /// Given to every redis-cli call: TLS and password options.
+    cli_args: Vec<String>,
 }
 
 /// A node's role and slots, from `CLUSTER NODES`.
@@ -49,21 +59,104 @@ impl RedisCluster {
     /// Starts three masters, each with `replicas` replicas, and waits until
     /// every node reports `cluster_state:ok` and agrees on the slots.
     pub fn start(replicas: usize) -> Self {
+        Self::launch(replicas, false, None, Vec::new(), Vec::new())
+    }
+
+    /// Starts three masters, each with `replicas` replicas, that speak TLS
+    /// only: to clients (`--port 0`), on the cluster bus and between master
+    /// and replica. Every node serves `pki.server` and trusts `pki.ca`;
+    /// clients are not asked for certificates. With `password`, every node
+    /// wants it for the `default` user, and the helpers give it.
+    pub fn start_tls(pki: &Pki, replicas: usize, password: Option<&str>) -> Self {
+        Self::start_tls_serving(pki, &pki.server, replicas, password)
+    }
+
+    /// [`start_tls`](Self::start_tls), every node serving `server` instead
+    /// of `pki.server`.
+    pub fn start_tls_serving(
+        pki: &Pki,
+        server: &CertFiles,
+        replicas: usize,
+        password: Option<&str>,
+    ) -> Self {
+        let path = |path: &Path| path.display().to_string();
+        let ca = path(&pki.ca);
+        let mut server_args = owned(&[
+            "--tls-cert-file",
+            &path(&server.cert),
+            "--tls-key-file",
+            &path(&server.key),
+            // The cluster bus always asks the dialling node for a
+            // certificate, whatever tls-auth-clients says, and OpenSSL
+            // refuses one made for server auth only (as pki.server is): a
+            // node dials with pki.client, or the nodes never meet.
+            "--tls-client-cert-file",
+            &path(&pki.client.cert),
+            "--tls-client-key-file",
+            &path(&pki.client.key),
+            "--tls-ca-cert-file",
+            &ca,
+            "--tls-auth-clients",
+            "no",
+            "--tls-cluster",
+            "yes",
+            "--tls-replication",
+            "yes",
+        ]);
+        let mut cli_args = owned(&["--tls", "--cacert", &ca]);
+        if let Some(password) = password {
+            server_args.extend(owned(&[
+                "--requirepass",
+                password,
+                "--masterauth",
+                password,
+            ]));
+            cli_args.extend(owned(&["-a", password, "--no-auth-warning"]));
+        }
+        Self::launch(
+            replicas,
+            true,
+            password.map(str::to_owned),
+            server_args,
+            cli_args,
+        )
+    }
+
+    /// Starts the nodes with `server_args` after the usual options, creates
+    /// the cluster and waits until it is stable.
+    fn launch(
+        replicas: usize,
+        tls: bool,
+        password: Option<String>,
+        server_args: Vec<String>,
+        cli_args: Vec<String>,
+    ) -> Self {
         let count = 3 * (1 + replicas);
-        let nodes: Vec<Node> = (0..count).map(|_| Node::start()).collect();
-        let cluster = Self { nodes };
+        let nodes: Vec<Node> = (0..count)
+            .map(|_| Node::start(tls, &server_args, &cli_args))
+            .collect();
+        let cluster = Self {
+            nodes,
+            tls,
+            password,
+            cli_args,
+        };
         let addresses: Vec<String> = cluster
             .nodes
             .iter()
             .map(|node| format!("127.0.0.1:{}", node.port))
             .collect();
-        let output = Command::new("redis-cli")
-            .arg("--cluster")
-            .arg("create")
-            .args(&addresses)
-            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
-            .output()
-            .expect("redis-cli runs");
+        // It waits for the nodes to meet on the cluster bus, forever if
+        // they cannot (a TLS handshake they refuse, say).
+        let output = output_within(
+            Command::new("redis-cli")
+                .args(&cluster.cli_args)
+                .arg("--cluster")
+                .arg("create")
+                .args(&addresses)
+                .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"]),
+            Duration::from_secs(30),
+        );
         assert!(
             output.status.success(),
             "redis-cli --cluster create failed: {}{}",
@@ -74,25 +167,35 @@ impl RedisCluster {
         cluster
     }
 
-    /// A `redis-cluster://` URL naming every master as a seed node.
+    /// A `redis-cluster://` URL naming every master as a seed node
+    /// (`rediss-cluster://` for TLS, with the password if there is one).
     pub fn url(&self) -> String {
+        let credentials = match &self.password {
+            Some(password) => format!(":{password}@"),
+            None => String::new(),
+        };
+        let scheme = if self.tls {
+            "rediss-cluster"
+        } else {
+            "redis-cluster"
+        };
+        format!("{scheme}://{credentials}{}", self.seeds())
+    }
+
+    /// Every master as `127.0.0.1:port`, comma-separated: a URL's nodes.
+    pub fn seeds(&self) -> String {
         let seeds: Vec<String> = self
             .masters()
             .iter()
             .map(|node| format!("127.0.0.1:{}", node.port))
             .collect();
-        format!("redis-cluster://{}", seeds.join(","))
+        seeds.join(",")
     }
 
     /// Runs `redis-cli` against the node on `port` and returns its trimmed
     /// output.
     pub fn cli(&self, port: u16, args: &[&str]) -> String {
-        let output = Command::new("redis-cli")
-            .args(["-h", "127.0.0.1", "-p", &port.to_string()])
-            .args(args)
-            .output()
-            .expect("redis-cli runs");
-        String::from_utf8_lossy(&output.stdout).trim().to_owned()
+        cli(port, &self.cli_args, args)
     }
 
     /// An integer reply from the node on `port`.
@@ -354,13 +457,13 @@ impl Node {
     /// Starts a node and waits until it answers. A port that was free a
     /// moment ago may be taken (by another test's connection, say) before
     /// redis-server binds it; the node then exits, and another pair of
-    /// ports is tried.
-    fn start() -> Self {
+    /// ports is tried. On `tls`, `server_args` must hold the TLS options.
+    fn start(tls: bool, server_args: &[String], cli_args: &[String]) -> Self {
         for _ in 0..5 {
-            let mut node = Self::spawn();
+            let mut node = Self::spawn(tls, server_args);
             let deadline = Instant::now() + Duration::from_secs(10);
             loop {
-                if ping(node.port) {
+                if cli(node.port, cli_args, &["PING"]) == "PONG" {
                     return node;
                 }
                 if node.child.try_wait().ok().flatten().is_some() {
@@ -377,16 +480,23 @@ impl Node {
         panic!("redis-server exited at start five times (ports taken?)");
     }
 
-    fn spawn() -> Self {
+    /// Spawns a node with `server_args` after the usual options; on `tls`,
+    /// its port is `--tls-port` and plaintext is off.
+    fn spawn(tls: bool, server_args: &[String]) -> Self {
         let dir = tempfile::tempdir().expect("a temporary directory for a cluster node");
         let port = free_port();
+        let port_text = port.to_string();
+        let port_options = if tls {
+            owned(&["--port", "0", "--tls-port", &port_text])
+        } else {
+            owned(&["--port", &port_text])
+        };
         // The cluster bus gets a free port of its own: the default, port +
         // 10000, may be taken or past 65535.
         let bus_port = free_port();
         let child = Command::new(redis_server_binary())
+            .args(port_options)
             .args([
-                "--port",
-                &port.to_string(),
                 "--cluster-port",
                 &bus_port.to_string(),
                 "--bind",
@@ -408,6 +518,7 @@ impl Node {
                 "--dir",
                 &dir.path().display().to_string(),
             ])
+            .args(server_args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -427,11 +538,48 @@ impl Drop for Node {
     }
 }
 
-fn ping(port: u16) -> bool {
-    Command::new("redis-cli")
-        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "PING"])
+/// Runs `redis-cli` with `cli_args` against the node on `port` and returns
+/// its trimmed output.
+fn cli(port: u16, cli_args: &[String], args: &[&str]) -> String {
+    let output = Command::new("redis-cli")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(cli_args)
+        .args(args)
         .output()
-        .is_ok_and(|output| output.stdout.starts_with(b"PONG"))
+        .expect("redis-cli runs");
+    String::from_utf8_lossy(&output.stdout).trim().to_owned()
+}
+
+/// Runs `command` to its end and returns its output; kills it and panics,
+/// with what it printed, if it takes longer than `limit`.
+fn output_within(command: &mut Command, limit: Duration) -> Output {
+    let mut child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("redis-cli runs");
+    let deadline = Instant::now() + limit;
+    while child.try_wait().expect("waiting on redis-cli").is_none() {
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let output = child
+                .wait_with_output()
+                .expect("a killed redis-cli is reaped");
+            panic!(
+                "{command:?} did not finish within {limit:?}: {}{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    child
+        .wait_with_output()
+        .expect("the output of a finished redis-cli")
+}
+
+fn owned(args: &[&str]) -> Vec<String> {
+    args.iter().map(|&arg| arg.to_owned()).collect()
 }
 
 fn redis_server_binary() -> PathBuf {

@@ -817,3 +817,29 @@ async fn a_plain_server_is_not_a_cluster() {
     println!("{err}");
     assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
 }
+
+#[tokio::test]
+async fn a_cluster_with_a_node_that_does_not_answer_stops_start_up() {
+    let cluster = RedisCluster::start(0);
+    let masters = cluster.masters();
+    let (seed, silent) = (masters[0].port, masters[2].port);
+    // The silent master stays in the cluster (its bus still talks) but
+    // answers no client for a while. (A node that answers but cannot be
+    // used is in cluster_tls.rs: a certificate without the node's address.)
+    cluster.cli(silent, &["CLIENT", "PAUSE", "5000", "ALL"]);
+    let mut options = options(format!("redis-cluster://127.0.0.1:{seed}"), "t:");
+    options.timeout = ms(500);
+    let start = Instant::now();
+    let err = RedisStore::connect(&options)
+        .await
+        .expect_err("a node that does not answer stops start-up");
+    assert!(start.elapsed() < ms(2_000), "took {:?}", start.elapsed());
+    let StoreError::Unavailable(message) = &err else {
+        panic!("{err:?}");
+    };
+    println!("{message}");
+    assert!(
+        message.contains(&format!("redis-cluster://127.0.0.1:{seed} ")),
+        "names the URL: {message}"
+    );
+}

@@ -268,6 +268,36 @@ async fn an_untrusted_cluster_or_a_wrong_password_fails_cleanly_and_names_no_pas
     assert!(started.elapsed() < DEADLINE, "{:?}", started.elapsed());
 }
 
+#[tokio::test]
+async fn a_node_whose_certificate_lacks_its_announced_address_stops_start_up() {
+    // The nodes' certificates name localhost only. The seed is dialled as
+    // localhost and passes, but the slot map announces every node by IP,
+    // which the certificates do not hold.
+    let pki = Pki::new();
+    let cluster = RedisCluster::start_tls_serving(&pki, &pki.localhost_only, 0, Some(PASSWORD));
+    let seed = cluster.masters()[0].port;
+    let url = format!("rediss-cluster://:{PASSWORD}@localhost:{seed}");
+    let started = Instant::now();
+    let err = RedisStore::connect_with_ca(&options(url), Some(&certs::read(&pki.ca)))
+        .await
+        .expect_err("nodes that cannot be verified at their addresses stop start-up");
+    let printed = format!("{err} {err:?}");
+    println!("{printed}");
+    assert!(started.elapsed() < DEADLINE, "{:?}", started.elapsed());
+    assert!(!printed.contains(PASSWORD), "{printed}");
+    assert!(
+        printed.contains(&format!(
+            "Redis Cluster at rediss-cluster://:***@localhost:{seed}: not every node answered"
+        )),
+        "{printed}"
+    );
+    assert!(
+        printed
+            .contains("every node's certificate must be valid for the address the node announces"),
+        "{printed}"
+    );
+}
+
 // ---- The binary ---------------------------------------------------------------
 
 /// A spawned `tollgate`, killed when dropped; stdout and stderr go to one

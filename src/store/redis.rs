@@ -40,8 +40,9 @@
 //!
 //! # Scripts
 //!
-//! The scripts are loaded at start-up (on every node of a cluster). A node
-//! that lost them since (a restart, `SCRIPT FLUSH`, a replica promoted by a
+//! The scripts are loaded at start-up (on every node of a cluster: start-up
+//! fails, as on one server, unless every node answers). A node that lost
+//! them since (a restart, `SCRIPT FLUSH`, a replica promoted by a
 //! failover, a node added by resharding) answers `NOSCRIPT`; the store then
 //! sends the same call as `EVAL` with the script's source, which runs it and
 //! caches it on that node. `EVAL` is routed by its keys like `EVALSHA`, so it
@@ -365,17 +366,23 @@ impl RedisStore {
                 connections: Connections::Cluster(connection),
                 shared,
             };
-            // The client has read the slot map, so the cluster answers.
-            // Preloading is an optimisation: a node that misses the scripts
-            // (one down right now) gets them on its first NOSCRIPT.
-            if let Err(err) = store.load_scripts().await {
-                tracing::warn!(
-                    url = %masked_url,
-                    error = %err,
-                    "could not preload the Lua scripts on every cluster node; \
-                     each node will load them on first use"
-                );
-            }
+            // The client has read the slot map from a seed; loading the
+            // scripts on every node is also the check that each node
+            // answers, as on one server. Without it a cluster whose nodes
+            // cannot be reached at the addresses they announce (a TLS
+            // certificate that names only the seed's host name, say) would
+            // start and then time out on every call.
+            store.load_scripts().await.map_err(|err| {
+                let hint = if options.url.starts_with("rediss-cluster://") {
+                    "; over TLS, every node's certificate must be valid for the \
+                     address the node announces (CLUSTER SHARDS), usually its IP"
+                } else {
+                    ""
+                };
+                StoreError::Unavailable(format!(
+                    "Redis Cluster at {masked_url}: not every node answered: {err}{hint}"
+                ))
+            })?;
             return Ok(store);
         }
 

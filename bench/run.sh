@@ -40,9 +40,10 @@ DURATION=${DURATION:-5}
 SUBJECTS=${SUBJECTS:-10000}
 SKIP_BUILD=${SKIP_BUILD:-0}
 KEEP=${KEEP:-0}
-# 13 scenarios of DURATION (plus about 3 s of set-up each) per run, the
-# memory measurements and start-up; a build is bounded on its own.
-MAX_SECONDS=${MAX_SECONDS:-$((120 + RUNS * 14 * (DURATION + 4)))}
+# 13 scenarios of DURATION (plus set-up, which takes seconds on a busy
+# machine) per run, the memory measurements and start-up; a build is
+# bounded on its own.
+MAX_SECONDS=${MAX_SECONDS:-$((180 + RUNS * 14 * (DURATION + 8)))}
 CONFIG=bench/tollgate-bench.toml
 TOLLGATE=target/release/tollgate
 BENCH=target/release/tollgate-bench
@@ -289,6 +290,14 @@ else
     ENVOY_OK=0
 fi
 
+# CPU time the hypervisor gave to other guests while this VM wanted it
+# (steal, from /proc/stat, as in vmstat's "st"), against all CPU time: on a
+# shared VM, how much the neighbours slowed every figure of the run.
+cpu_steal() { # -> "steal total" in clock ticks, all cores
+    awk '/^cpu / { t = 0; for (i = 2; i <= 9; i++) t += $i; print $9, t }' /proc/stat
+}
+read -r STEAL0 TOTAL0 < <(cpu_steal)
+
 for run in $(seq "$RUNS"); do
     echo "run $run of $RUNS" >&2
     baseline "$run" base_evalsha_50 "redis-benchmark EVALSHA sliding_log, 10k keys" 50 \
@@ -314,13 +323,17 @@ for run in $(seq "$RUNS"); do
     scenario "$run" f_200 "(f) CheckLimit, memory store" memory --rule api_log --subjects "$SUBJECTS" -c 200
 done
 
+read -r STEAL1 TOTAL1 < <(cpu_steal)
+STEAL_PERCENT=$(python3 -c "print(round(100 * ($STEAL1 - $STEAL0) / max(1, $TOTAL1 - $TOTAL0), 1))")
+
 # ---- The table -------------------------------------------------------------
 python3 - "$RESULTS" "$MEMORY" "$RUNS" "$DURATION" "$(getconf CLK_TCK)" "$(nproc)" \
-    "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')" "$(redis-server --version | cut -d' ' -f3)" <<'EOF'
+    "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')" "$(redis-server --version | cut -d' ' -f3)" \
+    "$STEAL_PERCENT" <<'EOF'
 import statistics, sys
 from collections import OrderedDict
 
-results, memory, runs, duration, tck, cores, cpu, redis = sys.argv[1:]
+results, memory, runs, duration, tck, cores, cpu, redis, steal = sys.argv[1:]
 tck = int(tck)
 rows = OrderedDict()
 for line in open(results):
@@ -347,7 +360,8 @@ def fmt(v, spec):
 
 conc = {"50": 50, "200": 200, "10k": 200}
 print(f"tollgate bench/run.sh: {cores} cores ({cpu}), Redis {redis}; "
-      f"{runs} run(s) of {duration} s per scenario, medians")
+      f"{runs} run(s) of {duration} s per scenario, medians; "
+      f"CPU steal during the scenarios: {steal} % (time the host gave this VM's cores to others)")
 print()
 print("| scenario | c | req/s | p50 ms | p99 ms | denied | Redis commands/req | tollgate CPU µs/req | redis CPU µs/req | client CPU µs/req |")
 print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")

@@ -21,14 +21,12 @@ mod common;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    fs::File,
-    io::{Read, Seek},
-    process::{Child, Command, Stdio},
-    thread,
+    process::Command,
     time::{Duration, Instant},
 };
 
 use common::{
+    binary::Tollgate,
     certs::{self, Pki},
     cluster::RedisCluster,
     redis_server::free_port,
@@ -300,65 +298,10 @@ async fn a_node_whose_certificate_lacks_its_announced_address_stops_start_up() {
 
 // ---- The binary ---------------------------------------------------------------
 
-/// A spawned `tollgate`, killed when dropped; stdout and stderr go to one
-/// file.
-struct Tollgate {
-    child: Child,
-    output: File,
-}
-
-impl Tollgate {
-    /// `tollgate serve` with the shipped config, `store_url` and `listen`
-    /// from the command line, `env` added, every log at `trace`.
-    fn serve(store_url: &str, listen: &str, env: &[(&str, &str)]) -> Self {
-        let output = tempfile::tempfile().expect("a temporary file for the output");
-        let mut command = Command::new(env!("CARGO_BIN_EXE_tollgate"));
-        command.current_dir(env!("CARGO_MANIFEST_DIR"));
-        for (name, _) in std::env::vars_os() {
-            if name.to_string_lossy().starts_with("TOLLGATE_") {
-                command.env_remove(name);
-            }
-        }
-        let child = command
-            .args(["serve", "--store", store_url, "--listen", listen])
-            .envs(env.iter().copied())
-            .env("RUST_LOG", "trace")
-            .stdin(Stdio::null())
-            .stdout(output.try_clone().expect("a second handle to the output"))
-            .stderr(output.try_clone().expect("a third handle to the output"))
-            .spawn()
-            .expect("the tollgate binary starts");
-        Self { child, output }
-    }
-
-    /// Waits up to [`DEADLINE`] for the exit; the status's success.
-    fn wait(&mut self) -> bool {
-        let deadline = Instant::now() + DEADLINE;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("waiting on the child") {
-                return status.success();
-            }
-            assert!(Instant::now() < deadline, "tollgate still running");
-            thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    /// Everything it printed so far.
-    fn output(&mut self) -> String {
-        let mut text = String::new();
-        self.output.rewind().expect("rewind the output file");
-        self.output
-            .read_to_string(&mut text)
-            .expect("the output is UTF-8");
-        text
-    }
-}
-
-impl Drop for Tollgate {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// `tollgate serve` with the shipped config, `store_url` and `listen` from
+/// the command line, and `env` added.
+fn serve(store_url: &str, listen: &str, env: &[(&str, &str)]) -> Tollgate {
+    Tollgate::spawn(&["serve", "--store", store_url, "--listen", listen], env)
 }
 
 #[tokio::test]
@@ -372,8 +315,8 @@ async fn the_binary_takes_store_tls_ca_for_a_cluster_and_never_prints_the_passwo
     // Without store.tls_ca the system's roots apply: start-up fails with one
     // line, the password masked.
     let listen = format!("127.0.0.1:{}", free_port());
-    let mut tollgate = Tollgate::serve(&url, &listen, &[timeout]);
-    assert!(!tollgate.wait(), "start-up must fail");
+    let mut tollgate = serve(&url, &listen, &[timeout]);
+    assert!(!tollgate.wait(DEADLINE), "start-up must fail");
     let output = tollgate.output();
     assert!(!output.contains(PASSWORD), "the password leaked:\n{output}");
     let last = output.lines().last().unwrap_or_default();
@@ -387,7 +330,7 @@ async fn the_binary_takes_store_tls_ca_for_a_cluster_and_never_prints_the_passwo
     // With store.tls_ca (from the environment) it serves.
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
-    let mut tollgate = Tollgate::serve(
+    let mut tollgate = serve(
         &url,
         &listen,
         &[timeout, ("TOLLGATE_STORE__TLS_CA", ca.as_str())],
@@ -398,7 +341,7 @@ async fn the_binary_takes_store_tls_ca_for_a_cluster_and_never_prints_the_passwo
         match endpoint.connect().await {
             Ok(channel) => break channel,
             Err(err) => {
-                if let Ok(Some(status)) = tollgate.child.try_wait() {
+                if let Some(status) = tollgate.exited() {
                     panic!("tollgate exited ({status}): {}", tollgate.output());
                 }
                 assert!(Instant::now() < deadline, "nothing serves on {port}: {err}");
@@ -417,12 +360,12 @@ async fn the_binary_takes_store_tls_ca_for_a_cluster_and_never_prints_the_passwo
     assert!(!last.allowed && last.blocked && !last.degraded, "{last:?}");
 
     let status = Command::new("kill")
-        .args(["-TERM", &tollgate.child.id().to_string()])
+        .args(["-TERM", &tollgate.pid().to_string()])
         .status()
         .expect("kill(1) runs");
     assert!(status.success());
     assert!(
-        tollgate.wait(),
+        tollgate.wait(DEADLINE),
         "a clean exit on SIGTERM: {}",
         tollgate.output()
     );

@@ -14,15 +14,13 @@
 mod common;
 
 use std::{
-    fs::File,
-    io::{Read, Seek},
     path::Path,
-    process::{Child, Command, Stdio},
-    thread,
+    process::Command,
     time::{Duration, Instant},
 };
 
 use common::{
+    binary::Tollgate,
     certs::{self, Pki},
     redis_server::{RedisServer, free_port},
     server::{TestServer, shipped_config},
@@ -196,77 +194,13 @@ async fn rediss_with_the_ca_from_store_tls_ca_works_and_an_untrusted_server_is_r
 
 // ---- The binary ---------------------------------------------------------------
 
-/// A spawned `tollgate`, killed when dropped; its output goes to files.
-struct Running {
-    child: Child,
-    stdout: File,
-    stderr: File,
-}
-
-impl Running {
-    fn spawn(args: &[&str]) -> Self {
-        let stdout = tempfile::tempfile().expect("a temporary file for stdout");
-        let stderr = tempfile::tempfile().expect("a temporary file for stderr");
-        let mut command = Command::new(env!("CARGO_BIN_EXE_tollgate"));
-        command.current_dir(env!("CARGO_MANIFEST_DIR"));
-        for (name, _) in std::env::vars_os() {
-            if name.to_string_lossy().starts_with("TOLLGATE_") {
-                command.env_remove(name);
-            }
-        }
-        let child = command
-            .args(args)
-            // Everything the binary and its libraries can say.
-            .env("RUST_LOG", "trace")
-            .stdin(Stdio::null())
-            .stdout(stdout.try_clone().expect("a second handle to stdout"))
-            .stderr(stderr.try_clone().expect("a second handle to stderr"))
-            .spawn()
-            .expect("the tollgate binary starts");
-        Self {
-            child,
-            stdout,
-            stderr,
-        }
-    }
-
-    /// Waits up to [`DEADLINE`] for the exit; the status's success.
-    fn wait(&mut self) -> bool {
-        let deadline = Instant::now() + DEADLINE;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("waiting on the child") {
-                return status.success();
-            }
-            assert!(Instant::now() < deadline, "tollgate still running");
-            thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    /// Everything it printed so far.
-    fn output(&mut self) -> String {
-        let mut text = String::new();
-        for file in [&mut self.stdout, &mut self.stderr] {
-            file.rewind().expect("rewind an output file");
-            file.read_to_string(&mut text).expect("the output is UTF-8");
-        }
-        text
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[test]
 fn the_binary_fails_start_up_on_a_wrong_password_without_printing_it() {
     let redis = password_server();
     let url = format!("redis://:wrong-pw@127.0.0.1:{}/0", redis.port());
     let listen = format!("127.0.0.1:{}", free_port());
-    let mut tollgate = Running::spawn(&["serve", "--store", &url, "--listen", &listen]);
-    assert!(!tollgate.wait(), "start-up must fail");
+    let mut tollgate = Tollgate::spawn(&["serve", "--store", &url, "--listen", &listen], &[]);
+    assert!(!tollgate.wait(DEADLINE), "start-up must fail");
     let output = tollgate.output();
     assert!(
         !output.contains("wrong-pw"),
@@ -282,7 +216,7 @@ fn the_binary_fails_start_up_on_a_wrong_password_without_printing_it() {
 
 /// Calls CheckLimit over mutual TLS once the server accepts, retrying until
 /// [`DEADLINE`].
-async fn check_over_mtls(port: u16, pki: &Pki, tollgate: &mut Running) -> (bool, u64) {
+async fn check_over_mtls(port: u16, pki: &Pki, tollgate: &mut Tollgate) -> (bool, u64) {
     let tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(certs::read(&pki.ca)))
         .identity(Identity::from_pem(
@@ -298,7 +232,7 @@ async fn check_over_mtls(port: u16, pki: &Pki, tollgate: &mut Running) -> (bool,
         match endpoint.connect().await {
             Ok(channel) => break channel,
             Err(err) => {
-                if let Ok(Some(status)) = tollgate.child.try_wait() {
+                if let Some(status) = tollgate.exited() {
                     panic!("tollgate exited ({status}): {}", tollgate.output());
                 }
                 assert!(Instant::now() < deadline, "nothing serves on {port}: {err}");
@@ -362,7 +296,7 @@ text = 5
     std::fs::write(&config_path, config).expect("write the config");
     let config_arg = config_path.display().to_string();
 
-    let mut tollgate = Running::spawn(&["serve", "--config", &config_arg]);
+    let mut tollgate = Tollgate::spawn(&["serve", "--config", &config_arg], &[]);
     assert_eq!(check_over_mtls(port, &pki, &mut tollgate).await, (true, 9));
 
     // The container health check, over mutual TLS.
@@ -377,14 +311,14 @@ text = 5
     assert!(health.status.success(), "{health:?}");
     assert_eq!(String::from_utf8_lossy(&health.stdout).trim(), "SERVING");
 
-    let pid = tollgate.child.id().to_string();
+    let pid = tollgate.pid().to_string();
     let status = Command::new("kill")
         .args(["-TERM", &pid])
         .status()
         .expect("kill(1) runs");
     assert!(status.success());
     assert!(
-        tollgate.wait(),
+        tollgate.wait(DEADLINE),
         "a clean exit on SIGTERM: {}",
         tollgate.output()
     );

@@ -1,3 +1,4 @@
+pub mod binary;
 pub mod certs;
 pub mod cluster;
 pub mod redis_server;

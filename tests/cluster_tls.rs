@@ -21,7 +21,6 @@ mod common;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    process::Command,
     time::{Duration, Instant},
 };
 
@@ -359,16 +358,7 @@ async fn the_binary_takes_store_tls_ca_for_a_cluster_and_never_prints_the_passwo
     let last = answers.last().expect("at least one answer");
     assert!(!last.allowed && last.blocked && !last.degraded, "{last:?}");
 
-    let status = Command::new("kill")
-        .args(["-TERM", &tollgate.pid().to_string()])
-        .status()
-        .expect("kill(1) runs");
-    assert!(status.success());
-    assert!(
-        tollgate.wait(DEADLINE),
-        "a clean exit on SIGTERM: {}",
-        tollgate.output()
-    );
+    tollgate.stop(DEADLINE);
     let output = tollgate.output();
     assert!(!output.contains(PASSWORD), "the password leaked:\n{output}");
     // The log did say where the store is, masked.

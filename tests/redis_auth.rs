@@ -15,7 +15,6 @@ mod common;
 
 use std::{
     path::Path,
-    process::Command,
     time::{Duration, Instant},
 };
 
@@ -311,17 +310,7 @@ text = 5
     assert!(health.status.success(), "{health:?}");
     assert_eq!(String::from_utf8_lossy(&health.stdout).trim(), "SERVING");
 
-    let pid = tollgate.pid().to_string();
-    let status = Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .expect("kill(1) runs");
-    assert!(status.success());
-    assert!(
-        tollgate.wait(DEADLINE),
-        "a clean exit on SIGTERM: {}",
-        tollgate.output()
-    );
+    tollgate.stop(DEADLINE);
 
     let output = tollgate.output();
     assert!(!output.contains(PASSWORD), "the password leaked:\n{output}");

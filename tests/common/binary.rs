@@ -66,6 +66,20 @@ impl Tollgate {
         }
     }
 
+    /// Sends SIGTERM and asserts a clean exit within `limit`.
+    pub fn stop(&mut self, limit: Duration) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status()
+            .expect("kill(1) runs");
+        assert!(status.success(), "kill -TERM {}", self.pid());
+        assert!(
+            self.wait(limit),
+            "a clean exit on SIGTERM: {}",
+            self.output()
+        );
+    }
+
     /// Everything it printed so far.
     pub fn output(&mut self) -> String {
         let mut text = String::new();

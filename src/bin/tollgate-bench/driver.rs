@@ -211,8 +211,11 @@ pub(crate) async fn run_phase<C: Caller>(
             Err(err) => std::panic::resume_unwind(err.into_panic()),
         }
     }
+    // Dropping the queue's receiver (the workers' clones are gone) frees a
+    // pacer blocked on a full queue after a stop; one that is sleeping
+    // notices the stop within STOP_CHECK.
+    drop(shared);
     if let Some(pacer) = pacer {
-        // The workers only finish once the pacer has closed the queue.
         let _ = pacer.join();
     }
     (total, start.elapsed())

@@ -301,10 +301,10 @@ read -r STEAL0 TOTAL0 < <(cpu_steal)
 for run in $(seq "$RUNS"); do
     echo "run $run of $RUNS" >&2
     baseline "$run" base_evalsha_50 "redis-benchmark EVALSHA sliding_log, 10k keys" 50 \
-        EVALSHA "$SLIDING_LOG_SHA" 2 'aim:{rl:rb:__rand_int__}:log' 'aim:{rl:rb:__rand_int__}:block' \
+        EVALSHA "$SLIDING_LOG_SHA" 1 'aim:{rl:rb:__rand_int__}:log' \
         1000000 900000000 1 0 0
     baseline "$run" base_evalsha_200 "redis-benchmark EVALSHA sliding_log, 10k keys" 200 \
-        EVALSHA "$SLIDING_LOG_SHA" 2 'aim:{rl:rb:__rand_int__}:log' 'aim:{rl:rb:__rand_int__}:block' \
+        EVALSHA "$SLIDING_LOG_SHA" 1 'aim:{rl:rb:__rand_int__}:log' \
         1000000 900000000 1 0 0
     baseline "$run" base_incr_50 "redis-benchmark INCR, 10k keys" 50 INCR 'rb:ctr:__rand_int__'
     scenario "$run" a_50 "(a) CheckLimit, Redis, sliding_log" redis --rule api_log --subjects "$SUBJECTS" -c 50

@@ -3,8 +3,10 @@ sliding_log.lua: an exact sliding-window rate limit, with optional lock-out.
 
 KEYS[1]  the log: a sorted set with one member per counted hit, scored by the
          hit's time in microseconds (Redis's clock).
-KEYS[2]  the block key: present while the subject is locked out.
-         Both keys share one hash tag, so the script runs on one Cluster slot.
+KEYS[2]  the block key: present while the subject is locked out. Passed
+         only when ARGV[5] block_us > 0 (and then required): a rule without
+         a lock-out sends one key. Both keys share one hash tag, so the
+         script runs on one Cluster slot.
 
 ARGV[1]  limit      hits allowed per window (>= 0)
 ARGV[2]  window_us  the window, in microseconds (>= 1000)
@@ -46,10 +48,8 @@ count + cost. At one `now` the trimmed log can only grow, so members never
 repeat and ZADD never overwrites an entry.
 ]]
 
-assert(#KEYS == 2, 'sliding_log.lua: expected 2 KEYS (log, block), got ' .. #KEYS)
 assert(#ARGV == 5, 'sliding_log.lua: expected 5 ARGV (limit, window_us, cost, dry_run, block_us), got ' .. #ARGV)
 
-local log_key, block_key = KEYS[1], KEYS[2]
 local function int_arg(i, name)
   local value = tonumber(ARGV[i])
   assert(value and value >= 0 and value == math.floor(value), 'sliding_log.lua: ' .. name .. ' must be a non-negative integer')
@@ -60,6 +60,14 @@ local window = int_arg(2, 'window_us')
 local cost = int_arg(3, 'cost')
 local dry_run = ARGV[4] == '1'
 local block_us = int_arg(5, 'block_us')
+
+-- The block key comes only with a lock-out. On a slot that is migrating, a
+-- script whose keys are only partly on the source node gets TRYAGAIN, and
+-- the block key rarely exists: with it, every hit on an existing log would
+-- wait out the migration.
+local want_keys = block_us > 0 and 2 or 1
+assert(#KEYS == want_keys, 'sliding_log.lua: expected ' .. want_keys .. ' KEYS (log' .. (block_us > 0 and ', block' or '') .. ') for block_us ' .. block_us .. ', got ' .. #KEYS)
+local log_key, block_key = KEYS[1], KEYS[2]
 
 -- Lua numbers are doubles and print as 1.7e+15 past 14 digits; every number
 -- sent to Redis goes through int() so it is an exact integer string.

@@ -687,10 +687,10 @@ async fn list_usage_is_sorted_and_skips_expired_conversations() {
 async fn scripts_assert_their_argument_counts() {
     let server = RedisServer::start();
     for (source, expected) in [
-        (include_str!("../lua/sliding_log.lua"), "expected 2 KEYS"),
+        (include_str!("../lua/sliding_log.lua"), "expected 5 ARGV"),
         (
             include_str!("../lua/sliding_counter.lua"),
-            "expected 2 KEYS",
+            "expected 5 ARGV",
         ),
         (
             include_str!("../lua/usage_increment.lua"),
@@ -698,9 +698,29 @@ async fn scripts_assert_their_argument_counts() {
         ),
         (include_str!("../lua/usage_list.lua"), "expected 1 KEY"),
     ] {
-        // No keys suit none of the scripts.
+        // No keys and one argument suit none of the scripts.
         let reply = server.cli(&["EVAL", source, "0", "x"]);
         assert!(reply.contains(expected), "{reply}");
+    }
+    // The sliding windows take the block key exactly when they lock out.
+    for (script, first) in [
+        (include_str!("../lua/sliding_log.lua"), "log"),
+        (include_str!("../lua/sliding_counter.lua"), "counter"),
+    ] {
+        let args = ["10", "60000000", "1", "0"];
+        let reply =
+            server.cli(&[&["EVAL", script, "2", "{t}a", "{t}b"][..], &args, &["0"]].concat());
+        assert!(
+            reply.contains(&format!("expected 1 KEYS ({first}) for block_us 0, got 2")),
+            "{reply}"
+        );
+        let reply = server.cli(&[&["EVAL", script, "1", "{t}a"][..], &args, &["1000000"]].concat());
+        assert!(
+            reply.contains(&format!(
+                "expected 2 KEYS ({first}, block) for block_us 1000000, got 1"
+            )),
+            "{reply}"
+        );
     }
 }
 

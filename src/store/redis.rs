@@ -752,14 +752,19 @@ impl Store for RedisStore {
             .shared
             .keys
             .limit(check.rule, check.algorithm, check.subject);
-        let invocation = Invocation::new(script, 2)
-            .key(keys.counter)
-            .key(keys.block)
-            .arg(check.limit)
-            .arg(micros(check.window))
-            .arg(check.cost)
-            .arg(u8::from(check.dry_run))
-            .arg(check.block_for.map_or(0, micros));
+        let block_us = check.block_for.map_or(0, micros);
+        // The block key goes only with a lock-out (see the scripts' headers):
+        // a one-key script keeps deciding while its slot migrates.
+        let invocation = if block_us > 0 {
+            Invocation::new(script, 2).key(keys.counter).key(keys.block)
+        } else {
+            Invocation::new(script, 1).key(keys.counter)
+        }
+        .arg(check.limit)
+        .arg(micros(check.window))
+        .arg(check.cost)
+        .arg(u8::from(check.dry_run))
+        .arg(block_us);
 
         let reply = self.run_script(&invocation).await?;
         let (allowed, remaining, retry_after_us, reset_after_us, blocked): (

@@ -105,8 +105,8 @@ pub(crate) enum Call {
     CheckLimit,
     /// tollgate.v1.UsageQuota/IncrementUsage.
     IncrementUsage,
-    /// envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit (not yet
-    /// supported).
+    /// envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit, one
+    /// descriptor per request.
     ShouldRateLimit,
 }
 

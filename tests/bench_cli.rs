@@ -210,6 +210,36 @@ async fn a_fixed_rate_sends_exactly_its_arrivals_and_never_faster() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_warm_up_is_reported_apart_and_not_counted() {
+    let server = Server::start().await;
+    // Rule api allows 100 per subject; the warm-up's few thousand requests
+    // and the 300 measured ones over 1000 subjects stay far below that, so
+    // every measured request is allowed and the count is exactly -n.
+    let json = bench_json(&[
+        "--addr",
+        &server.addr,
+        "--warmup",
+        "200ms",
+        "-n",
+        "300",
+        "--concurrency",
+        "4",
+        "--subjects",
+        "1000",
+        "--json",
+    ])
+    .await;
+    assert_eq!(field(&json, "count"), 300, "{json}");
+    assert_eq!(field(&json, "allowed"), 300, "{json}");
+    assert_eq!(field(&json, "errors"), 0, "{json}");
+    assert!(
+        field(&json, "warmup_count") > 0,
+        "the warm-up sent requests: {json}"
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_human_summary_and_a_duration_bound() {
     let server = Server::start().await;
     let output = bench(&[
@@ -217,13 +247,22 @@ async fn a_human_summary_and_a_duration_bound() {
         &server.addr,
         "--duration",
         "300ms",
+        "--warmup",
+        "100ms",
         "--concurrency",
         "4",
     ])
     .await;
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "{stdout}");
-    for part in ["Requests/sec:", "p99", "allowed", "denied", "errors"] {
+    for part in [
+        "Warm-up:",
+        "Requests/sec:",
+        "p99",
+        "allowed",
+        "denied",
+        "errors",
+    ] {
         assert!(stdout.contains(part), "{part} in {stdout}");
     }
     server.stop().await;

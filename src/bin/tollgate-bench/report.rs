@@ -35,6 +35,15 @@ pub(crate) struct ErrorCount {
     pub(crate) first_message: String,
 }
 
+/// What the uncounted warm-up sent before the measured phase.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Warmup {
+    /// Requests sent, answered or failed.
+    pub(crate) count: u64,
+    /// How long it ran.
+    pub(crate) elapsed: Duration,
+}
+
 /// The outcome of the measured phase.
 #[derive(Debug, Clone)]
 pub(crate) struct Report {
@@ -45,6 +54,7 @@ pub(crate) struct Report {
     connections: u32,
     subjects: u32,
     target_rps: Option<u32>,
+    warmup: Option<Warmup>,
     count: u64,
     elapsed: Duration,
     latency: Latency,
@@ -54,8 +64,13 @@ pub(crate) struct Report {
 }
 
 impl Report {
-    /// Summarises `tally`, measured over `elapsed`, for `plan`.
-    pub(crate) fn new(plan: &Plan, tally: &Tally, elapsed: Duration) -> Self {
+    /// Summarises `tally`, measured over `elapsed` after `warmup`, for `plan`.
+    pub(crate) fn new(
+        plan: &Plan,
+        warmup: Option<Warmup>,
+        tally: &Tally,
+        elapsed: Duration,
+    ) -> Self {
         let histogram = &tally.latency;
         let errors = (0..CODES)
             .filter(|&code| tally.errors[code] > 0)
@@ -73,6 +88,7 @@ impl Report {
             connections: plan.connections,
             subjects: plan.subjects,
             target_rps: plan.rps,
+            warmup,
             count: tally.count(),
             elapsed,
             latency: Latency {
@@ -141,6 +157,14 @@ impl Report {
                 .map(|rps| format!(", paced at {rps} req/s"))
                 .unwrap_or_default()
         );
+        if let Some(warmup) = self.warmup {
+            let _ = writeln!(
+                out,
+                "  Warm-up:       {} requests in {:.2} s, not counted below",
+                warmup.count,
+                warmup.elapsed.as_secs_f64()
+            );
+        }
         let _ = writeln!(out, "  Count:         {}", self.count);
         let _ = writeln!(out, "  Total:         {:.2} s", self.elapsed.as_secs_f64());
         let _ = writeln!(out, "  Requests/sec:  {:.1}", self.rps());
@@ -193,7 +217,8 @@ impl Report {
         let _ = write!(
             out,
             "{{\"call\":{},\"addr\":{},\"concurrency\":{},\"connections\":{},\
-             \"subjects\":{},\"target_rps\":{},\"count\":{},\"elapsed_s\":{:.6},\
+             \"subjects\":{},\"target_rps\":{},\"warmup_count\":{},\"count\":{},\
+             \"elapsed_s\":{:.6},\
              \"rps\":{:.1},\"latency_us\":{{\"mean\":{:.1},\"min\":{},\"p50\":{},\
              \"p90\":{},\"p99\":{},\"max\":{}}},\"allowed\":{},\"denied\":{},\
              \"errors\":{},\"errors_by_code\":{{",
@@ -204,6 +229,7 @@ impl Report {
             self.subjects,
             self.target_rps
                 .map_or_else(|| "null".to_owned(), |rps| rps.to_string()),
+            self.warmup.map_or(0, |warmup| warmup.count),
             self.count,
             self.elapsed.as_secs_f64(),
             self.rps(),

@@ -5,7 +5,9 @@
 //!
 //! Every problem is reported as one [`ConfigError`] naming the file, the key
 //! and what is wrong, e.g.
-//! `config/tollgate.toml: rules.auth.limit: tier "premium" is not covered`.
+//! `config/tollgate.toml: rules.auth.limit: tier "premium" is not covered`,
+//! and, when the value came from a `TOLLGATE_*` variable or a flag rather
+//! than the file, which one.
 
 use std::{
     collections::BTreeMap,
@@ -34,16 +36,40 @@ pub struct ConfigError {
     pub key: String,
     /// What is wrong.
     pub problem: String,
+    /// The environment variable or command-line flag that set the key, when
+    /// the value did not come from the file: the operator looks there.
+    pub set_by: Option<String>,
 }
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.key.is_empty() {
-            write!(f, "{}: {}", self.origin, self.problem)
+            write!(f, "{}: {}", self.origin, self.problem)?;
         } else {
-            write!(f, "{}: {}: {}", self.origin, self.key, self.problem)
+            write!(f, "{}: {}: {}", self.origin, self.key, self.problem)?;
+        }
+        match &self.set_by {
+            Some(source) => write!(f, " (set by {source})"),
+            None => Ok(()),
         }
     }
+}
+
+/// The keys whose values come from somewhere other than the file, and from
+/// where: `store.url` -> `TOLLGATE_STORE__URL` or `--store`.
+type ValueSources = BTreeMap<String, String>;
+
+/// What set `key`: the source of the key itself or of a table holding it
+/// (`TOLLGATE_RULES__API__LIMIT` for `rules.api.limit.premium`).
+fn set_by(sources: &ValueSources, key: &str) -> Option<String> {
+    sources
+        .iter()
+        .filter(|(set, _)| {
+            key.strip_prefix(set.as_str())
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('.'))
+        })
+        .max_by_key(|(set, _)| set.len())
+        .map(|(_, source)| source.clone())
 }
 
 /// A loaded and validated config.
@@ -191,7 +217,10 @@ pub fn load_file(path: &Path, overrides: &Overrides) -> Result<Config, ConfigErr
         origin: origin.clone(),
         key: String::new(),
         problem: format!("cannot read the file: {err}"),
+        set_by: None,
     })?;
+    let variables = override_variables(std::env::vars());
+    let sources = value_sources(&variables, overrides);
     let builder = config::Config::builder()
         .add_source(config::File::from_str(&text, config::FileFormat::Toml))
         .add_source(
@@ -199,11 +228,36 @@ pub fn load_file(path: &Path, overrides: &Overrides) -> Result<Config, ConfigErr
                 .prefix_separator("_")
                 .separator("__")
                 .try_parsing(true)
-                .source(Some(override_variables(std::env::vars()))),
+                .source(Some(variables)),
         );
-    let builder =
-        apply_overrides(builder, overrides).map_err(|err| from_config_crate(&origin, err))?;
-    build(builder, &origin)
+    let builder = apply_overrides(builder, overrides)
+        .map_err(|err| from_config_crate(&origin, &sources, err))?;
+    build(builder, &origin, &sources)
+}
+
+/// Which keys `variables` and `overrides` set; a flag beats a variable, as
+/// it does when the values are merged.
+fn value_sources(variables: &config::Map<String, String>, overrides: &Overrides) -> ValueSources {
+    let prefix = format!("{ENV_PREFIX}_");
+    let mut sources: ValueSources = variables
+        .keys()
+        .filter_map(|name| {
+            let key = name
+                .strip_prefix(&prefix)?
+                .to_lowercase()
+                .replace("__", ".");
+            Some((key, name.clone()))
+        })
+        .collect();
+    for (key, flag, value) in [
+        ("server.listen", "--listen", &overrides.listen),
+        ("store.url", "--store", &overrides.store_url),
+    ] {
+        if value.is_some() {
+            sources.insert(key.to_owned(), flag.to_owned());
+        }
+    }
+    sources
 }
 
 /// The `TOLLGATE_<SECTION>__<KEY>` variables among `vars`. Others that merely
@@ -224,7 +278,7 @@ fn override_variables(vars: impl Iterator<Item = (String, String)>) -> config::M
 pub fn load_str(toml: &str, origin: &str) -> Result<Config, ConfigError> {
     let builder = config::Config::builder()
         .add_source(config::File::from_str(toml, config::FileFormat::Toml));
-    build(builder, origin)
+    build(builder, origin, &ValueSources::new())
 }
 
 /// The default config file, relative to the working directory.
@@ -244,25 +298,32 @@ fn apply_overrides(
 fn build(
     builder: config::ConfigBuilder<config::builder::DefaultState>,
     origin: &str,
+    sources: &ValueSources,
 ) -> Result<Config, ConfigError> {
     let raw: RawConfig = builder
         .build()
         .and_then(config::Config::try_deserialize)
-        .map_err(|err| from_config_crate(origin, err))?;
+        .map_err(|err| from_config_crate(origin, sources, err))?;
     let at = |key: &str, problem: String| ConfigError {
         origin: origin.to_owned(),
         key: key.to_owned(),
         problem,
+        set_by: set_by(sources, key),
     };
     raw.validate(&at)
 }
 
 /// Turns the config crate's error into ours, naming the key at fault:
 /// the missing or unknown key itself, not its parent table.
-fn from_config_crate(origin: &str, err: config::ConfigError) -> ConfigError {
+fn from_config_crate(
+    origin: &str,
+    sources: &ValueSources,
+    err: config::ConfigError,
+) -> ConfigError {
     use config::ConfigError as E;
     let at = |key: String, problem: String| ConfigError {
         origin: origin.to_owned(),
+        set_by: set_by(sources, &key),
         key,
         problem,
     };
@@ -285,12 +346,14 @@ fn from_config_crate(origin: &str, err: config::ConfigError) -> ConfigError {
             key,
         } => {
             // Values from a file read as text have no origin; the
-            // environment's do, and the operator needs to know which.
-            let from = from.map_or_else(String::new, |from| format!(" (from {from})"));
-            at(
-                join(key.as_deref().unwrap_or_default()),
-                format!("expected {expected}, got {unexpected}{from}"),
-            )
+            // environment's do ("the environment"), but `set_by` names
+            // the very variable.
+            let key = join(key.as_deref().unwrap_or_default());
+            let from = match from {
+                Some(from) if set_by(sources, &key).is_none() => format!(" (from {from})"),
+                _ => String::new(),
+            };
+            at(key, format!("expected {expected}, got {unexpected}{from}"))
         }
         // serde's wording for `deny_unknown_fields`.
         E::Message(message) => match message
@@ -1070,6 +1133,39 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_key_is_set_by_its_own_source_or_its_table_s_and_a_flag_beats_a_variable() {
+        let variables: config::Map<String, String> = [
+            ("TOLLGATE_RULES__API__LIMIT", "5"),
+            ("TOLLGATE_STORE__URL", "redis://h:1/0"),
+        ]
+        .into_iter()
+        .map(|(name, value)| (name.to_owned(), value.to_owned()))
+        .collect();
+        let overrides = Overrides {
+            listen: None,
+            store_url: Some("memory://".to_owned()),
+        };
+        let sources = value_sources(&variables, &overrides);
+        let by = |key: &str| set_by(&sources, key);
+        assert_eq!(
+            by("rules.api.limit").as_deref(),
+            Some("TOLLGATE_RULES__API__LIMIT")
+        );
+        assert_eq!(
+            by("rules.api.limit.premium").as_deref(),
+            Some("TOLLGATE_RULES__API__LIMIT")
+        );
+        assert_eq!(
+            by("rules.api"),
+            None,
+            "a table is not blamed on one key in it"
+        );
+        assert_eq!(by("rules.api.limitless"), None, "whole key segments only");
+        assert_eq!(by("store.url").as_deref(), Some("--store"));
+        assert_eq!(by("server.listen"), None);
+    }
 
     #[test]
     fn only_section_key_variables_override() {

@@ -307,28 +307,62 @@ fn serve_names_a_missing_config_file() {
 }
 
 #[test]
-fn environment_variables_override_the_file() {
+fn environment_variables_override_the_file_and_are_named_when_bad() {
     // The shipped file says memory:// and 127.0.0.1:50051; these are checked
-    // at load, so a failure proves the variable was read.
-    let mut command = tollgate();
-    command
-        .args(["check-config", "config/tollgate.toml"])
-        .env("TOLLGATE_STORE__URL", "bogus://");
-    let done = Running::spawn(command).finish();
-    assert_eq!(
-        done.failure_line(),
-        "config/tollgate.toml: store.url: \"bogus://\" is not a store URL: \
-         use \"memory://\" or \"redis://host:6379/0\""
-    );
+    // at load, so a failure proves the variable was read, and the message
+    // sends the operator to the variable, not to the file.
+    let cases = [
+        (
+            "TOLLGATE_STORE__URL",
+            "bogus://",
+            "config/tollgate.toml: store.url: \"bogus://\" is not a store URL: \
+             use \"memory://\" or \"redis://host:6379/0\" (set by TOLLGATE_STORE__URL)",
+        ),
+        (
+            "TOLLGATE_SERVER__LISTEN",
+            "nowhere",
+            "config/tollgate.toml: server.listen: \"nowhere\" is not an address such as \
+             127.0.0.1:50051 (set by TOLLGATE_SERVER__LISTEN)",
+        ),
+        (
+            "TOLLGATE_SERVER__WORKER_THREADS",
+            "0",
+            "config/tollgate.toml: server.worker_threads: 0 is not a thread count from 1 to \
+             1024 (leave it out for one per CPU core) (set by TOLLGATE_SERVER__WORKER_THREADS)",
+        ),
+        (
+            "TOLLGATE_SERVER__WORKER_THREADS",
+            "many",
+            "config/tollgate.toml: server.worker_threads: expected an integer, got string \
+             \"many\" (set by TOLLGATE_SERVER__WORKER_THREADS)",
+        ),
+        (
+            "TOLLGATE_RULES__API__WINDOW",
+            "forever",
+            "config/tollgate.toml: rules.api.window: \"forever\" is not a duration such as \
+             500ms, 2s, 15m or 24h (expected number at 0) (set by TOLLGATE_RULES__API__WINDOW)",
+        ),
+    ];
+    for (variable, value, line) in cases {
+        let mut command = tollgate();
+        command
+            .args(["check-config", "config/tollgate.toml"])
+            .env(variable, value);
+        let done = Running::spawn(command).finish();
+        assert_eq!(done.failure_line(), line, "{variable}={value}");
+    }
 
+    // A misspelt key is unknown, and so is named with its variable.
     let mut command = tollgate();
     command
         .args(["check-config", "config/tollgate.toml"])
-        .env("TOLLGATE_SERVER__LISTEN", "nowhere");
+        .env("TOLLGATE_SERVER__WORKR_THREADS", "1");
     let done = Running::spawn(command).finish();
-    assert_eq!(
-        done.failure_line(),
-        "config/tollgate.toml: server.listen: \"nowhere\" is not an address such as 127.0.0.1:50051"
+    let line = done.failure_line();
+    assert!(
+        line.starts_with("config/tollgate.toml: server.workr_threads: unknown key; ")
+            && line.ends_with(" (set by TOLLGATE_SERVER__WORKR_THREADS)"),
+        "{line}"
     );
 }
 

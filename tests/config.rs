@@ -181,6 +181,7 @@ fn every_broken_fixture_fails_with_its_exact_message() {
         }
         assert_eq!(err.origin, path.display().to_string(), "{file}");
         assert_eq!(err.key, key, "{file}");
+        assert_eq!(err.set_by, None, "{file}: the file set it");
         assert!(!err.to_string().contains('\n'), "{file}: one line");
     }
 }
@@ -314,7 +315,7 @@ fn command_line_overrides_win_over_the_file() {
 }
 
 #[test]
-fn a_bad_override_names_its_key() {
+fn a_bad_override_names_its_key_and_its_flag() {
     let overrides = Overrides {
         listen: Some("localhost".to_owned()),
         store_url: None,
@@ -325,10 +326,21 @@ fn a_bad_override_names_its_key() {
     assert_eq!(
         err.to_string(),
         format!(
-            "{}: server.listen: \"localhost\" is not an address such as 127.0.0.1:50051",
+            "{}: server.listen: \"localhost\" is not an address such as 127.0.0.1:50051 \
+             (set by --listen)",
             path.display()
         )
     );
+    assert_eq!(err.set_by.as_deref(), Some("--listen"));
+
+    let overrides = Overrides {
+        listen: None,
+        store_url: Some("redis://:hunter2@".to_owned()),
+    };
+    let err = config::load_file(&path, &overrides).expect_err("a URL without a host fails");
+    assert_eq!(err.key, "store.url", "{err}");
+    assert_eq!(err.set_by.as_deref(), Some("--store"), "{err}");
+    assert!(!err.to_string().contains("hunter2"), "{err}");
 }
 
 #[test]

@@ -10,7 +10,7 @@ use std::{sync::Arc, time::Duration};
 use arc_swap::ArcSwap;
 
 use crate::{
-    metrics::{Metrics, Operation, Outcome},
+    metrics::{Metrics, Operation, Outcome, PolicyCounters},
     rules::{FailureMode, Policy, Quota, Tier},
     store::{ConversationCounters, LimitCheck, LimitDecision, Store, StoreError, UsageIncrement},
 };
@@ -143,34 +143,52 @@ impl KindUsage {
 #[derive(Debug)]
 pub struct Limiter<S> {
     store: S,
-    policy: ArcSwap<Policy>,
+    in_force: ArcSwap<InForce>,
     metrics: Arc<Metrics>,
+}
+
+/// The policy in force and its metric counters, replaced together, so that
+/// a request counts into the counters of the policy that decided it.
+#[derive(Debug)]
+struct InForce {
+    policy: Arc<Policy>,
+    counters: PolicyCounters,
+}
+
+impl InForce {
+    fn new(policy: Arc<Policy>, metrics: &Arc<Metrics>) -> Arc<Self> {
+        let counters = metrics.counters_for(&policy);
+        Arc::new(Self { policy, counters })
+    }
 }
 
 impl<S: Store> Limiter<S> {
     /// A limiter enforcing `policy` with counters in `store`.
     pub fn new(store: S, policy: Arc<Policy>) -> Self {
+        let metrics = Arc::new(Metrics::new());
         Self {
             store,
-            policy: ArcSwap::new(policy),
-            metrics: Arc::new(Metrics::new()),
+            in_force: ArcSwap::new(InForce::new(policy, &metrics)),
+            metrics,
         }
     }
 
     /// Records into `metrics` instead of a private set.
     pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        let policy = self.policy();
+        self.in_force = ArcSwap::new(InForce::new(policy, &metrics));
         self.metrics = metrics;
         self
     }
 
     /// The policy in force now.
     pub fn policy(&self) -> Arc<Policy> {
-        self.policy.load_full()
+        Arc::clone(&self.in_force.load().policy)
     }
 
     /// Puts `policy` in force for every request that starts from now on.
     pub fn replace_policy(&self, policy: Arc<Policy>) {
-        self.policy.store(policy);
+        self.in_force.store(InForce::new(policy, &self.metrics));
     }
 
     /// The store behind the limiter.
@@ -201,7 +219,8 @@ impl<S: Store> Limiter<S> {
 
     async fn check(&self, request: CheckRequest<'_>, degrade: bool) -> Result<CheckOutcome, Error> {
         let _in_flight = self.metrics.in_flight();
-        let policy = self.policy.load();
+        let in_force = self.in_force.load();
+        let policy = &in_force.policy;
         validate_id("subject", request.subject)?;
         let rule = policy.rule(request.rule).ok_or_else(|| Error::Unknown {
             field: "rule",
@@ -209,7 +228,7 @@ impl<S: Store> Limiter<S> {
             name: request.rule.to_owned(),
             known: join(policy.rules().map(|r| r.name())),
         })?;
-        let tier = resolve_tier(&policy, request.tier)?;
+        let tier = resolve_tier(policy, request.tier)?;
         let limit = rule.limit(tier);
         let decided = self
             .metrics
@@ -263,8 +282,7 @@ impl<S: Store> Limiter<S> {
         } else {
             Outcome::denied
         };
-        self.metrics
-            .decision(rule.name(), policy.tiers().name(tier), counted_as);
+        in_force.counters.decision(rule.name(), tier, counted_as);
         Ok(outcome)
     }
 
@@ -276,10 +294,11 @@ impl<S: Store> Limiter<S> {
         request: IncrementRequest<'_>,
     ) -> Result<IncrementOutcome, Error> {
         let _in_flight = self.metrics.in_flight();
-        let policy = self.policy.load();
+        let in_force = self.in_force.load();
+        let policy = &in_force.policy;
         validate_id("user_id", request.user_id)?;
         validate_id("character_id", request.character_id)?;
-        let tier = resolve_tier(&policy, request.tier)?;
+        let tier = resolve_tier(policy, request.tier)?;
         let quotas = policy.quotas();
         let kind = quotas.kind(request.kind).ok_or_else(|| Error::Unknown {
             field: "kind",
@@ -326,7 +345,7 @@ impl<S: Store> Limiter<S> {
             (false, true) => Outcome::allowed,
             (false, false) => Outcome::denied,
         };
-        self.metrics.increment(kind.name(), counted_as);
+        in_force.counters.increment(kind.name(), counted_as);
         Ok(outcome)
     }
 
@@ -338,10 +357,11 @@ impl<S: Store> Limiter<S> {
         tier: &str,
     ) -> Result<Vec<KindUsage>, Error> {
         let _in_flight = self.metrics.in_flight();
-        let policy = self.policy.load();
+        let in_force = self.in_force.load();
+        let policy = &in_force.policy;
         validate_id("user_id", user_id)?;
         validate_id("character_id", character_id)?;
-        let tier = resolve_tier(&policy, tier)?;
+        let tier = resolve_tier(policy, tier)?;
         let counters = self
             .metrics
             .store_call(
@@ -349,7 +369,7 @@ impl<S: Store> Limiter<S> {
                 self.store.get_usage(user_id, character_id),
             )
             .await?;
-        Ok(kind_usages(&policy, &counters, tier))
+        Ok(kind_usages(policy, &counters, tier))
     }
 
     /// Every conversation of `user_id` with live counters, by character id.
@@ -359,9 +379,10 @@ impl<S: Store> Limiter<S> {
         tier: &str,
     ) -> Result<Vec<(String, Vec<KindUsage>)>, Error> {
         let _in_flight = self.metrics.in_flight();
-        let policy = self.policy.load();
+        let in_force = self.in_force.load();
+        let policy = &in_force.policy;
         validate_id("user_id", user_id)?;
-        let tier = resolve_tier(&policy, tier)?;
+        let tier = resolve_tier(policy, tier)?;
         let conversations = self
             .metrics
             .store_call(
@@ -372,7 +393,7 @@ impl<S: Store> Limiter<S> {
         Ok(conversations
             .into_iter()
             .map(|(character_id, counters)| {
-                let usage = kind_usages(&policy, &counters, tier);
+                let usage = kind_usages(policy, &counters, tier);
                 (character_id, usage)
             })
             .collect())

@@ -14,8 +14,9 @@
 //! or secret.
 
 use std::{
+    collections::HashMap,
     future::Future,
-    sync::{Arc, atomic::AtomicI64},
+    sync::{Arc, OnceLock, atomic::AtomicI64},
 };
 
 use prometheus_client::{
@@ -29,7 +30,10 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::store::StoreError;
+use crate::{
+    rules::{Policy, Tier},
+    store::StoreError,
+};
 
 /// The outcome label of a decision.
 #[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
@@ -157,25 +161,57 @@ impl Metrics {
         }
     }
 
-    /// Counts one rate-limit decision.
+    /// Counts one rate-limit decision. Builds the labels each time; the
+    /// request path counts through [`PolicyCounters`] instead.
     pub fn decision(&self, rule: &str, tier: &str, outcome: Outcome) {
+        self.decision_counter(rule, tier, outcome).inc();
+    }
+
+    /// Counts one quota increment. Builds the labels each time; the request
+    /// path counts through [`PolicyCounters`] instead.
+    pub fn increment(&self, kind: &str, outcome: Outcome) {
+        self.increment_counter(kind, outcome).inc();
+    }
+
+    /// Counter handles for `policy`'s rules, tiers and kinds.
+    pub fn counters_for(self: &Arc<Self>, policy: &Policy) -> PolicyCounters {
+        let tiers = policy.tiers().names().len();
+        PolicyCounters {
+            metrics: Arc::clone(self),
+            tiers: policy.tiers().names().to_vec(),
+            decisions: policy
+                .rules()
+                .map(|rule| {
+                    let slots = (0..tiers).map(|_| Slots::default()).collect();
+                    (rule.name().to_owned(), slots)
+                })
+                .collect(),
+            increments: policy
+                .quotas()
+                .kinds()
+                .iter()
+                .map(|kind| (kind.name().to_owned(), Slots::default()))
+                .collect(),
+        }
+    }
+
+    fn decision_counter(&self, rule: &str, tier: &str, outcome: Outcome) -> Counter {
         self.decisions
             .get_or_create(&DecisionLabels {
                 rule: rule.to_owned(),
                 tier: tier.to_owned(),
                 outcome,
             })
-            .inc();
+            .clone()
     }
 
-    /// Counts one quota increment.
-    pub fn increment(&self, kind: &str, outcome: Outcome) {
+    fn increment_counter(&self, kind: &str, outcome: Outcome) -> Counter {
         self.increments
             .get_or_create(&IncrementLabels {
                 kind: kind.to_owned(),
                 outcome,
             })
-            .inc();
+            .clone()
     }
 
     /// Runs a store call, recording its latency and any error.
@@ -228,6 +264,54 @@ impl Metrics {
     }
 }
 
+/// One counter handle per [`Outcome`], each found on first use.
+#[derive(Debug, Default)]
+struct Slots([OnceLock<Counter>; 4]);
+
+impl Slots {
+    fn inc(&self, outcome: Outcome, resolve: impl FnOnce() -> Counter) {
+        self.0[outcome as usize].get_or_init(resolve).inc();
+    }
+}
+
+/// Handles to the decision and increment counters of one policy, kept with
+/// it: counting is then a map lookup and an atomic add, where going through
+/// the metric families would build two label strings per request. A handle
+/// is looked up in its family on first use, so a series appears on
+/// `/metrics` only once something was counted in it, as before.
+#[derive(Debug)]
+pub struct PolicyCounters {
+    metrics: Arc<Metrics>,
+    /// Tier names by [`Tier`] index, for first uses.
+    tiers: Vec<String>,
+    /// By rule name, then by [`Tier`] index.
+    decisions: HashMap<String, Box<[Slots]>>,
+    /// By kind name.
+    increments: HashMap<String, Slots>,
+}
+
+impl PolicyCounters {
+    /// Counts one decision of `rule` for `tier`, both of this policy.
+    pub fn decision(&self, rule: &str, tier: Tier, outcome: Outcome) {
+        let tier_name = self.tiers.get(tier.0).map_or("", String::as_str);
+        match self.decisions.get(rule).and_then(|tiers| tiers.get(tier.0)) {
+            Some(slots) => slots.inc(outcome, || {
+                self.metrics.decision_counter(rule, tier_name, outcome)
+            }),
+            // Not a rule of this policy: count it all the same.
+            None => self.metrics.decision(rule, tier_name, outcome),
+        }
+    }
+
+    /// Counts one increment of `kind`, a kind of this policy.
+    pub fn increment(&self, kind: &str, outcome: Outcome) {
+        match self.increments.get(kind) {
+            Some(slots) => slots.inc(outcome, || self.metrics.increment_counter(kind, outcome)),
+            None => self.metrics.increment(kind, outcome),
+        }
+    }
+}
+
 /// Marks one request in flight; dropping it ends the request.
 #[derive(Debug)]
 pub struct InFlight(Gauge<i64, AtomicI64>);
@@ -263,4 +347,82 @@ pub async fn serve(
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(tiers: &str) -> Policy {
+        let toml = format!(
+            r#"
+            [tiers]
+            names = {tiers}
+            default = "free"
+            [rules.api]
+            window = "1m"
+            limit = {{ free = 1, premium = 2 }}
+            [quotas]
+            period = "24h"
+            [quotas.kinds.text]
+            free = 3
+            premium = "unlimited"
+            "#
+        );
+        crate::config::load_str(&toml, "test")
+            .unwrap_or_else(|err| panic!("a valid policy: {err}"))
+            .policy
+    }
+
+    fn tier(policy: &Policy, name: &str) -> Tier {
+        policy
+            .tiers()
+            .resolve(name)
+            .unwrap_or_else(|| panic!("tier {name}"))
+    }
+
+    #[test]
+    fn policy_counters_count_into_the_families_and_only_what_was_counted() {
+        let metrics = Arc::new(Metrics::new());
+        let policy = policy(r#"["free", "premium"]"#);
+        let counters = metrics.counters_for(&policy);
+        counters.decision("api", tier(&policy, "premium"), Outcome::allowed);
+        counters.decision("api", tier(&policy, "premium"), Outcome::allowed);
+        metrics.decision("api", "premium", Outcome::allowed);
+        counters.increment("text", Outcome::denied);
+        let text = metrics.encode();
+        for line in [
+            r#"tollgate_decisions_total{rule="api",tier="premium",outcome="allowed"} 3"#,
+            r#"tollgate_quota_increments_total{kind="text",outcome="denied"} 1"#,
+        ] {
+            assert!(text.contains(line), "missing {line:?} in:\n{text}");
+        }
+        assert!(
+            !text.contains(r#"tier="free""#),
+            "nothing counted for free:\n{text}"
+        );
+        assert!(!text.contains(r#"outcome="blocked""#), "{text}");
+    }
+
+    #[test]
+    fn a_reloaded_policy_with_reordered_tiers_counts_under_the_right_names() {
+        let metrics = Arc::new(Metrics::new());
+        let before = policy(r#"["free", "premium"]"#);
+        let after = policy(r#"["premium", "free"]"#);
+        let (old, new) = (metrics.counters_for(&before), metrics.counters_for(&after));
+        // A request decided by the old policy finishes after the reload.
+        old.decision("api", tier(&before, "free"), Outcome::denied);
+        new.decision("api", tier(&after, "free"), Outcome::denied);
+        new.decision("api", tier(&after, "premium"), Outcome::allowed);
+        // A rule the policy does not have is still counted.
+        new.decision("gone", tier(&after, "free"), Outcome::allowed);
+        let text = metrics.encode();
+        for line in [
+            r#"tollgate_decisions_total{rule="api",tier="free",outcome="denied"} 2"#,
+            r#"tollgate_decisions_total{rule="api",tier="premium",outcome="allowed"} 1"#,
+            r#"tollgate_decisions_total{rule="gone",tier="free",outcome="allowed"} 1"#,
+        ] {
+            assert!(text.contains(line), "missing {line:?} in:\n{text}");
+        }
+    }
 }

@@ -14,6 +14,7 @@ use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
+    sync::Mutex,
     thread,
     time::{Duration, Instant},
 };
@@ -34,6 +35,8 @@ struct Node {
 /// A running Redis Cluster.
 pub struct RedisCluster {
     nodes: Vec<Node>,
+    /// Ports of the nodes [`RedisCluster::crash`] killed.
+    crashed: Mutex<Vec<u16>>,
     /// Whether the nodes speak TLS only.
     tls: bool,
     /// The `default` user's password, if the nodes want one.
@@ -137,6 +140,7 @@ impl RedisCluster {
             .collect();
         let cluster = Self {
             nodes,
+            crashed: Mutex::new(Vec::new()),
             tls,
             password,
             cli_args,
@@ -228,10 +232,25 @@ impl RedisCluster {
             .collect()
     }
 
+    /// The ports of the nodes that were not crashed.
+    fn live_ports(&self) -> Vec<u16> {
+        let crashed = self.crashed.lock().expect("no test panics holding it");
+        self.nodes
+            .iter()
+            .map(|node| node.port)
+            .filter(|port| !crashed.contains(port))
+            .collect()
+    }
+
+    /// A node that was not crashed, to ask about the cluster.
+    fn any_live_port(&self) -> u16 {
+        self.live_ports()[0]
+    }
+
     /// The current masters, as the first live node sees them, by port.
     pub fn masters(&self) -> Vec<NodeInfo> {
         let mut masters: Vec<NodeInfo> = self
-            .nodes_seen_by(self.nodes[0].port)
+            .nodes_seen_by(self.any_live_port())
             .into_iter()
             .filter(|node| node.master)
             .collect();
@@ -246,13 +265,14 @@ impl RedisCluster {
 
     /// The slot of `key`.
     pub fn key_slot(&self, key: &str) -> u16 {
-        let slot = self.cli_int(self.nodes[0].port, &["CLUSTER", "KEYSLOT", key]);
+        let slot = self.cli_int(self.any_live_port(), &["CLUSTER", "KEYSLOT", key]);
         u16::try_from(slot).expect("slots are 0..16384")
     }
 
-    /// The port of the master that owns `slot`, as the first node sees it.
+    /// The port of the master that owns `slot`, as the first live node sees
+    /// it.
     pub fn owner_of(&self, slot: u16) -> u16 {
-        let slots = self.slot_ranges(self.nodes[0].port);
+        let slots = self.slot_ranges(self.any_live_port());
         slots
             .iter()
             .find(|(range, _)| range.contains(&slot))
@@ -389,36 +409,65 @@ impl RedisCluster {
         self.await_stable();
     }
 
-    /// Waits until every node reports `cluster_state:ok`, knows every other
-    /// node, sees the same slot owners, and every replica is in sync with
-    /// its master.
+    /// Kills the node on `port` with SIGKILL: it says no goodbye to the
+    /// cluster, and writes it had not yet sent to its replicas are gone with
+    /// it. The other nodes take it for failed after `cluster-node-timeout`.
+    pub fn crash(&self, port: u16) {
+        let node = self
+            .nodes
+            .iter()
+            .find(|node| node.port == port)
+            .unwrap_or_else(|| panic!("no node on :{port}"));
+        let status = Command::new("kill")
+            .args(["-KILL", &node.child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill -KILL the node on :{port}");
+        self.crashed
+            .lock()
+            .expect("no test panics holding it")
+            .push(port);
+    }
+
+    /// Waits until the replica on `replica` of a crashed master has been
+    /// elected master, calls `promoted`, and waits until the live nodes
+    /// agree again.
+    pub fn await_promotion(&self, replica: u16, promoted: impl FnOnce()) {
+        self.await_reply(replica, &["ROLE"], |role| role.starts_with("master"));
+        promoted();
+        self.await_stable();
+    }
+
+    /// Waits until every live node reports `cluster_state:ok`, knows every
+    /// other live node, sees the same slot owners, and every replica is in
+    /// sync with its master.
     pub fn await_stable(&self) {
         let deadline = Instant::now() + Duration::from_secs(15);
+        let live = self.live_ports();
         loop {
-            let ok = self.nodes.iter().all(|node| {
-                self.cli(node.port, &["CLUSTER", "INFO"])
+            let ok = live.iter().all(|&port| {
+                self.cli(port, &["CLUSTER", "INFO"])
                     .lines()
                     .any(|line| line.trim() == "cluster_state:ok")
-                    && self.nodes_seen_by(node.port).len() == self.nodes.len()
-                    && (self.cli(node.port, &["ROLE"]).starts_with("master")
+                    && self.nodes_seen_by(port).len() == live.len()
+                    && (self.cli(port, &["ROLE"]).starts_with("master")
                         || self
-                            .cli(node.port, &["INFO", "replication"])
+                            .cli(port, &["INFO", "replication"])
                             .lines()
                             .any(|line| line.trim() == "master_link_status:up"))
             });
             // Each node's view: slot owners, and every node's role.
             type View = (BTreeMap<u16, u16>, BTreeMap<u16, Option<String>>);
-            let views: Vec<View> = self
-                .nodes
+            let views: Vec<View> = live
                 .iter()
-                .map(|node| {
+                .map(|&port| {
                     let slots = self
-                        .slot_ranges(node.port)
+                        .slot_ranges(port)
                         .into_iter()
-                        .map(|(range, port)| (*range.start(), port))
+                        .map(|(range, owner)| (*range.start(), owner))
                         .collect();
                     let roles = self
-                        .nodes_seen_by(node.port)
+                        .nodes_seen_by(port)
                         .into_iter()
                         .map(|seen| (seen.port, seen.master_id))
                         .collect();

@@ -11,6 +11,35 @@ use std::{
     time::{Duration, Instant},
 };
 
+use tollgate::store::{
+    StoreError,
+    redis::{RedisOptions, RedisStore},
+};
+
+/// Connecting with `options`, whose URL holds the password `hunter2` and
+/// names only nodes where nothing listens, fails as Unavailable within
+/// `within`, naming `address` and never the password, neither in the error
+/// nor in the options' Debug (as logged).
+#[allow(dead_code)]
+pub async fn assert_unreachable_and_masked(
+    options: &RedisOptions,
+    address: &str,
+    within: Duration,
+) {
+    let start = Instant::now();
+    let err = RedisStore::connect(options)
+        .await
+        .expect_err("nothing listens there");
+    assert!(start.elapsed() < within, "took {:?}", start.elapsed());
+    let StoreError::Unavailable(message) = &err else {
+        panic!("{err:?}");
+    };
+    println!("{message}");
+    assert!(message.contains(address), "{message}");
+    assert!(!message.contains("hunter2"), "{message}");
+    assert!(!format!("{options:?}").contains("hunter2"));
+}
+
 /// A running `redis-server` child process.
 pub struct RedisServer {
     port: u16,

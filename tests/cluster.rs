@@ -709,6 +709,21 @@ async fn resharding_a_slot_in_use_loses_and_doubles_no_decision() {
     );
 }
 
+/// The failover tests' subject: a sliding counter of 50 a minute, without a
+/// lock-out, which two instances check 100 times each.
+fn hot_counter_check() -> LimitCheck<'static> {
+    LimitCheck {
+        rule: RULE,
+        subject: "hot-subject",
+        algorithm: Algorithm::SlidingCounter,
+        limit: 50,
+        window: Duration::from_secs(60),
+        block_for: None,
+        cost: 1,
+        dry_run: false,
+    }
+}
+
 /// A replica that never had the scripts is promoted (`CLUSTER FAILOVER`)
 /// while two instances check a subject on its master: the client follows
 /// the new master, the scripts load there by themselves, and exactly the
@@ -716,30 +731,14 @@ async fn resharding_a_slot_in_use_loses_and_doubles_no_decision() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_failover_under_load_keeps_every_decision() {
     const PREFIX: &str = "failover:";
-    const SUBJECT: &str = "hot-subject";
     let cluster = Arc::new(RedisCluster::start(1));
-    let keys = KeyBuilder::new(PREFIX).limit(RULE, Algorithm::SlidingCounter, SUBJECT);
+    let hot = hot_counter_check();
+    let keys = KeyBuilder::new(PREFIX).limit(RULE, hot.algorithm, hot.subject);
     let slot = cluster.key_slot(&keys.counter);
     let old_master = cluster.owner_of(slot);
-    let old_master_id = cluster.node_id(old_master);
-    let replica = cluster
-        .nodes_seen_by(old_master)
-        .into_iter()
-        .find(|node| node.master_id.as_deref() == Some(old_master_id.as_str()))
-        .expect("every master has a replica")
-        .port;
+    let replica = cluster.replica_of(old_master);
 
     let progress = Arc::new(AtomicUsize::new(0));
-    let hot = LimitCheck {
-        rule: RULE,
-        subject: SUBJECT,
-        algorithm: Algorithm::SlidingCounter,
-        limit: 50,
-        window: Duration::from_secs(60),
-        block_for: None,
-        cost: 1,
-        dry_run: false,
-    };
     let stores = [
         connect(cluster.url(), PREFIX).await,
         connect(cluster.url(), PREFIX).await,
@@ -815,32 +814,16 @@ async fn a_failover_under_load_keeps_every_decision() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_crashed_master_fails_over_and_every_decision_still_comes() {
     const PREFIX: &str = "crash:";
-    const SUBJECT: &str = "hot-subject";
-    const LIMIT: usize = 50;
     const IN_FLIGHT: usize = 2;
     let cluster = Arc::new(RedisCluster::start(1));
-    let keys = KeyBuilder::new(PREFIX).limit(RULE, Algorithm::SlidingCounter, SUBJECT);
+    let hot = hot_counter_check();
+    let keys = KeyBuilder::new(PREFIX).limit(RULE, hot.algorithm, hot.subject);
     let slot = cluster.key_slot(&keys.counter);
     let master = cluster.owner_of(slot);
-    let master_id = cluster.node_id(master);
-    let replica = cluster
-        .nodes_seen_by(master)
-        .into_iter()
-        .find(|node| node.master_id.as_deref() == Some(master_id.as_str()))
-        .expect("every master has a replica")
-        .port;
+    let replica = cluster.replica_of(master);
+    let limit = hot.limit as usize;
 
     let progress = Arc::new(AtomicUsize::new(0));
-    let hot = LimitCheck {
-        rule: RULE,
-        subject: SUBJECT,
-        algorithm: Algorithm::SlidingCounter,
-        limit: LIMIT as u64,
-        window: Duration::from_secs(60),
-        block_for: None,
-        cost: 1,
-        dry_run: false,
-    };
     let mut loads = JoinSet::new();
     for _ in 0..2 {
         let store = connect(cluster.url(), PREFIX).await;
@@ -878,11 +861,11 @@ async fn a_crashed_master_fails_over_and_every_decision_still_comes() {
     assert_eq!(allowed + denied, 200, "every decision came");
     assert!(errors > 0, "the crash was felt");
     assert!(
-        (LIMIT - IN_FLIGHT..=LIMIT + IN_FLIGHT).contains(&allowed),
+        (limit - IN_FLIGHT..=limit + IN_FLIGHT).contains(&allowed),
         "allowed {allowed}: off the limit by more than the calls in flight"
     );
     assert!(
-        (LIMIT - IN_FLIGHT) as i64 <= counted && counted <= LIMIT as i64,
+        (limit - IN_FLIGHT) as i64 <= counted && counted <= limit as i64,
         "counted {counted}: the new master holds the hits, at most the limit"
     );
     assert_eq!(cluster.owner_of(slot), replica, "the replica took the slot");

@@ -258,6 +258,16 @@ impl RedisCluster {
         masters
     }
 
+    /// The port of a replica of the master on `master`.
+    pub fn replica_of(&self, master: u16) -> u16 {
+        let master_id = self.node_id(master);
+        self.nodes_seen_by(master)
+            .into_iter()
+            .find(|node| node.master_id.as_deref() == Some(master_id.as_str()))
+            .unwrap_or_else(|| panic!("the master on :{master} has no replica"))
+            .port
+    }
+
     /// The node id of the node on `port`.
     pub fn node_id(&self, port: u16) -> String {
         self.cli(port, &["CLUSTER", "MYID"])

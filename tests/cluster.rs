@@ -712,16 +712,12 @@ async fn resharding_a_slot_in_use_loses_and_doubles_no_decision() {
 /// The failover tests' subject: a sliding counter of 50 a minute, without a
 /// lock-out, which two instances check 100 times each.
 fn hot_counter_check() -> LimitCheck<'static> {
-    LimitCheck {
-        rule: RULE,
-        subject: "hot-subject",
-        algorithm: Algorithm::SlidingCounter,
-        limit: 50,
-        window: Duration::from_secs(60),
-        block_for: None,
-        cost: 1,
-        dry_run: false,
-    }
+    check(
+        Algorithm::SlidingCounter,
+        "hot-subject",
+        50,
+        Duration::from_secs(60),
+    )
 }
 
 /// A replica that never had the scripts is promoted (`CLUSTER FAILOVER`)

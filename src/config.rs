@@ -21,7 +21,10 @@ use serde::Deserialize;
 
 use crate::{
     rules::{Algorithm, EnvoyMatch, FailureMode, Kind, Policy, Quota, Quotas, Rule, Tier, Tiers},
-    store::{breaker::BreakerOptions, redis::RedisOptions},
+    store::{
+        breaker::BreakerOptions,
+        redis::{RedisOptions, RedisTls},
+    },
 };
 
 /// The environment variable prefix: `TOLLGATE_STORE__URL` overrides `store.url`.
@@ -129,9 +132,44 @@ pub struct StoreSettings {
     /// PEM CA certificates that a `rediss://` server's certificate must
     /// chain to, instead of the system's roots.
     pub tls_ca: Option<PathBuf>,
+    /// The client certificate and key tollgate presents to a `rediss://`
+    /// server that asks for one (`tls-auth-clients yes`).
+    pub tls_client: Option<ClientCertFiles>,
+}
+
+/// A PEM certificate and its private key, as files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientCertFiles {
+    /// `store.tls_cert`: the certificate (chain).
+    pub cert: PathBuf,
+    /// `store.tls_key`: its private key. Only the path is kept; the key is
+    /// read when the connection is made.
+    pub key: PathBuf,
 }
 
 impl StoreSettings {
+    /// The PEM files `store.tls_ca`, `store.tls_cert` and `store.tls_key`
+    /// name, read (at every start; they were checked when the config
+    /// loaded). An error names the key.
+    pub fn redis_tls(&self) -> Result<RedisTls, String> {
+        let read = |key: &str, path: &Path| {
+            std::fs::read(path)
+                .map_err(|err| format!("{key}: cannot read {}: {err}", path.display()))
+        };
+        let ca = match &self.tls_ca {
+            None => None,
+            Some(path) => Some(read("store.tls_ca", path)?),
+        };
+        let client = match &self.tls_client {
+            None => None,
+            Some(files) => Some((
+                read("store.tls_cert", &files.cert)?,
+                read("store.tls_key", &files.key)?,
+            )),
+        };
+        Ok(RedisTls { ca, client })
+    }
+
     /// Redis connection options, or `None` for the memory store.
     pub fn redis_options(&self) -> Option<RedisOptions> {
         match &self.backend {
@@ -532,6 +570,8 @@ struct RawStore {
     breaker_failures: u32,
     breaker_cool_down: String,
     tls_ca: Option<String>,
+    tls_cert: Option<String>,
+    tls_key: Option<String>,
 }
 
 impl Default for RawStore {
@@ -546,6 +586,8 @@ impl Default for RawStore {
             breaker_failures: 5,
             breaker_cool_down: "1s".to_owned(),
             tls_ca: None,
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }
@@ -728,17 +770,32 @@ impl RawStore {
                 "must be at least 1".to_owned(),
             ));
         }
-        let tls_ca = match (&self.tls_ca, &backend) {
-            (None, _) => None,
-            (Some(path), Backend::Redis(url) | Backend::RedisCluster(url))
-                if url.expose().starts_with("rediss") =>
-            {
-                Some(pem_file(path, Pem::Certificate).map_err(|p| at("store.tls_ca", p))?)
-            }
-            (Some(_), _) => {
+        let tls = matches!(&backend, Backend::Redis(url) | Backend::RedisCluster(url)
+            if url.expose().starts_with("rediss"));
+        let tls_file = |key: &str, path: &Option<String>, kind: Pem| match path {
+            None => Ok(None),
+            Some(path) if tls => pem_file(path, kind).map(Some).map_err(|p| at(key, p)),
+            Some(_) => Err(at(
+                key,
+                "applies only to a TLS store URL (rediss:// or rediss-cluster://)".to_owned(),
+            )),
+        };
+        let tls_ca = tls_file("store.tls_ca", &self.tls_ca, Pem::Certificate)?;
+        let tls_cert = tls_file("store.tls_cert", &self.tls_cert, Pem::Certificate)?;
+        let tls_key = tls_file("store.tls_key", &self.tls_key, Pem::PrivateKey)?;
+        let tls_client = match (tls_cert, tls_key) {
+            (None, None) => None,
+            (Some(cert), Some(key)) => Some(ClientCertFiles { cert, key }),
+            (Some(_), None) => {
                 return Err(at(
-                    "store.tls_ca",
-                    "applies only to a TLS store URL (rediss:// or rediss-cluster://)".to_owned(),
+                    "store.tls_key",
+                    "required with store.tls_cert: the certificate's private key".to_owned(),
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(at(
+                    "store.tls_cert",
+                    "required with store.tls_key: the key's certificate".to_owned(),
                 ));
             }
         };
@@ -754,6 +811,7 @@ impl RawStore {
             pool_size: self.pool_size,
             breaker,
             tls_ca,
+            tls_client,
         })
     }
 }

@@ -197,13 +197,8 @@ async fn serve(config: Config, watch: reload::Watch) -> Result<(), String> {
         }
         Some(options) => {
             tracing::info!(url = ?options, "store: redis");
-            let ca = match &settings.store.tls_ca {
-                None => None,
-                Some(path) => Some(std::fs::read(path).map_err(|err| {
-                    format!("store.tls_ca: cannot read {}: {err}", path.display())
-                })?),
-            };
-            let store = RedisStore::connect_with_ca(&options, ca.as_deref())
+            let tls = settings.store.redis_tls()?;
+            let store = RedisStore::connect_with_tls(&options, &tls)
                 .await
                 .map_err(|err| format!("cannot use the store: {err}"))?;
             let store = CircuitBreaker::new(store, settings.store.breaker);

@@ -8,6 +8,8 @@
 //! - [`an_untrusted_cluster_or_a_wrong_password_fails_cleanly_and_names_no_password`]
 //!   connects with the system's roots, another CA, a wrong password and
 //!   plaintext.
+//! - [`a_cluster_that_wants_client_certificates_takes_tollgates`] presents
+//!   `store.tls_cert` and `store.tls_key` to nodes that ask for them.
 //! - [`the_binary_takes_store_tls_ca_for_a_cluster_and_never_prints_the_password`]
 //!   runs `tollgate serve` as an operator would, at `RUST_LOG=trace`.
 //!
@@ -39,7 +41,7 @@ use tollgate::{
     store::{
         breaker::CircuitBreaker,
         deny_cache::DenyCache,
-        redis::{RedisOptions, RedisStore},
+        redis::{RedisOptions, RedisStore, RedisTls},
     },
 };
 use tonic::transport::Channel;
@@ -197,6 +199,62 @@ async fn decisions_over_tls_are_exact_and_reach_every_master() {
     assert!(per_master.values().all(|&keys| keys > 0), "{per_master:?}");
 
     server.stop().await;
+}
+
+/// Nodes that want client certificates (`tls-auth-clients yes`) take
+/// tollgate's (`store.tls_cert`, `store.tls_key`) on every master, and
+/// refuse a client without one.
+#[tokio::test]
+async fn a_cluster_that_wants_client_certificates_takes_tollgates() {
+    let pki = Pki::new();
+    let cluster = RedisCluster::start_mutual_tls(&pki, 0, Some(PASSWORD));
+    let ca = certs::read(&pki.ca);
+    let tls = RedisTls {
+        ca: Some(ca.clone()),
+        client: Some((certs::read(&pki.client.cert), certs::read(&pki.client.key))),
+    };
+    let store = RedisStore::connect_with_tls(&options(cluster.url()), &tls)
+        .await
+        .unwrap_or_else(|err| panic!("a client certificate the nodes trust: {err}"));
+    // Connecting loaded the scripts on every master; a decision on each
+    // master's slots shows the certificate works on every connection.
+    let server = TestServer::start(store, &shipped_config()).await;
+    let mut masters_hit = BTreeSet::new();
+    for subject in (0..).map(|i| format!("mtls-{i}")).take(64) {
+        let response = server
+            .check(auth_request(&subject))
+            .await
+            .unwrap_or_else(|status| panic!("CheckLimit for {subject}: {status:?}"));
+        assert!(
+            response.allowed && !response.degraded,
+            "{subject}: {response:?}"
+        );
+        let key = KeyBuilder::new(KEY_PREFIX).limit("auth", Algorithm::SlidingLog, &subject);
+        masters_hit.insert(cluster.owner_of(cluster.key_slot(&key.counter)));
+        if masters_hit.len() == 3 {
+            break;
+        }
+    }
+    assert_eq!(masters_hit.len(), 3, "decisions on every master");
+
+    let started = Instant::now();
+    let err = RedisStore::connect_with_tls(
+        &options(cluster.url()),
+        &RedisTls {
+            ca: Some(ca),
+            client: None,
+        },
+    )
+    .await
+    .expect_err("nodes that want a client certificate refuse a client without one");
+    let printed = format!("{err} {err:?}");
+    println!("no client certificate: {printed}");
+    assert!(!printed.contains(PASSWORD), "{printed}");
+    assert!(
+        printed.contains("CertificateRequired"),
+        "says why: {printed}"
+    );
+    assert!(started.elapsed() < DEADLINE, "{:?}", started.elapsed());
 }
 
 #[tokio::test]

@@ -4,9 +4,12 @@
 //! password appears in no error, no `Debug` output and no log line, even at
 //! `RUST_LOG=trace`.
 //!
+//! A server that wants client certificates takes tollgate's
+//! (`store.tls_cert`, `store.tls_key`) and refuses none or a foreign one.
+//!
 //! The last test runs the whole `tollgate` binary as an operator would: gRPC
-//! over mutual TLS in front, `rediss://` with a password behind, checked by
-//! `tollgate health` over TLS.
+//! over mutual TLS in front, `rediss://` with a password and a client
+//! certificate behind, checked by `tollgate health` over TLS.
 
 // The helpers' `pub` items are for the test crates that use them, not for
 // export.
@@ -26,7 +29,7 @@ use common::{
 };
 use tollgate::{
     proto::{CheckLimitRequest, rate_limiter_client::RateLimiterClient},
-    store::redis::{RedisOptions, RedisStore},
+    store::redis::{RedisOptions, RedisStore, RedisTls},
 };
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
@@ -191,6 +194,71 @@ async fn rediss_with_the_ca_from_store_tls_ca_works_and_an_untrusted_server_is_r
     assert!(started.elapsed() < DEADLINE);
 }
 
+/// A server that wants client certificates (`tls-auth-clients yes`):
+/// tollgate connects with `store.tls_cert` and `store.tls_key`, and without
+/// a certificate, or with one from a CA the server does not trust, start-up
+/// fails cleanly, within the timeout, the password masked.
+#[tokio::test]
+async fn rediss_with_a_client_certificate_works_and_without_one_is_refused() {
+    let pki = Pki::new();
+    let redis = RedisServer::start_mutual_tls(
+        &pki.server.cert,
+        &pki.server.key,
+        &pki.ca,
+        (&pki.client.cert, &pki.client.key),
+        &["--requirepass", PASSWORD],
+    );
+    let url = format!("rediss://:{PASSWORD}@127.0.0.1:{}/0", redis.port());
+    let ca = certs::read(&pki.ca);
+    let identity =
+        |files: &certs::CertFiles| Some((certs::read(&files.cert), certs::read(&files.key)));
+
+    let tls = RedisTls {
+        ca: Some(ca.clone()),
+        client: identity(&pki.client),
+    };
+    assert!(
+        !format!("{tls:?}").contains("BEGIN"),
+        "Debug never shows key material: {tls:?}"
+    );
+    let store = RedisStore::connect_with_tls(&options(url.clone()), &tls)
+        .await
+        .unwrap_or_else(|err| panic!("rediss with a client certificate: {err}"));
+    assert_serves(store, "with-a-client-certificate").await;
+
+    // rustls reports the server's alert, which says why.
+    for (what, client, why) in [
+        ("no client certificate", None, "CertificateRequired"),
+        (
+            "a client certificate from another CA",
+            identity(&pki.other_client),
+            "UnknownCA",
+        ),
+    ] {
+        let tls = RedisTls {
+            ca: Some(ca.clone()),
+            client,
+        };
+        let started = Instant::now();
+        let err = RedisStore::connect_with_tls(&failing(url.clone()), &tls)
+            .await
+            .expect_err(what);
+        let printed = format!("{err} {err:?}");
+        println!("{what}: {printed}");
+        assert!(
+            started.elapsed() < DEADLINE,
+            "{what}: {:?}",
+            started.elapsed()
+        );
+        assert!(!printed.contains(PASSWORD), "{what}: {printed}");
+        assert!(
+            printed.contains(&format!("127.0.0.1:{}", redis.port())),
+            "{what}: {printed}"
+        );
+        assert!(printed.contains(why), "{what}: says why: {printed}");
+    }
+}
+
 // ---- The binary ---------------------------------------------------------------
 
 #[test]
@@ -250,10 +318,12 @@ async fn check_over_mtls(port: u16, pki: &Pki, tollgate: &mut Tollgate) -> (bool
 #[tokio::test]
 async fn the_binary_serves_mutual_tls_on_rediss_with_a_password_and_never_logs_it() {
     let pki = Pki::new();
-    let redis = RedisServer::start_tls(
+    // Mutual TLS behind too: Redis wants tollgate's client certificate.
+    let redis = RedisServer::start_mutual_tls(
         &pki.server.cert,
         &pki.server.key,
         &pki.ca,
+        (&pki.client.cert, &pki.client.key),
         &["--requirepass", PASSWORD],
     );
     let port = free_port();
@@ -271,6 +341,8 @@ client_ca = {ca}
 [store]
 url = "rediss://:{PASSWORD}@localhost:{redis_port}/0"
 tls_ca = {ca}
+tls_cert = {client_cert}
+tls_key = {client_key}
 timeout = "2s"
 
 [log]
@@ -289,6 +361,8 @@ text = 5
         cert = path(&pki.server.cert),
         key = path(&pki.server.key),
         ca = path(&pki.ca),
+        client_cert = path(&pki.client.cert),
+        client_key = path(&pki.client.key),
         redis_port = redis.port(),
     );
     let config_path = pki.dir().join("tollgate.toml");
@@ -314,6 +388,7 @@ text = 5
 
     let output = tollgate.output();
     assert!(!output.contains(PASSWORD), "the password leaked:\n{output}");
+    assert!(!output.contains("PRIVATE KEY"), "a key leaked:\n{output}");
     // The log did say where the store is, masked.
     assert!(output.contains(":***@localhost"), "{output}");
 }

@@ -349,6 +349,16 @@ fn tls_config_errors_name_the_file_and_the_key() {
             1,
         )
     };
+    let with_store_client = |url: &str, cert: Option<&str>, key: Option<&str>| {
+        let mut table = format!("url = \"{url}\"");
+        if let Some(cert) = cert {
+            table.push_str(&format!("\ntls_cert = {cert}"));
+        }
+        if let Some(key) = key {
+            table.push_str(&format!("\ntls_key = {key}"));
+        }
+        shipped_text().replacen("url = \"memory://\"", &table, 1)
+    };
     let missing = "No such file or directory";
     let cases: Vec<(String, &str, String)> = vec![
         (
@@ -405,6 +415,27 @@ fn tls_config_errors_name_the_file_and_the_key() {
             with_store("rediss://127.0.0.1:6379/0", "\"/nope.pem\""),
             "store.tls_ca",
             format!("cannot read \"/nope.pem\": {missing}"),
+        ),
+        (
+            with_store_client("rediss://127.0.0.1:6379/0", Some(&cert), None),
+            "store.tls_key",
+            "required with store.tls_cert: the certificate's private key".to_owned(),
+        ),
+        (
+            with_store_client("rediss://127.0.0.1:6379/0", None, Some(&key)),
+            "store.tls_cert",
+            "required with store.tls_key: the key's certificate".to_owned(),
+        ),
+        (
+            with_store_client("redis://127.0.0.1:6379/0", Some(&cert), Some(&key)),
+            "store.tls_cert",
+            "applies only to a TLS store URL (rediss:// or rediss-cluster://)".to_owned(),
+        ),
+        (
+            // The certificate where the key belongs.
+            with_store_client("rediss://127.0.0.1:6379/0", Some(&cert), Some(&cert)),
+            "store.tls_key",
+            format!("{cert} does not hold a PEM private key (-----BEGIN PRIVATE KEY-----)"),
         ),
     ];
     for (text, key_name, problem) in cases {

@@ -35,8 +35,10 @@
 //! Credentials come in the URL (`redis://:password@host` or
 //! `redis://user:password@host`), which reaches messages and logs only
 //! masked. `rediss://` verifies the server's certificate against the
-//! system's roots, or against the CA that [`RedisStore::connect_with_ca`]
-//! is given (`store.tls_ca`), with rustls.
+//! system's roots, or against the CA in the [`RedisTls`] that
+//! [`RedisStore::connect_with_tls`] is given (`store.tls_ca`), with rustls,
+//! and presents a client certificate when it holds one (`store.tls_cert`,
+//! `store.tls_key`).
 //!
 //! # Scripts
 //!
@@ -148,6 +150,46 @@ impl fmt::Debug for RedisOptions {
             .field("timeout", &self.timeout)
             .field("pool_size", &self.pool_size)
             .finish()
+    }
+}
+
+/// PEM material for `rediss://`: a CA to trust instead of the system's
+/// roots, and a client certificate with its key for a server that asks for
+/// one. `Debug` shows what is set, never the bytes.
+#[derive(Clone, Default)]
+pub struct RedisTls {
+    /// CA certificates the server's certificate must chain to.
+    pub ca: Option<Vec<u8>>,
+    /// The client certificate (chain) and its private key.
+    pub client: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl fmt::Debug for RedisTls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisTls")
+            .field("ca", &self.ca.is_some())
+            .field("client", &self.client.is_some())
+            .finish()
+    }
+}
+
+impl RedisTls {
+    /// What the redis crate takes, or `None` for its defaults (the system's
+    /// roots, no client certificate).
+    fn certificates(&self) -> Option<redis::TlsCertificates> {
+        if self.ca.is_none() && self.client.is_none() {
+            return None;
+        }
+        Some(redis::TlsCertificates {
+            client_tls: self
+                .client
+                .as_ref()
+                .map(|(cert, key)| redis::ClientTlsConfig {
+                    client_cert: cert.clone(),
+                    client_key: key.clone(),
+                }),
+            root_cert: self.ca.clone(),
+        })
     }
 }
 
@@ -307,7 +349,7 @@ impl RedisStore {
     /// them. Fails with [`StoreError::Unavailable`] when Redis cannot be
     /// reached within `options.timeout`.
     pub async fn connect(options: &RedisOptions) -> Result<Self, StoreError> {
-        Self::connect_with_ca(options, None).await
+        Self::connect_with_tls(options, &RedisTls::default()).await
     }
 
     /// [`connect`](Self::connect), trusting the PEM CA certificates `ca_pem`
@@ -317,10 +359,21 @@ impl RedisStore {
         options: &RedisOptions,
         ca_pem: Option<&[u8]>,
     ) -> Result<Self, StoreError> {
-        let certificates = ca_pem.map(|pem| redis::TlsCertificates {
-            client_tls: None,
-            root_cert: Some(pem.to_vec()),
-        });
+        let tls = RedisTls {
+            ca: ca_pem.map(<[u8]>::to_vec),
+            client: None,
+        };
+        Self::connect_with_tls(options, &tls).await
+    }
+
+    /// [`connect`](Self::connect) over TLS as `tls` says: the CA to trust
+    /// and the client certificate to present (`store.tls_ca`,
+    /// `store.tls_cert`, `store.tls_key`).
+    pub async fn connect_with_tls(
+        options: &RedisOptions,
+        tls: &RedisTls,
+    ) -> Result<Self, StoreError> {
+        let certificates = tls.certificates();
         let masked_url = mask_url_password(&options.url);
         let invalid = |err: &dyn fmt::Display| {
             StoreError::Unavailable(format!("invalid Redis URL {masked_url}: {err}"))

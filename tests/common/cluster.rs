@@ -74,6 +74,13 @@ impl RedisCluster {
         Self::start_tls_serving(pki, &pki.server, replicas, password)
     }
 
+    /// [`start_tls`](Self::start_tls), but every node asks clients for a
+    /// certificate that `pki.ca` signed (`tls-auth-clients yes`); the
+    /// helpers' redis-cli presents `pki.client`.
+    pub fn start_mutual_tls(pki: &Pki, replicas: usize, password: Option<&str>) -> Self {
+        Self::start_tls_with(pki, &pki.server, replicas, password, true)
+    }
+
     /// [`start_tls`](Self::start_tls), every node serving `server` instead
     /// of `pki.server`.
     pub fn start_tls_serving(
@@ -81,6 +88,16 @@ impl RedisCluster {
         server: &CertFiles,
         replicas: usize,
         password: Option<&str>,
+    ) -> Self {
+        Self::start_tls_with(pki, server, replicas, password, false)
+    }
+
+    fn start_tls_with(
+        pki: &Pki,
+        server: &CertFiles,
+        replicas: usize,
+        password: Option<&str>,
+        client_certificates: bool,
     ) -> Self {
         let path = |path: &Path| path.display().to_string();
         let ca = path(&pki.ca);
@@ -100,13 +117,21 @@ impl RedisCluster {
             "--tls-ca-cert-file",
             &ca,
             "--tls-auth-clients",
-            "no",
+            if client_certificates { "yes" } else { "no" },
             "--tls-cluster",
             "yes",
             "--tls-replication",
             "yes",
         ]);
         let mut cli_args = owned(&["--tls", "--cacert", &ca]);
+        if client_certificates {
+            cli_args.extend(owned(&[
+                "--cert",
+                &path(&pki.client.cert),
+                "--key",
+                &path(&pki.client.key),
+            ]));
+        }
         if let Some(password) = password {
             server_args.extend(owned(&[
                 "--requirepass",

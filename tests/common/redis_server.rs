@@ -70,6 +70,17 @@ impl RedisServer {
     /// `cert` and `key` (PEM) are its own and `ca` signed them; clients are
     /// not asked for certificates. `extra` goes after the other options.
     pub fn start_tls(cert: &Path, key: &Path, ca: &Path, extra: &[&str]) -> Self {
+        Self::start_tls_with_clients(cert, key, ca, "no", extra, |_| {})
+    }
+
+    fn start_tls_with_clients(
+        cert: &Path,
+        key: &Path,
+        ca: &Path,
+        auth_clients: &str,
+        extra: &[&str],
+        cli_identity: impl FnOnce(&mut Vec<String>),
+    ) -> Self {
         let port = free_port();
         let (port_text, cert, key, ca) = (
             port.to_string(),
@@ -89,10 +100,32 @@ impl RedisServer {
             "--tls-ca-cert-file",
             &ca,
             "--tls-auth-clients",
-            "no",
+            auth_clients,
         ]);
         args.extend(owned(extra));
-        Self::launch(port, args, owned(&["--tls", "--cacert", &ca]))
+        let mut cli_args = owned(&["--tls", "--cacert", &ca]);
+        cli_identity(&mut cli_args);
+        Self::launch(port, args, cli_args)
+    }
+
+    /// [`start_tls`](Self::start_tls), but every client must present a
+    /// certificate that `ca` signed (`tls-auth-clients yes`); redis-cli
+    /// presents `client_cert` and `client_key`.
+    pub fn start_mutual_tls(
+        cert: &Path,
+        key: &Path,
+        ca: &Path,
+        (client_cert, client_key): (&Path, &Path),
+        extra: &[&str],
+    ) -> Self {
+        Self::start_tls_with_clients(cert, key, ca, "yes", extra, |cli| {
+            cli.extend(owned(&[
+                "--cert",
+                &client_cert.display().to_string(),
+                "--key",
+                &client_key.display().to_string(),
+            ]));
+        })
     }
 
     fn launch(port: u16, args: Vec<String>, cli_args: Vec<String>) -> Self {

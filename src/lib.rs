@@ -19,6 +19,9 @@
 //! - [`service`]: the tonic services, mapping wire types to domain types and
 //!   errors to gRPC status in one place.
 //! - [`server`]: binds everything together and serves until shutdown.
+//! - [`tls`]: gRPC over TLS, with certificates replaced on reload.
+//! - [`reload`]: hot reload of the policy (and of the TLS files) on SIGHUP
+//!   and on file change.
 
 pub mod config;
 pub mod keys;
@@ -30,6 +33,7 @@ pub mod server;
 pub mod service;
 pub mod store;
 pub mod telemetry;
+pub mod tls;
 
 /// Generated protobuf and gRPC types of the `tollgate.v1` package.
 pub mod proto {

@@ -179,6 +179,8 @@ fn main() -> ExitCode {
         path,
         overrides,
         settings: config.settings.clone(),
+        // Set once the TLS files are loaded, just before serving.
+        tls: None,
     };
     match runtime.block_on(serve(config, watch)) {
         Ok(()) => ExitCode::SUCCESS,
@@ -239,7 +241,11 @@ async fn serve_with<S: Store>(
             )))
         }
     };
-    let reloader = tokio::spawn(reload::run(limiter.clone(), watch.clone()));
+    let watch = reload::Watch {
+        tls: options.tls.clone(),
+        ..watch
+    };
+    let reloader = tokio::spawn(reload::run(limiter.clone(), watch));
     let served = serve_until_shutdown(limiter, listener, options).await;
     reloader.abort();
     if let Some(metrics) = metrics {

@@ -10,6 +10,10 @@
 //! watched with inotify: it works the same on every filesystem, including
 //! the symlink swaps Kubernetes does for mounted ConfigMaps, and costs one
 //! small read a second.
+//!
+//! The TLS files of `[server.tls]` are read again on the same beat (their
+//! paths stay as at start-up): a renewed certificate is used for every
+//! handshake from then on, see [`crate::tls`].
 
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
@@ -17,6 +21,7 @@ use crate::{
     config::{self, Overrides, Settings},
     limiter::Limiter,
     store::Store,
+    tls::ReloadableTls,
 };
 
 /// How often the config file is checked for changes.
@@ -31,6 +36,8 @@ pub struct Watch {
     pub overrides: Overrides,
     /// The settings in force, to tell operators when a change needs a restart.
     pub settings: Settings,
+    /// The server's TLS files, when it serves TLS.
+    pub tls: Option<Arc<ReloadableTls>>,
 }
 
 /// Reloads `limiter`'s policy whenever the file changes or SIGHUP arrives,
@@ -40,11 +47,15 @@ pub async fn run<S: Store>(limiter: Arc<Limiter<S>>, watch: Watch) {
     let mut hangups = hangup_signals();
     let mut poll = tokio::time::interval(POLL_EVERY);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut tls_refused = None;
     loop {
         let forced = tokio::select! {
             _ = poll.tick() => false,
             Some(()) = next_hangup(&mut hangups) => true,
         };
+        if let Some(tls) = &watch.tls {
+            reload_tls(tls, &mut tls_refused);
+        }
         let bytes = std::fs::read(&watch.path).ok();
         if !forced && bytes == last_bytes {
             continue;
@@ -83,6 +94,25 @@ pub fn reload<S: Store>(limiter: &Limiter<S>, watch: &Watch, trigger: &str) -> b
     limiter.replace_policy(Arc::new(config.policy));
     tracing::info!(%trigger, rules, kinds, "config reloaded; new policy in force");
     true
+}
+
+/// Puts changed TLS files in force. A refusal is logged once until the
+/// files change again (a poll finds the same bad files every second).
+fn reload_tls(tls: &ReloadableTls, refused: &mut Option<String>) {
+    match tls.reload() {
+        Ok(true) => {
+            *refused = None;
+            tracing::info!("TLS files reloaded; new connections use them");
+        }
+        Ok(false) => *refused = None,
+        Err(err) => {
+            let message = err.to_string();
+            if refused.as_deref() != Some(message.as_str()) {
+                tracing::error!(error = %message, "TLS files rejected; the ones in force stay");
+                *refused = Some(message);
+            }
+        }
+    }
 }
 
 #[cfg(unix)]

@@ -4,20 +4,11 @@
 //! The caller binds the listener and owns the shutdown signal, so tests can
 //! bind port 0 and stop the server cleanly, and `main` stays thin.
 
-use std::{
-    future::Future,
-    path::{Path, PathBuf},
-    sync::Arc,
-    time::Duration,
-};
+use std::{future::Future, sync::Arc, time::Duration};
 
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer;
 use tokio::net::TcpListener;
-use tonic::{
-    Code, Status,
-    codegen::http::Response,
-    transport::{Certificate, Identity, Server, ServerTlsConfig},
-};
+use tonic::{Code, Status, codegen::http::Response, transport::Server};
 use tonic_health::{ServingStatus, server::HealthReporter};
 
 use crate::{
@@ -26,6 +17,7 @@ use crate::{
     proto::{self, rate_limiter_server::RateLimiterServer, usage_quota_server::UsageQuotaServer},
     service::{EnvoyService, RateLimiterService, UsageQuotaService},
     store::Store,
+    tls::{ReloadableTls, TlsError},
 };
 
 /// How often the health service asks the store whether it answers.
@@ -45,16 +37,12 @@ const HEALTH_NAMES: [&str; 4] = [
 /// few KiB; 64 KiB leaves room and still bounds what one request can cost.
 pub const DEFAULT_MAX_REQUEST_BYTES: usize = 64 * 1024;
 
-/// How long a client may take over its TLS handshake; a stalled one must not
-/// hold a connection slot for ever.
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// How [`run_with`] serves, beyond what it serves.
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
-    /// TLS for every connection (mutual TLS when it names a client CA), or
-    /// `None` for plaintext HTTP/2.
-    pub tls: Option<ServerTlsConfig>,
+    /// TLS for every connection (mutual TLS when it names a client CA),
+    /// replaceable while serving, or `None` for plaintext HTTP/2.
+    pub tls: Option<Arc<ReloadableTls>>,
     /// The largest request message any service decodes, in bytes; a larger
     /// one is refused with RESOURCE_EXHAUSTED before it is read.
     pub max_decoding_message_size: usize,
@@ -79,36 +67,8 @@ impl ServeOptions {
         let Some(tls) = &settings.tls else {
             return Ok(Self::default());
         };
-        let read = |key: &'static str, path: &Path| {
-            std::fs::read(path).map_err(|source| ServerError::TlsFile {
-                key,
-                path: path.to_owned(),
-                source,
-            })
-        };
-        let mut config = ServerTlsConfig::new().identity(Identity::from_pem(
-            read("server.tls.cert", &tls.cert)?,
-            read("server.tls.key", &tls.key)?,
-        ));
-        if let Some(client_ca) = &tls.client_ca {
-            config = config.client_ca_root(Certificate::from_pem(read(
-                "server.tls.client_ca",
-                client_ca,
-            )?));
-        }
-        // tonic's own message is only "transport error": the why is in the
-        // sources.
-        if let Err(err) = Server::builder().tls_config(config.clone()) {
-            let mut why = err.to_string();
-            let mut source = std::error::Error::source(&err);
-            while let Some(cause) = source {
-                why = format!("{why}: {cause}");
-                source = cause.source();
-            }
-            return Err(ServerError::TlsConfig(why));
-        }
         Ok(Self {
-            tls: Some(config),
+            tls: Some(Arc::new(ReloadableTls::load(tls)?)),
             ..Self::default()
         })
     }
@@ -120,22 +80,12 @@ pub enum ServerError {
     /// The reflection service could not be built from the descriptors.
     #[error("building the reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
-    /// The transport failed, or rejected the TLS certificate or key.
+    /// The transport failed.
     #[error("serving gRPC: {0}")]
     Transport(#[from] tonic::transport::Error),
-    /// rustls refused the certificate, key or client CA of `[server.tls]`.
-    #[error("server.tls: the certificate, key or client CA is not usable: {0}")]
-    TlsConfig(String),
-    /// A PEM file that `[server.tls]` names could not be read.
-    #[error("{key}: cannot read {path:?}: {source}")]
-    TlsFile {
-        /// The config key that names the file.
-        key: &'static str,
-        /// The file.
-        path: PathBuf,
-        /// Why it could not be read.
-        source: std::io::Error,
-    },
+    /// A file of `[server.tls]` is unreadable, or rustls refused it.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
 }
 
 /// Serves `limiter` on `listener` until `shutdown` completes; then health
@@ -164,10 +114,7 @@ pub async fn run_with<S: Store>(
     let reflection_v1alpha = reflection()
         .build_v1alpha()?
         .max_decoding_message_size(limit);
-    let mut builder = Server::builder();
-    if let Some(tls) = options.tls {
-        builder = builder.tls_config(tls.timeout(TLS_HANDSHAKE_TIMEOUT))?;
-    }
+    let builder = Server::builder();
 
     let prober = tokio::spawn(probe_store(limiter.clone(), reporter.clone()));
     // On shutdown, turn NOT_SERVING first, so load balancers stop sending
@@ -179,7 +126,7 @@ pub async fn run_with<S: Store>(
         stop_prober.abort();
         set_health(&shutdown_reporter, ServingStatus::NotServing).await;
     };
-    let served = builder
+    let router = builder
         .layer(tower::util::MapResponseLayer::new(
             move |response: Response<tonic::body::Body>| {
                 oversized_is_resource_exhausted(response, limit)
@@ -200,9 +147,19 @@ pub async fn run_with<S: Store>(
         .add_service(
             RateLimitServiceServer::new(EnvoyService::new(limiter))
                 .max_decoding_message_size(limit),
-        )
-        .serve_with_incoming_shutdown(incoming(listener), shutdown)
-        .await;
+        );
+    let served = match options.tls {
+        None => {
+            router
+                .serve_with_incoming_shutdown(incoming(listener), shutdown)
+                .await
+        }
+        Some(tls) => {
+            router
+                .serve_with_incoming_shutdown(tls.incoming(listener), shutdown)
+                .await
+        }
+    };
     prober.abort();
     set_health(&reporter, ServingStatus::NotServing).await;
     Ok(served?)

@@ -145,6 +145,7 @@ async fn a_changed_file_reloads_the_policy_and_keeps_counters() {
         settings: config::load_file(&path, &Overrides::default())
             .expect("valid")
             .settings,
+        tls: None,
     };
     let reloader = tokio::spawn(reload::run(served.limiter.clone(), watch));
 

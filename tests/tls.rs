@@ -1,6 +1,7 @@
 //! gRPC over TLS and mutual TLS, with throwaway certificates made at run
-//! time; the request size limit; `[server.tls]` config errors; and
-//! `tollgate health` over TLS.
+//! time; certificates replaced while serving (in process, and through the
+//! binary on SIGHUP); the request size limit; `[server.tls]` config errors;
+//! and `tollgate health` over TLS.
 //!
 //! Servers run in-process on loopback ports, configured the way `tollgate
 //! serve` configures them: [`ServeOptions::from_settings`] on a loaded config.
@@ -13,6 +14,7 @@ mod common;
 use std::{net::SocketAddr, path::Path, sync::Arc, time::Duration};
 
 use common::{
+    binary::Tollgate,
     certs::{self, CertFiles, Pki},
     server::{Backend, StoreKind},
 };
@@ -27,6 +29,7 @@ use tollgate::{
     proto::{CheckLimitRequest, CheckLimitResponse, rate_limiter_client::RateLimiterClient},
     server::{self, DEFAULT_MAX_REQUEST_BYTES, ServeOptions, ServerError},
     store::memory::MemoryStore,
+    tls::{ReloadableTls, TlsError},
 };
 use tonic::{
     Code,
@@ -70,6 +73,8 @@ fn tls_table(server: &CertFiles, client_ca: Option<&Path>) -> String {
 /// says; stopped when dropped.
 struct Served {
     addr: SocketAddr,
+    /// The TLS files in force, to reload.
+    tls: Option<Arc<ReloadableTls>>,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), ServerError>>>,
 }
@@ -78,6 +83,7 @@ impl Served {
     async fn start(config: &Config) -> Self {
         let options = ServeOptions::from_settings(&config.settings)
             .expect("the PEM files the config names are readable");
+        let tls = options.tls.clone();
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind a free loopback port");
@@ -97,6 +103,7 @@ impl Served {
         ));
         Self {
             addr,
+            tls,
             shutdown: Some(shutdown),
             task: Some(task),
         }
@@ -218,6 +225,147 @@ async fn tls_serves_a_client_that_trusts_the_ca_and_refuses_plaintext() {
         .await
         .expect("still serving after refusals");
     served.stop().await;
+}
+
+// ---- Certificates replaced while serving --------------------------------
+
+/// Copies `from`'s certificate and key over the files `to` names, as a
+/// certificate renewal does.
+fn install(from: &CertFiles, to: &CertFiles) {
+    for (source, target) in [(&from.cert, &to.cert), (&from.key, &to.key)] {
+        std::fs::copy(source, target).expect("copy a PEM file");
+    }
+}
+
+/// Files of the server's own, in `dir`, holding `pki.server` to begin with.
+fn live_files(dir: &Path, pki: &Pki) -> CertFiles {
+    let live = CertFiles {
+        cert: dir.join("server.pem"),
+        key: dir.join("server-key.pem"),
+    };
+    install(&pki.server, &live);
+    live
+}
+
+#[tokio::test]
+async fn a_renewed_certificate_serves_new_connections_and_a_broken_one_is_refused() {
+    let (old, new) = (Pki::new(), Pki::new());
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let live = live_files(dir.path(), &old);
+    let served = Served::start(&config_with_tls(&tls_table(&live, None))).await;
+    let tls = served.tls.clone().expect("the server serves TLS");
+    let trusting = |pki: &Pki| Some(client_tls(&pki.ca, None));
+
+    check_limit(https(served.addr), trusting(&old))
+        .await
+        .expect("the first certificate serves");
+    // A connection opened now, and kept, is not cut by the renewal.
+    let kept = Channel::from_shared(https(served.addr))
+        .expect("a valid URL")
+        .tls_config(client_tls(&old.ca, None))
+        .expect("a valid TLS config")
+        .connect()
+        .await
+        .expect("a connection under the first certificate");
+    assert!(
+        !tls.reload().expect("unchanged files reload"),
+        "nothing changed yet"
+    );
+
+    install(&new.server, &live);
+    assert!(
+        tls.reload().expect("the renewed files load"),
+        "the files changed"
+    );
+    check_limit(https(served.addr), trusting(&new))
+        .await
+        .expect("new connections get the renewed certificate");
+    let old_trust = check_limit(https(served.addr), trusting(&old)).await;
+    // Both test CAs have the same name: the old trust finds the issuer by
+    // name, and the signature fails.
+    assert!(
+        old_trust
+            .as_ref()
+            .is_err_and(|e| e.contains("InvalidCertificate")),
+        "the first certificate is gone: {old_trust:?}"
+    );
+    RateLimiterClient::new(kept)
+        .check_limit(request("kept"))
+        .await
+        .expect("the connection opened before the renewal still serves");
+
+    // A half-written key: refused, and the renewed certificate stays.
+    std::fs::write(&live.key, "-----BEGIN PRIVATE KEY-----\ntrunc").expect("write");
+    let refused = tls.reload().expect_err("a broken key is refused");
+    assert!(matches!(refused, TlsError::Unusable(_)), "{refused:?}");
+    assert!(
+        refused
+            .to_string()
+            .starts_with("server.tls: the certificate, key or client CA is not usable: the key"),
+        "{refused}"
+    );
+    check_limit(https(served.addr), trusting(&new))
+        .await
+        .expect("still serving the renewed certificate");
+    served.stop().await;
+}
+
+/// The binary re-reads `[server.tls]` on SIGHUP: after a renewal, a client
+/// that trusts only the new CA is served, and the log says so.
+#[tokio::test]
+async fn the_binary_takes_a_renewed_certificate_on_sighup() {
+    let (old, new) = (Pki::new(), Pki::new());
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let live = live_files(dir.path(), &old);
+    let listen = common::redis_server::free_port();
+    let config = format!(
+        "{}\n[server.tls]\n{}",
+        shipped_text().replacen(
+            "listen = \"127.0.0.1:50051\"",
+            &format!("listen = \"127.0.0.1:{listen}\""),
+            1
+        ),
+        tls_table(&live, None)
+    );
+    let config_path = dir.path().join("tollgate.toml");
+    std::fs::write(&config_path, config).expect("write the config");
+    let mut tollgate = Tollgate::spawn(
+        &["serve", "--config", &config_path.display().to_string()],
+        &[],
+    );
+    let url = format!("https://127.0.0.1:{listen}");
+    let served_under = |pki: &Pki| check_limit(url.clone(), Some(client_tls(&pki.ca, None)));
+
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while served_under(&old).await.is_err() {
+        assert!(tollgate.exited().is_none(), "{}", tollgate.output());
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never served: {}",
+            tollgate.output()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    install(&new.server, &live);
+    tollgate.signal("-HUP");
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while let Err(err) = served_under(&new).await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the renewed certificate was not taken: {err}\n{}",
+            tollgate.output()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        served_under(&old).await.is_err(),
+        "the first certificate is gone"
+    );
+    tollgate.stop(DEADLINE);
+    let output = tollgate.output();
+    assert!(output.contains("TLS files reloaded"), "{output}");
+    assert!(!output.contains("PRIVATE KEY"), "a key leaked: {output}");
 }
 
 // ---- (b) mutual TLS -------------------------------------------------------

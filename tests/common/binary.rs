@@ -66,13 +66,18 @@ impl Tollgate {
         }
     }
 
-    /// Sends SIGTERM and asserts a clean exit within `limit`.
-    pub fn stop(&mut self, limit: Duration) {
+    /// Sends `signal` (as kill(1) names it: "-HUP", "-TERM").
+    pub fn signal(&self, signal: &str) {
         let status = Command::new("kill")
-            .args(["-TERM", &self.pid().to_string()])
+            .args([signal, &self.pid().to_string()])
             .status()
             .expect("kill(1) runs");
-        assert!(status.success(), "kill -TERM {}", self.pid());
+        assert!(status.success(), "kill {signal} {}", self.pid());
+    }
+
+    /// Sends SIGTERM and asserts a clean exit within `limit`.
+    pub fn stop(&mut self, limit: Duration) {
+        self.signal("-TERM");
         assert!(
             self.wait(limit),
             "a clean exit on SIGTERM: {}",

@@ -7,16 +7,20 @@
 //! so a hung binary fails the test instead of hanging it. Only loopback
 //! addresses are used.
 
+// The helpers' `pub` items are for the test crates that use them, not for
+// export.
+#[allow(unreachable_pub)]
+mod common;
+
 use std::{
-    fs::File,
-    io::{Read, Seek},
     net::{Ipv4Addr, TcpListener},
     path::{Path, PathBuf},
-    process::{Child, Command, ExitStatus, Stdio},
+    process::{Command, ExitStatus},
     thread,
     time::{Duration, Instant},
 };
 
+use common::binary::Tollgate;
 use tollgate::{
     config::{self, Overrides},
     proto::{CheckLimitRequest, rate_limiter_client::RateLimiterClient},
@@ -25,21 +29,6 @@ use tollgate::{
 /// Long enough for a debug build to start or stop, short enough that a hang
 /// fails fast.
 const DEADLINE: Duration = Duration::from_secs(5);
-
-/// The binary, run from the crate root with no inherited `TOLLGATE_*`
-/// variables, so only what a test sets applies.
-fn tollgate() -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_tollgate"));
-    command.current_dir(env!("CARGO_MANIFEST_DIR"));
-    for (name, _) in std::env::vars_os() {
-        if name.to_string_lossy().starts_with("TOLLGATE_") {
-            command.env_remove(name);
-        }
-    }
-    // A panic would print a backtrace; the tests assert none appears.
-    command.env("RUST_BACKTRACE", "1").env_remove("RUST_LOG");
-    command
-}
 
 fn fixtures() -> Vec<PathBuf> {
     let dir = Path::new("tests/fixtures/config");
@@ -52,81 +41,6 @@ fn fixtures() -> Vec<PathBuf> {
     files.sort();
     assert!(!files.is_empty());
     files
-}
-
-/// A spawned `tollgate`, killed (if still running) when dropped. Its output
-/// goes to files, so a chatty child can never block on a full pipe.
-struct Running {
-    child: Child,
-    stdout: File,
-    stderr: File,
-}
-
-impl Running {
-    fn spawn(mut command: Command) -> Self {
-        let stdout = tempfile::tempfile().expect("a temporary file for stdout");
-        let stderr = tempfile::tempfile().expect("a temporary file for stderr");
-        let child = command
-            .stdin(Stdio::null())
-            .stdout(stdout.try_clone().expect("a second handle to stdout"))
-            .stderr(stderr.try_clone().expect("a second handle to stderr"))
-            .spawn()
-            .expect("the tollgate binary starts");
-        Self {
-            child,
-            stdout,
-            stderr,
-        }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Waits up to `limit` for the child to exit.
-    fn wait(&mut self, limit: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("waiting on the child") {
-                return Some(status);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    /// Waits for the exit, failing the test (and killing the child) past
-    /// [`DEADLINE`].
-    fn finish(mut self) -> Finished {
-        let started = Instant::now();
-        let Some(status) = self.wait(DEADLINE) else {
-            let (stdout, stderr) = (read(&mut self.stdout), read(&mut self.stderr));
-            panic!("tollgate still running after {DEADLINE:?}\nstdout: {stdout}\nstderr: {stderr}");
-        };
-        Finished {
-            status,
-            elapsed: started.elapsed(),
-            stdout: read(&mut self.stdout),
-            stderr: read(&mut self.stderr),
-        }
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        // Ignored: the child may have exited already.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn read(file: &mut File) -> String {
-    let mut text = String::new();
-    file.rewind().expect("rewind an output file");
-    file.read_to_string(&mut text).expect("the output is UTF-8");
-    text
 }
 
 /// What a child printed and how it ended.
@@ -160,10 +74,28 @@ impl Finished {
     }
 }
 
+/// Waits for the exit, failing the test (and killing the child) past
+/// [`DEADLINE`].
+fn finish(mut tollgate: Tollgate) -> Finished {
+    let started = Instant::now();
+    let Some(status) = tollgate.wait_at_most(DEADLINE) else {
+        panic!(
+            "tollgate still running after {DEADLINE:?}\n{}",
+            tollgate.output()
+        );
+    };
+    Finished {
+        status,
+        elapsed: started.elapsed(),
+        stdout: tollgate.stdout(),
+        stderr: tollgate.stderr(),
+    }
+}
+
 fn run(args: &[&str]) -> Finished {
-    let mut command = tollgate();
+    let mut command = Tollgate::command();
     command.args(args);
-    Running::spawn(command).finish()
+    finish(Tollgate::spawn_command(command))
 }
 
 /// A loopback port that was free a moment ago.
@@ -172,18 +104,9 @@ fn free_port() -> u16 {
     listener.local_addr().expect("a bound address").port()
 }
 
-/// Sends SIGTERM the way an orchestrator does.
-fn terminate(pid: u32) {
-    let status = Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .expect("kill(1) runs");
-    assert!(status.success(), "kill -TERM {pid}");
-}
-
 /// Calls CheckLimit on `port` once the server accepts, retrying the connect
 /// until [`DEADLINE`]; panics if the server exits first.
-fn check_limit_when_up(server: &mut Running, port: u16, rule: &str) -> (bool, u64, u64) {
+fn check_limit_when_up(server: &mut Tollgate, port: u16, rule: &str) -> (bool, u64, u64) {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -195,10 +118,10 @@ fn check_limit_when_up(server: &mut Running, port: u16, rule: &str) -> (bool, u6
         ))) {
             Ok(client) => break client,
             Err(err) => {
-                if let Some(status) = server.wait(Duration::ZERO) {
+                if let Some(status) = server.exited() {
                     panic!(
                         "tollgate exited with {status} before serving: {}",
-                        read(&mut server.stderr)
+                        server.stderr()
                     );
                 }
                 assert!(Instant::now() < deadline, "nothing serves on {port}: {err}");
@@ -220,18 +143,18 @@ fn check_limit_when_up(server: &mut Running, port: u16, rule: &str) -> (bool, u6
 }
 
 /// SIGTERM, then a clean exit (status 0) within [`DEADLINE`].
-fn stops_cleanly_on_sigterm(mut server: Running) {
-    terminate(server.pid());
+fn stops_cleanly_on_sigterm(mut server: Tollgate) {
+    server.signal("-TERM");
     let finished = {
         let started = Instant::now();
-        let status = server.wait(DEADLINE);
+        let status = server.wait_at_most(DEADLINE);
         (status, started.elapsed())
     };
     match finished {
         (Some(status), _) => assert!(
             status.success(),
             "exit after SIGTERM: {status}; stderr: {}",
-            read(&mut server.stderr)
+            server.stderr()
         ),
         (None, waited) => panic!("still running {waited:?} after SIGTERM"),
     }
@@ -344,20 +267,20 @@ fn environment_variables_override_the_file_and_are_named_when_bad() {
         ),
     ];
     for (variable, value, line) in cases {
-        let mut command = tollgate();
+        let mut command = Tollgate::command();
         command
             .args(["check-config", "config/tollgate.toml"])
             .env(variable, value);
-        let done = Running::spawn(command).finish();
+        let done = finish(Tollgate::spawn_command(command));
         assert_eq!(done.failure_line(), line, "{variable}={value}");
     }
 
     // A misspelt key is unknown, and so is named with its variable.
-    let mut command = tollgate();
+    let mut command = Tollgate::command();
     command
         .args(["check-config", "config/tollgate.toml"])
         .env("TOLLGATE_SERVER__WORKR_THREADS", "1");
-    let done = Running::spawn(command).finish();
+    let done = finish(Tollgate::spawn_command(command));
     let line = done.failure_line();
     assert!(
         line.starts_with("config/tollgate.toml: server.workr_threads: unknown key; ")
@@ -369,11 +292,11 @@ fn environment_variables_override_the_file_and_are_named_when_bad() {
 #[test]
 fn serve_listens_where_the_environment_says() {
     let port = free_port();
-    let mut command = tollgate();
+    let mut command = Tollgate::command();
     command
         .args(["serve", "--config", "config/tollgate.toml"])
         .env("TOLLGATE_SERVER__LISTEN", format!("127.0.0.1:{port}"));
-    let mut server = Running::spawn(command);
+    let mut server = Tollgate::spawn_command(command);
     assert_eq!(check_limit_when_up(&mut server, port, "auth"), (true, 5, 4));
     stops_cleanly_on_sigterm(server);
 }
@@ -381,7 +304,7 @@ fn serve_listens_where_the_environment_says() {
 #[test]
 fn serve_answers_check_limit_and_stops_on_sigterm_with_flags_over_env() {
     let port = free_port();
-    let mut command = tollgate();
+    let mut command = Tollgate::command();
     command
         .args(["serve", "--config", "config/tollgate.toml"])
         .args(["--listen", &format!("127.0.0.1:{port}")])
@@ -389,7 +312,7 @@ fn serve_answers_check_limit_and_stops_on_sigterm_with_flags_over_env() {
         // Both would fail start-up if they applied: flags win over env.
         .env("TOLLGATE_SERVER__LISTEN", "nowhere")
         .env("TOLLGATE_STORE__URL", "bogus://");
-    let mut server = Running::spawn(command);
+    let mut server = Tollgate::spawn_command(command);
     assert_eq!(
         check_limit_when_up(&mut server, port, "api"),
         (true, 100, 99)
@@ -401,7 +324,7 @@ fn serve_answers_check_limit_and_stops_on_sigterm_with_flags_over_env() {
 /// start-up must fail fast with a message that masks the password.
 fn assert_unreachable_redis_fails_masked(mut command: Command) {
     command.env("RUST_LOG", "debug");
-    let done = Running::spawn(command).finish();
+    let done = finish(Tollgate::spawn_command(command));
     let line = done.failure_line().to_owned();
     assert!(
         !done.stdout.contains("hunter2") && !done.stderr.contains("hunter2"),
@@ -414,7 +337,7 @@ fn assert_unreachable_redis_fails_masked(mut command: Command) {
 
 #[test]
 fn serve_fails_fast_on_an_unreachable_redis_without_printing_its_password() {
-    let mut command = tollgate();
+    let mut command = Tollgate::command();
     command.args([
         "serve",
         "--store",
@@ -426,7 +349,7 @@ fn serve_fails_fast_on_an_unreachable_redis_without_printing_its_password() {
 
     // The same store from the environment: the file's memory:// would serve
     // (and overrun the deadline) had the variable not applied.
-    let mut command = tollgate();
+    let mut command = Tollgate::command();
     command
         .args(["serve", "--listen", "127.0.0.1:0"])
         .env("TOLLGATE_STORE__URL", "redis://:hunter2@127.0.0.1:1/0");

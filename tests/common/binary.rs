@@ -1,5 +1,6 @@
-//! The `tollgate` binary run as an operator would: a child process with
-//! every log at `trace`, its output captured for the tests to search.
+//! The `tollgate` binary run as an operator would: a child process, killed
+//! when its guard drops, its stdout and stderr captured to files (a chatty
+//! child never blocks on a full pipe) for the tests to search.
 
 // Several test binaries include this module and each uses a part of it.
 #![allow(dead_code)]
@@ -12,19 +13,19 @@ use std::{
     time::{Duration, Instant},
 };
 
-/// A spawned `tollgate`, killed when dropped; stdout and stderr go to one
-/// temporary file.
+/// A spawned `tollgate`, killed when dropped.
 pub struct Tollgate {
     child: Child,
-    output: File,
+    stdout: File,
+    stderr: File,
 }
 
 impl Tollgate {
-    /// Runs `tollgate args...` from the project root with `env` added, no
-    /// `TOLLGATE_*` variable inherited from the test's environment, and
-    /// `RUST_LOG=trace`: everything the binary and its libraries can say.
-    pub fn spawn(args: &[&str], env: &[(&str, &str)]) -> Self {
-        let output = tempfile::tempfile().expect("a temporary file for the output");
+    /// The binary, run from the project root with no `TOLLGATE_*` variable
+    /// inherited from the test's environment (only what a test sets
+    /// applies), `RUST_LOG` unset, and `RUST_BACKTRACE=1`: a panic would
+    /// print a backtrace, which the tests assert never appears.
+    pub fn command() -> Command {
         let mut command = Command::new(env!("CARGO_BIN_EXE_tollgate"));
         command.current_dir(env!("CARGO_MANIFEST_DIR"));
         for (name, _) in std::env::vars_os() {
@@ -32,16 +33,37 @@ impl Tollgate {
                 command.env_remove(name);
             }
         }
-        let child = command
+        command.env("RUST_BACKTRACE", "1").env_remove("RUST_LOG");
+        command
+    }
+
+    /// Runs `tollgate args...` with `env` added and `RUST_LOG=trace`:
+    /// everything the binary and its libraries can say.
+    pub fn spawn(args: &[&str], env: &[(&str, &str)]) -> Self {
+        let mut command = Self::command();
+        command
             .args(args)
             .envs(env.iter().copied())
-            .env("RUST_LOG", "trace")
+            .env("RUST_LOG", "trace");
+        Self::spawn_command(command)
+    }
+
+    /// Runs `command`, as [`Tollgate::command`] made it and a test
+    /// completed it.
+    pub fn spawn_command(mut command: Command) -> Self {
+        let stdout = tempfile::tempfile().expect("a temporary file for stdout");
+        let stderr = tempfile::tempfile().expect("a temporary file for stderr");
+        let child = command
             .stdin(Stdio::null())
-            .stdout(output.try_clone().expect("a second handle to the output"))
-            .stderr(output.try_clone().expect("a third handle to the output"))
+            .stdout(stdout.try_clone().expect("a second handle to stdout"))
+            .stderr(stderr.try_clone().expect("a second handle to stderr"))
             .spawn()
             .expect("the tollgate binary starts");
-        Self { child, output }
+        Self {
+            child,
+            stdout,
+            stderr,
+        }
     }
 
     /// The process id, for signals.
@@ -54,15 +76,26 @@ impl Tollgate {
         self.child.try_wait().expect("waiting on the child")
     }
 
-    /// Waits up to `limit` for the exit; the status's success.
-    pub fn wait(&mut self, limit: Duration) -> bool {
+    /// Waits up to `limit` for the exit; `None` if it is still running.
+    pub fn wait_at_most(&mut self, limit: Duration) -> Option<ExitStatus> {
         let deadline = Instant::now() + limit;
         loop {
             if let Some(status) = self.exited() {
-                return status.success();
+                return Some(status);
             }
-            assert!(Instant::now() < deadline, "tollgate still running");
+            if Instant::now() >= deadline {
+                return None;
+            }
             thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Waits up to `limit` for the exit, failing the test past it; the
+    /// status's success.
+    pub fn wait(&mut self, limit: Duration) -> bool {
+        match self.wait_at_most(limit) {
+            Some(status) => status.success(),
+            None => panic!("tollgate still running after {limit:?}: {}", self.output()),
         }
     }
 
@@ -75,7 +108,8 @@ impl Tollgate {
         assert!(status.success(), "kill {signal} {}", self.pid());
     }
 
-    /// Sends SIGTERM and asserts a clean exit within `limit`.
+    /// Sends SIGTERM, as an orchestrator does, and asserts a clean exit
+    /// (status 0) within `limit`.
     pub fn stop(&mut self, limit: Duration) {
         self.signal("-TERM");
         assert!(
@@ -85,20 +119,33 @@ impl Tollgate {
         );
     }
 
-    /// Everything it printed so far.
+    /// What it printed on stdout so far.
+    pub fn stdout(&mut self) -> String {
+        read(&mut self.stdout)
+    }
+
+    /// What it printed on stderr so far.
+    pub fn stderr(&mut self) -> String {
+        read(&mut self.stderr)
+    }
+
+    /// Everything it printed so far: stdout, then stderr.
     pub fn output(&mut self) -> String {
-        let mut text = String::new();
-        self.output.rewind().expect("rewind the output file");
-        self.output
-            .read_to_string(&mut text)
-            .expect("the output is UTF-8");
-        text
+        self.stdout() + &self.stderr()
     }
 }
 
 impl Drop for Tollgate {
     fn drop(&mut self) {
+        // Ignored: the child may have exited already.
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+fn read(file: &mut File) -> String {
+    let mut text = String::new();
+    file.rewind().expect("rewind an output file");
+    file.read_to_string(&mut text).expect("the output is UTF-8");
+    text
 }

@@ -75,6 +75,18 @@ fn request(subject: &str) -> CheckLimitRequest {
     }
 }
 
+/// A TLS-only redis-server that wants [`PASSWORD`] and a client
+/// certificate `pki.ca` signed (`tls-auth-clients yes`).
+fn mutual_tls_server(pki: &Pki) -> RedisServer {
+    RedisServer::start_mutual_tls(
+        &pki.server.cert,
+        &pki.server.key,
+        &pki.ca,
+        (&pki.client.cert, &pki.client.key),
+        &["--requirepass", PASSWORD],
+    )
+}
+
 /// Serves the shipped policy on `store` and asserts a CheckLimit counts.
 async fn assert_serves(store: RedisStore, subject: &str) {
     let server = TestServer::start(store, &shipped_config()).await;
@@ -201,13 +213,7 @@ async fn rediss_with_the_ca_from_store_tls_ca_works_and_an_untrusted_server_is_r
 #[tokio::test]
 async fn rediss_with_a_client_certificate_works_and_without_one_is_refused() {
     let pki = Pki::new();
-    let redis = RedisServer::start_mutual_tls(
-        &pki.server.cert,
-        &pki.server.key,
-        &pki.ca,
-        (&pki.client.cert, &pki.client.key),
-        &["--requirepass", PASSWORD],
-    );
+    let redis = mutual_tls_server(&pki);
     let url = format!("rediss://:{PASSWORD}@127.0.0.1:{}/0", redis.port());
     let ca = certs::read(&pki.ca);
     let identity =
@@ -319,13 +325,7 @@ async fn check_over_mtls(port: u16, pki: &Pki, tollgate: &mut Tollgate) -> (bool
 async fn the_binary_serves_mutual_tls_on_rediss_with_a_password_and_never_logs_it() {
     let pki = Pki::new();
     // Mutual TLS behind too: Redis wants tollgate's client certificate.
-    let redis = RedisServer::start_mutual_tls(
-        &pki.server.cert,
-        &pki.server.key,
-        &pki.ca,
-        (&pki.client.cert, &pki.client.key),
-        &["--requirepass", PASSWORD],
-    );
+    let redis = mutual_tls_server(&pki);
     let port = free_port();
     let path = |p: &Path| format!("{:?}", p.display().to_string());
     let config = format!(

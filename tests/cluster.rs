@@ -541,6 +541,28 @@ struct Tally {
     messages: Vec<String>,
 }
 
+impl Tally {
+    /// Every load loop's tally in one.
+    fn sum(tallies: Vec<Tally>) -> Self {
+        tallies
+            .into_iter()
+            .fold(Self::default(), |mut total, tally| {
+                total.allowed += tally.allowed;
+                total.denied += tally.denied;
+                total.errors += tally.errors;
+                total.messages.extend(tally.messages);
+                total
+            })
+    }
+
+    /// Prints the first errors each loop saw, for a failing run's log.
+    fn print_errors(&self) {
+        for message in &self.messages {
+            println!("  error: {message}");
+        }
+    }
+}
+
 /// Sends `attempts` checks of `check`, one per `pace`, retrying each one that
 /// fails with a store error until it gets a decision (for at most
 /// [`RECOVERY`] in all); counts decisions into `progress`.
@@ -660,18 +682,11 @@ async fn resharding_a_slot_in_use_loses_and_doubles_no_decision() {
         })
     };
     let seen = mover.await.expect("the slot moves without a panic");
-    let tallies = loads.join_all().await;
-
-    let allowed: usize = tallies.iter().map(|t| t.allowed).sum();
-    let denied: usize = tallies.iter().map(|t| t.denied).sum();
-    let errors: usize = tallies.iter().map(|t| t.errors).sum();
+    let total = Tally::sum(loads.join_all().await);
+    let (allowed, denied, errors) = (total.allowed, total.denied, total.errors);
     println!("migration steps (state, at decision): {seen:?}");
     println!("allowed {allowed}, denied {denied}, store errors retried {errors}");
-    for tally in &tallies {
-        for message in &tally.messages {
-            println!("  error: {message}");
-        }
-    }
+    total.print_errors();
     // What the client was told on the way, and followed by itself.
     let mut redirections = BTreeMap::<String, u64>::new();
     for port in [home, away] {
@@ -760,19 +775,13 @@ async fn a_failover_under_load_keeps_every_decision() {
         .await
         .expect("the failover runs without a panic")
     };
-    let tallies = loads.join_all().await;
-    let allowed: usize = tallies.iter().map(|t| t.allowed).sum();
-    let denied: usize = tallies.iter().map(|t| t.denied).sum();
-    let errors: usize = tallies.iter().map(|t| t.errors).sum();
+    let total = Tally::sum(loads.join_all().await);
+    let (allowed, denied, errors) = (total.allowed, total.denied, total.errors);
     println!(
         "failover from decision {} to {}; allowed {allowed}, denied {denied}, store errors retried {errors}",
         promoted_at.0, promoted_at.1
     );
-    for tally in &tallies {
-        for message in &tally.messages {
-            println!("  error: {message}");
-        }
-    }
+    total.print_errors();
     assert_eq!(allowed + denied, 200);
     assert_eq!(allowed, 50, "no decision lost or doubled");
     assert_eq!(
@@ -840,20 +849,14 @@ async fn a_crashed_master_fails_over_and_every_decision_still_comes() {
         .await
         .expect("the crash and the election run without a panic")
     };
-    let tallies = loads.join_all().await;
-    let allowed: usize = tallies.iter().map(|t| t.allowed).sum();
-    let denied: usize = tallies.iter().map(|t| t.denied).sum();
-    let errors: usize = tallies.iter().map(|t| t.errors).sum();
+    let total = Tally::sum(loads.join_all().await);
+    let (allowed, denied, errors) = (total.allowed, total.denied, total.errors);
     let counted = cluster.cli_int(replica, &["HGET", &keys.counter, "c"]);
     println!(
         "crash at decision {crashed_at}, new master at {promoted_at}; allowed {allowed}, \
          denied {denied}, store errors retried {errors}, hits counted {counted}"
     );
-    for tally in &tallies {
-        for message in &tally.messages {
-            println!("  error: {message}");
-        }
-    }
+    total.print_errors();
     assert_eq!(allowed + denied, 200, "every decision came");
     assert!(errors > 0, "the crash was felt");
     assert!(

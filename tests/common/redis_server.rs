@@ -70,16 +70,17 @@ impl RedisServer {
     /// `cert` and `key` (PEM) are its own and `ca` signed them; clients are
     /// not asked for certificates. `extra` goes after the other options.
     pub fn start_tls(cert: &Path, key: &Path, ca: &Path, extra: &[&str]) -> Self {
-        Self::start_tls_with_clients(cert, key, ca, "no", extra, |_| {})
+        Self::start_tls_with_clients(cert, key, ca, None, extra)
     }
 
+    /// A TLS-only server; with `client` (a certificate and its key), one
+    /// that wants every client's certificate, redis-cli presenting `client`.
     fn start_tls_with_clients(
         cert: &Path,
         key: &Path,
         ca: &Path,
-        auth_clients: &str,
+        client: Option<(&Path, &Path)>,
         extra: &[&str],
-        cli_identity: impl FnOnce(&mut Vec<String>),
     ) -> Self {
         let port = free_port();
         let (port_text, cert, key, ca) = (
@@ -100,32 +101,32 @@ impl RedisServer {
             "--tls-ca-cert-file",
             &ca,
             "--tls-auth-clients",
-            auth_clients,
+            if client.is_some() { "yes" } else { "no" },
         ]);
         args.extend(owned(extra));
         let mut cli_args = owned(&["--tls", "--cacert", &ca]);
-        cli_identity(&mut cli_args);
-        Self::launch(port, args, cli_args)
-    }
-
-    /// [`start_tls`](Self::start_tls), but every client must present a
-    /// certificate that `ca` signed (`tls-auth-clients yes`); redis-cli
-    /// presents `client_cert` and `client_key`.
-    pub fn start_mutual_tls(
-        cert: &Path,
-        key: &Path,
-        ca: &Path,
-        (client_cert, client_key): (&Path, &Path),
-        extra: &[&str],
-    ) -> Self {
-        Self::start_tls_with_clients(cert, key, ca, "yes", extra, |cli| {
-            cli.extend(owned(&[
+        if let Some((client_cert, client_key)) = client {
+            cli_args.extend(owned(&[
                 "--cert",
                 &client_cert.display().to_string(),
                 "--key",
                 &client_key.display().to_string(),
             ]));
-        })
+        }
+        Self::launch(port, args, cli_args)
+    }
+
+    /// [`start_tls`](Self::start_tls), but every client must present a
+    /// certificate that `ca` signed (`tls-auth-clients yes`); redis-cli
+    /// presents `client` (a certificate and its key).
+    pub fn start_mutual_tls(
+        cert: &Path,
+        key: &Path,
+        ca: &Path,
+        client: (&Path, &Path),
+        extra: &[&str],
+    ) -> Self {
+        Self::start_tls_with_clients(cert, key, ca, Some(client), extra)
     }
 
     fn launch(port: u16, args: Vec<String>, cli_args: Vec<String>) -> Self {

@@ -47,6 +47,7 @@ pub enum Outcome {
     blocked,
     /// Answered without the store.
     degraded,
+    // A new outcome needs OUTCOMES raised: `Slots` indexes by `as usize`.
 }
 
 /// The store operation a latency or error belongs to.
@@ -264,9 +265,12 @@ impl Metrics {
     }
 }
 
+/// How many [`Outcome`]s there are: one slot each in [`Slots`].
+const OUTCOMES: usize = 4;
+
 /// One counter handle per [`Outcome`], each found on first use.
 #[derive(Debug, Default)]
-struct Slots([OnceLock<Counter>; 4]);
+struct Slots([OnceLock<Counter>; OUTCOMES]);
 
 impl Slots {
     fn inc(&self, outcome: Outcome, resolve: impl FnOnce() -> Counter) {

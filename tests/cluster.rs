@@ -206,10 +206,10 @@ async fn sliding_log_counts_exactly(env: &Env) {
             blocked: false,
         }
     );
-    // The log lives on the master that owns its slot.
+    // The log lives on the master that owns its slot: one member per call.
     assert_eq!(
         env.on_owner_int(&keys.counter, &["ZCARD", &keys.counter]),
-        3
+        1
     );
 
     let denied = env.decide(&LimitCheck { cost: 3, ..base }).await;
@@ -223,7 +223,7 @@ async fn sliding_log_counts_exactly(env: &Env) {
     assert_eq!((last.allowed, last.remaining), (true, 0));
     assert_eq!(
         env.on_owner_int(&keys.counter, &["ZCARD", &keys.counter]),
-        5
+        2
     );
 }
 

@@ -195,13 +195,30 @@ async fn a_huge_cost_is_one_entry_and_bounded_work() {
     let budget = check(Algorithm::SlidingLog, "tokens", 2_000_000, ms(60_000));
     let keys = KeyBuilder::new(PREFIX).limit(RULE, Algorithm::SlidingLog, "tokens");
 
-    let first = decide(&store, &LimitCheck { cost: 1_000_000, ..budget }).await;
+    let first = decide(
+        &store,
+        &LimitCheck {
+            cost: 1_000_000,
+            ..budget
+        },
+    )
+    .await;
     assert_eq!((first.allowed, first.remaining), (true, 1_000_000));
-    let second = decide(&store, &LimitCheck { cost: 999_999, ..budget }).await;
+    let second = decide(
+        &store,
+        &LimitCheck {
+            cost: 999_999,
+            ..budget
+        },
+    )
+    .await;
     assert_eq!((second.allowed, second.remaining), (true, 1));
     let denied = decide(&store, &LimitCheck { cost: 2, ..budget }).await;
     assert_eq!((denied.allowed, denied.remaining), (false, 1));
-    assert_eq!(log_calls(&server, &keys.counter), vec![1_000_000, 1_999_999]);
+    assert_eq!(
+        log_calls(&server, &keys.counter),
+        vec![1_000_000, 1_999_999]
+    );
     // A few hundred bytes, not the 240 MB of a member per hit.
     let bytes = cli_int(&server, &["MEMORY", "USAGE", &keys.counter]);
     assert!(bytes < 1024, "MEMORY USAGE {bytes}");
@@ -818,7 +835,11 @@ async fn a_user_with_20000_conversations_lists_the_first_1000() {
     let expected: Vec<String> = (0..1000).map(|n| format!("c{n:05}")).collect();
     let ids: Vec<String> = listed.iter().map(|(id, _)| id.clone()).collect();
     assert_eq!(ids, expected);
-    assert!(listed.iter().all(|(_, counters)| counters.used("text") == 1));
+    assert!(
+        listed
+            .iter()
+            .all(|(_, counters)| counters.used("text") == 1)
+    );
     let keys = KeyBuilder::new(PREFIX).usage("many");
     assert_eq!(cli_int(&server, &["ZCARD", &keys.by_id]), 20_000);
 }

@@ -22,7 +22,7 @@
 //! `retry_after` counted down to `t + R`, `remaining` as the store last
 //! reported it, `reset_after` counted down from the store's answer) and,
 //! while a block lasts, any request of the key (denied and blocked until the
-//! block ends, whatever its cost). Those are the store's own answers, as far
+//! block ends, whatever its cost, with `remaining` 0 as the store says). Those are the store's own answers, as far
 //! as this instance has seen: other instances' hits can only make the
 //! store's `retry_after` later. A larger cost is not answered here, though
 //! it is surely denied too: its `retry_after` is when a later call leaves
@@ -156,7 +156,9 @@ impl Entry {
     fn answer(&self, now_us: u64) -> LimitDecision {
         LimitDecision {
             allowed: false,
-            remaining: self.remaining,
+            // While a block lasts the store answers remaining 0; only the
+            // denial that started the block reports the window's own.
+            remaining: if self.blocked { 0 } else { self.remaining },
             retry_after: Duration::from_micros(self.until_us.saturating_sub(now_us)),
             reset_after: Duration::from_micros(self.reset_at_us.saturating_sub(now_us)),
             blocked: self.blocked,

@@ -8,11 +8,11 @@ use serde::Deserialize;
 
 use super::{
     Backend, ClientCertFiles, Config, ConfigError, LogFormat, LogSettings, SecretUrl, ServerTls,
-    Settings, StoreSettings, mask_url_password,
+    Settings, StoreSettings,
 };
 use crate::{
     rules::{Algorithm, EnvoyMatch, FailureMode, Kind, Policy, Quota, Quotas, Rule, Tier, Tiers},
-    store::breaker::BreakerOptions,
+    store::{breaker::BreakerOptions, redis::mask_url_password},
 };
 
 /// Names what an untagged fallback caught. A table fails through one of its

@@ -75,7 +75,7 @@ use super::{
     ConversationCounters, LimitCheck, LimitDecision, Store, StoreError, UsageDecision,
     UsageIncrement,
 };
-use crate::{config::mask_url_password, keys::KeyBuilder, rules::Algorithm};
+use crate::{keys::KeyBuilder, rules::Algorithm};
 
 /// A Lua script under `lua/`: its source, for `EVAL`, and its SHA1, for
 /// `EVALSHA`.
@@ -198,6 +198,28 @@ const CLUSTER_SCHEMES: [(&str, &str); 2] = [
     ("redis-cluster://", "redis://"),
     ("rediss-cluster://", "rediss://"),
 ];
+
+/// `url` with any password replaced by `***`, for logs and errors.
+pub fn mask_url_password(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_owned();
+    };
+    let authority_start = scheme_end + 3;
+    let authority_end = url[authority_start..]
+        .find('/')
+        .map_or(url.len(), |i| authority_start + i);
+    let authority = &url[authority_start..authority_end];
+    let Some(at) = authority.rfind('@') else {
+        return url.to_owned();
+    };
+    let userinfo = &authority[..at];
+    let user = userinfo.split_once(':').map_or("", |(user, _)| user);
+    format!(
+        "{}{user}:***@{}",
+        &url[..authority_start],
+        &url[authority_start + at + 1..]
+    )
+}
 
 /// Whether `url` names a Redis Cluster (`redis-cluster://` or
 /// `rediss-cluster://`) rather than one server.
@@ -1097,6 +1119,23 @@ impl bb8::ManageConnection for Manager {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn masks_passwords() {
+        assert_eq!(
+            mask_url_password("redis://:hunter2@localhost:6379/0"),
+            "redis://:***@localhost:6379/0"
+        );
+        assert_eq!(
+            mask_url_password("rediss://app:s3cr%40t@db.internal:6380"),
+            "rediss://app:***@db.internal:6380"
+        );
+        assert_eq!(
+            mask_url_password("redis://localhost:6379/0"),
+            "redis://localhost:6379/0"
+        );
+        assert_eq!(mask_url_password("memory://"), "memory://");
+    }
 
     #[test]
     fn cluster_urls_give_one_seed_url_per_node() {

@@ -369,10 +369,11 @@ impl Store for MemoryStore {
         character_id: &str,
     ) -> Result<ConversationCounters, StoreError> {
         let now = self.now();
-        let shard = self.shard(&self.inner.usage, user_id);
+        // A read is a use, as it is for Redis's LRU.
+        let mut shard = self.shard(&self.inner.usage, user_id);
         Ok(shard
             .entries
-            .get(user_id)
+            .to_back(user_id)
             .and_then(|user| user.conversations.get(character_id))
             .filter(|conversation| conversation.is_live(now))
             .map(|conversation| conversation.counters(now))
@@ -385,8 +386,8 @@ impl Store for MemoryStore {
         max: usize,
     ) -> Result<Vec<(String, ConversationCounters)>, StoreError> {
         let now = self.now();
-        let shard = self.shard(&self.inner.usage, user_id);
-        let Some(user) = shard.entries.get(user_id) else {
+        let mut shard = self.shard(&self.inner.usage, user_id);
+        let Some(user) = shard.entries.to_back(user_id) else {
             return Ok(Vec::new());
         };
         Ok(user
@@ -1282,6 +1283,34 @@ mod tests {
             .await
             .expect("memory");
         assert_eq!((store.entries(), evictions.get()), (3, 6));
+    }
+
+    #[tokio::test]
+    async fn reading_a_user_s_usage_is_a_use() {
+        let (store, _clock, evictions) = bounded(2);
+        store
+            .increment_usage(&usage("u1", "a"))
+            .await
+            .expect("memory");
+        store
+            .increment_usage(&usage("u2", "a"))
+            .await
+            .expect("memory");
+        assert_eq!(store.list_usage("u1", 10).await.expect("memory").len(), 1);
+        store
+            .increment_usage(&usage("u3", "a"))
+            .await
+            .expect("memory");
+        assert_eq!(evictions.get(), 1);
+        assert!(store.list_usage("u2", 10).await.expect("memory").is_empty());
+        assert_eq!(
+            store
+                .get_usage("u1", "a")
+                .await
+                .expect("memory")
+                .used("text"),
+            1
+        );
     }
 
     #[tokio::test]

@@ -320,9 +320,10 @@ impl Store for MemoryStore {
         let mut state = LimitState::new(check.algorithm);
         let decision = state.decide(check, now);
         if state.is_live(now) {
-            shard.entries.insert(key.clone(), state);
             shard.budget.add(1);
+            // Before it is in: the new counter is never the one evicted.
             shard.evict_for(&key, now);
+            shard.entries.insert(key, state);
         }
         Ok(decision)
     }

@@ -718,7 +718,108 @@ fn weighted_reset(current: u64, previous: u64, window: u64, elapsed: u64) -> u64
 struct UserUsage {
     /// By character id, so listing comes out sorted. Expired conversations
     /// stay until the shard's sweep; every reader treats them as absent.
-    conversations: BTreeMap<String, Conversation>,
+    conversations: Conversations,
+}
+
+/// A user's conversations by character id. Most users talk to one
+/// character, and a map's first node costs about 640 bytes where the one
+/// conversation needs about 60: a map only from the second on.
+#[derive(Debug, Default)]
+enum Conversations {
+    #[default]
+    None,
+    One(String, Conversation),
+    Many(BTreeMap<String, Conversation>),
+}
+
+impl Conversations {
+    fn len(&self) -> usize {
+        match self {
+            Self::None => 0,
+            Self::One(..) => 1,
+            Self::Many(map) => map.len(),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn get(&self, id: &str) -> Option<&Conversation> {
+        match self {
+            Self::One(key, conversation) if key == id => Some(conversation),
+            Self::Many(map) => map.get(id),
+            _ => None,
+        }
+    }
+
+    fn get_mut(&mut self, id: &str) -> Option<&mut Conversation> {
+        match self {
+            Self::One(key, conversation) if key == id => Some(conversation),
+            Self::Many(map) => map.get_mut(id),
+            _ => None,
+        }
+    }
+
+    /// In character id order: O(log n) to the first, O(1) to each next.
+    fn iter(&self) -> impl Iterator<Item = (&String, &Conversation)> {
+        let (one, many) = match self {
+            Self::None => (None, None),
+            Self::One(key, conversation) => (Some((key, conversation)), None),
+            Self::Many(map) => (None, Some(map.iter())),
+        };
+        one.into_iter().chain(many.into_iter().flatten())
+    }
+
+    /// Puts `fresh()` under `id` unless a conversation is there; whether it
+    /// did.
+    fn insert_if_absent(&mut self, id: &str, fresh: impl FnOnce() -> Conversation) -> bool {
+        let mut added = false;
+        *self = match std::mem::take(self) {
+            Self::None => {
+                added = true;
+                Self::One(id.to_owned(), fresh())
+            }
+            Self::One(key, conversation) if key == id => Self::One(key, conversation),
+            Self::One(key, conversation) => {
+                added = true;
+                Self::Many(BTreeMap::from([
+                    (key, conversation),
+                    (id.to_owned(), fresh()),
+                ]))
+            }
+            Self::Many(mut map) => {
+                if !map.contains_key(id) {
+                    added = true;
+                    map.insert(id.to_owned(), fresh());
+                }
+                Self::Many(map)
+            }
+        };
+        added
+    }
+
+    fn retain_live(&mut self, now: u64) {
+        match self {
+            Self::None => {}
+            Self::One(_, conversation) => {
+                if !conversation.is_live(now) {
+                    *self = Self::None;
+                }
+            }
+            Self::Many(map) => map.retain(|_, c| c.is_live(now)),
+        }
+    }
+
+    /// Drops one conversation other than `keep`, the first by character id;
+    /// false if there is none.
+    fn evict_other(&mut self, keep: &str) -> bool {
+        let Self::Many(map) = self else {
+            return false;
+        };
+        let victim = map.keys().find(|id| *id != keep).cloned();
+        victim.is_some_and(|id| map.remove(&id).is_some())
+    }
 }
 
 #[derive(Debug)]
@@ -729,7 +830,7 @@ struct Conversation {
 
 impl Entry for UserUsage {
     fn expire(&mut self, now: u64) -> bool {
-        self.conversations.retain(|_, c| c.is_live(now));
+        self.conversations.retain_live(now);
         !self.conversations.is_empty()
     }
 
@@ -779,18 +880,17 @@ impl UserUsage {
             };
             return (decision, false);
         }
-        let mut added = false;
         let fresh = || Conversation {
             expires_at: now.saturating_add(micros(increment.period)),
             used: Vec::new(),
         };
+        let added = self
+            .conversations
+            .insert_if_absent(increment.character_id, fresh);
         let conversation = self
             .conversations
-            .entry(increment.character_id.to_owned())
-            .or_insert_with(|| {
-                added = true;
-                fresh()
-            });
+            .get_mut(increment.character_id)
+            .expect("insert_if_absent left a conversation under this id");
         if !conversation.is_live(now) {
             // Expired but not swept yet: it starts over, as if new.
             *conversation = fresh();
@@ -805,6 +905,10 @@ impl UserUsage {
                 *n
             }
             None => {
+                if conversation.used.capacity() == 0 {
+                    // Most conversations use one kind: room for one, not four.
+                    conversation.used.reserve_exact(1);
+                }
                 conversation
                     .used
                     .push((increment.kind.to_owned(), increment.amount));
@@ -819,11 +923,9 @@ impl UserUsage {
         (decision, added)
     }
 
-    /// Drops one conversation other than `keep`, the first by character id;
-    /// false if there is none.
+    /// Drops one conversation other than `keep`; false if there is none.
     fn evict_other(&mut self, keep: &str) -> bool {
-        let victim = self.conversations.keys().find(|id| *id != keep).cloned();
-        victim.is_some_and(|id| self.conversations.remove(&id).is_some())
+        self.conversations.evict_other(keep)
     }
 }
 

@@ -15,7 +15,8 @@ use tokio::net::TcpListener;
 use tollgate::{
     config::{self, Config, Overrides},
     limiter::Limiter,
-    metrics, reload, server,
+    metrics::{self, Metrics},
+    reload, server,
     store::{
         Store, breaker::CircuitBreaker, deny_cache::DenyCache, memory::MemoryStore,
         redis::RedisStore,
@@ -207,11 +208,17 @@ fn main() -> ExitCode {
 async fn serve(config: Config, watch: reload::Watch) -> Result<(), String> {
     let settings = &config.settings;
     let policy = Arc::new(config.policy);
+    let metrics = Arc::new(Metrics::new());
     match settings.store.redis_options() {
         None => {
-            tracing::info!("store: memory:// (embedded, this instance only)");
+            let options = settings.store.memory_options();
+            tracing::info!(
+                max_entries = options.max_entries,
+                "store: memory:// (embedded, this instance only)"
+            );
+            let store = MemoryStore::with_options(options, metrics.store_evictions());
             // Surely-denied subjects are answered without the store.
-            serve_with(DenyCache::new(MemoryStore::new()), policy, watch).await
+            serve_with(DenyCache::new(store), policy, watch, metrics).await
         }
         Some(options) => {
             tracing::info!(url = ?options, "store: redis");
@@ -221,7 +228,7 @@ async fn serve(config: Config, watch: reload::Watch) -> Result<(), String> {
                 .map_err(|err| format!("cannot use the store: {err}"))?;
             let store = CircuitBreaker::new(store, settings.store.breaker);
             // In front of the breaker: a cached denial needs neither.
-            serve_with(DenyCache::new(store), policy, watch).await
+            serve_with(DenyCache::new(store), policy, watch, metrics).await
         }
     }
 }
@@ -230,6 +237,7 @@ async fn serve_with<S: Store>(
     store: S,
     policy: Arc<tollgate::rules::Policy>,
     watch: reload::Watch,
+    metrics: Arc<Metrics>,
 ) -> Result<(), String> {
     let settings = &watch.settings;
     let options = server::ServeOptions::from_settings(settings).map_err(|err| err.to_string())?;
@@ -242,7 +250,7 @@ async fn serve_with<S: Store>(
         mutual_tls = settings.tls.as_ref().is_some_and(|tls| tls.client_ca.is_some()),
         "tollgate listening"
     );
-    let limiter = Arc::new(Limiter::new(store, policy));
+    let limiter = Arc::new(Limiter::new(store, policy).with_metrics(metrics));
     let metrics = match settings.metrics_listen {
         None => None,
         Some(address) => {

@@ -21,6 +21,7 @@ use crate::{
     rules::Policy,
     store::{
         breaker::BreakerOptions,
+        memory::MemoryOptions,
         redis::{RedisOptions, RedisTls, mask_url_password},
     },
 };
@@ -137,6 +138,9 @@ pub struct StoreSettings {
     /// The client certificate and key tollgate presents to a `rediss://`
     /// server that asks for one (`tls-auth-clients yes`).
     pub tls_client: Option<ClientCertFiles>,
+    /// `store.max_entries`: the most counters and conversations the memory
+    /// store holds before it evicts the least recently used.
+    pub max_entries: usize,
 }
 
 /// A PEM certificate and its private key, as files.
@@ -170,6 +174,13 @@ impl StoreSettings {
             )),
         };
         Ok(RedisTls { ca, client })
+    }
+
+    /// How the memory store bounds itself.
+    pub fn memory_options(&self) -> MemoryOptions {
+        MemoryOptions {
+            max_entries: self.max_entries,
+        }
     }
 
     /// Redis connection options, or `None` for the memory store.

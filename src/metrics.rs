@@ -9,6 +9,7 @@
 //! | `tollgate_store_errors_total` | counter | `operation`, `error` = timeout, unavailable, protocol, circuit_open |
 //! | `tollgate_circuit_breaker_open` | gauge | (1 while the breaker is open) |
 //! | `tollgate_requests_in_flight` | gauge | |
+//! | `tollgate_envoy_untrusted_values_total` | counter | `reason` = subject_too_long, subject_empty, tier_unknown |
 //!
 //! Subjects, user ids and store URLs never become labels: they are unbounded
 //! or secret.
@@ -64,6 +65,25 @@ pub enum Operation {
     list_usage,
 }
 
+/// Why the Envoy door counted a descriptor value other than as sent,
+/// where CheckLimit would refuse it (see [`crate::service::envoy`]).
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum UntrustedValue {
+    /// A subject over [`crate::limiter::MAX_ID_BYTES`], counted under its
+    /// digest.
+    subject_too_long,
+    /// An empty subject, counted as one subject like any other.
+    subject_empty,
+    /// A tier no one configured: the default tier applies.
+    tier_unknown,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UntrustedLabels {
+    reason: UntrustedValue,
+}
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DecisionLabels {
     rule: String,
@@ -100,6 +120,7 @@ pub struct Metrics {
     store_errors: Family<ErrorLabels, Counter>,
     breaker_open: Gauge<i64, AtomicI64>,
     in_flight: Gauge<i64, AtomicI64>,
+    untrusted: Family<UntrustedLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -151,6 +172,12 @@ impl Metrics {
             "Requests being decided now",
             in_flight.clone(),
         );
+        let untrusted = Family::default();
+        registry.register(
+            "envoy_untrusted_values",
+            "Envoy descriptor values counted other than as sent, by reason",
+            Family::clone(&untrusted),
+        );
         Self {
             registry,
             decisions,
@@ -159,6 +186,7 @@ impl Metrics {
             store_errors,
             breaker_open,
             in_flight,
+            untrusted,
         }
     }
 
@@ -249,6 +277,13 @@ impl Metrics {
     pub fn in_flight(&self) -> InFlight {
         self.in_flight.inc();
         InFlight(self.in_flight.clone())
+    }
+
+    /// Counts one Envoy descriptor value taken other than as sent.
+    pub fn untrusted_value(&self, reason: UntrustedValue) {
+        self.untrusted
+            .get_or_create(&UntrustedLabels { reason })
+            .inc();
     }
 
     /// Requests being decided right now.

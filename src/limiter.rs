@@ -5,9 +5,10 @@
 //! speaks to it (an Envoy rate-limit door, a benchmark) goes through the same
 //! checks.
 
-use std::{sync::Arc, time::Duration};
+use std::{borrow::Cow, fmt::Write as _, sync::Arc, time::Duration};
 
 use arc_swap::ArcSwap;
+use sha2::{Digest as _, Sha256};
 
 use crate::{
     metrics::{Metrics, Operation, Outcome, PolicyCounters},
@@ -17,6 +18,48 @@ use crate::{
 
 /// The longest subject, user id or character id accepted, in bytes.
 pub const MAX_ID_BYTES: usize = 256;
+
+/// Sits between the head of an over-long subject and the hex SHA-256 of the
+/// whole value in its digested form (see [`untrusted_subject`]).
+pub const DIGEST_MARK: &str = "#sha256:";
+
+/// The subject a value from an untrusted caller is counted under: the value
+/// itself when at most [`MAX_ID_BYTES`] (empty included), else a digest of
+/// the whole value, so that no value is refused.
+///
+/// The digested form is the value's first [`MAX_ID_BYTES`] bytes (cut back
+/// to a character boundary, so 253 to 256 bytes), then [`DIGEST_MARK`], then
+/// the 64 hex digits of the SHA-256 of the whole value: 325 to 328 bytes.
+/// - No subject counted as sent can equal a digested one: every subject
+///   counted as sent, through either door, is at most [`MAX_ID_BYTES`] long,
+///   every digested one longer. So a value that merely looks like a digest
+///   (`…#sha256:<hex>`, at most 256 bytes) is its own subject, and a longer
+///   one is digested again, never taken for the value it digests.
+/// - Two digested subjects are equal exactly when their digests are (the
+///   digest is the fixed-length tail, and the head follows from the value):
+///   equal values share a counter, different values would need a SHA-256
+///   collision to.
+/// - The head keeps counters readable in `redis-cli`; the key length stays
+///   bounded whatever the value's length.
+pub fn untrusted_subject(value: &str) -> Cow<'_, str> {
+    if value.len() <= MAX_ID_BYTES {
+        return Cow::Borrowed(value);
+    }
+    // Index 0 is a boundary, so the loop ends; it runs at most 3 times.
+    let mut head = MAX_ID_BYTES;
+    while !value.is_char_boundary(head) {
+        head -= 1;
+    }
+    let digest = Sha256::digest(value.as_bytes());
+    let mut subject = String::with_capacity(head + DIGEST_MARK.len() + 2 * digest.len());
+    subject.push_str(&value[..head]);
+    subject.push_str(DIGEST_MARK);
+    for byte in digest {
+        // Writing to a String cannot fail.
+        let _ = write!(subject, "{byte:02x}");
+    }
+    Cow::Owned(subject)
+}
 
 /// The `retry_after` of a degraded denial: the store is down, so there is
 /// no window to compute from; this asks callers to back off briefly.
@@ -205,7 +248,20 @@ impl<S: Store> Limiter<S> {
     /// A store failure is an error: callers that must not degrade (the Envoy
     /// door, where Envoy's own `failure_mode_deny` decides) use this.
     pub async fn check_limit(&self, request: CheckRequest<'_>) -> Result<CheckOutcome, Error> {
-        self.check(request, false).await
+        self.check(request, false, Trust::Trusted).await
+    }
+
+    /// Like [`Self::check_limit`], for a door whose values come from clients
+    /// that cannot be told of a bad one (the Envoy door, where an error lets
+    /// the request through): no subject or tier value is an error. The
+    /// subject is counted under [`untrusted_subject`] of it, and an unknown
+    /// tier is the default tier. An unknown rule is still an error: rules
+    /// come from the door's own mapping, not from the client.
+    pub async fn check_limit_untrusted(
+        &self,
+        request: CheckRequest<'_>,
+    ) -> Result<CheckOutcome, Error> {
+        self.check(request, false, Trust::Untrusted).await
     }
 
     /// Like [`Self::check_limit`], but a store failure is answered by the
@@ -214,21 +270,40 @@ impl<S: Store> Limiter<S> {
         &self,
         request: CheckRequest<'_>,
     ) -> Result<CheckOutcome, Error> {
-        self.check(request, true).await
+        self.check(request, true, Trust::Trusted).await
     }
 
-    async fn check(&self, request: CheckRequest<'_>, degrade: bool) -> Result<CheckOutcome, Error> {
+    async fn check(
+        &self,
+        request: CheckRequest<'_>,
+        degrade: bool,
+        trust: Trust,
+    ) -> Result<CheckOutcome, Error> {
         let _in_flight = self.metrics.in_flight();
         let in_force = self.in_force.load();
         let policy = &in_force.policy;
-        validate_id("subject", request.subject)?;
+        let subject = match trust {
+            Trust::Trusted => {
+                validate_id("subject", request.subject)?;
+                Cow::Borrowed(request.subject)
+            }
+            Trust::Untrusted => untrusted_subject(request.subject),
+        };
         let rule = policy.rule(request.rule).ok_or_else(|| Error::Unknown {
             field: "rule",
             what: "rule",
             name: request.rule.to_owned(),
             known: join(policy.rules().map(|r| r.name())),
         })?;
-        let tier = resolve_tier(policy, request.tier)?;
+        let tier = match trust {
+            Trust::Trusted => resolve_tier(policy, request.tier)?,
+            Trust::Untrusted => {
+                let tiers = policy.tiers();
+                tiers
+                    .resolve(request.tier)
+                    .unwrap_or_else(|| tiers.default_tier())
+            }
+        };
         let limit = rule.limit(tier);
         let decided = self
             .metrics
@@ -236,7 +311,7 @@ impl<S: Store> Limiter<S> {
                 Operation::check_limit,
                 self.store.check_limit(&LimitCheck {
                     rule: rule.name(),
-                    subject: request.subject,
+                    subject: &subject,
                     algorithm: rule.algorithm(),
                     limit,
                     window: rule.window(),
@@ -400,6 +475,15 @@ impl<S: Store> Limiter<S> {
     }
 }
 
+/// Whether a request's values come from a caller that can be told of a
+/// bad one (an INVALID_ARGUMENT) or not (see
+/// [`Limiter::check_limit_untrusted`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Trust {
+    Trusted,
+    Untrusted,
+}
+
 fn kind_usages(policy: &Policy, counters: &ConversationCounters, tier: Tier) -> Vec<KindUsage> {
     policy
         .quotas()
@@ -437,4 +521,64 @@ fn validate_id(field: &'static str, id: &str) -> Result<(), Error> {
 
 fn join<'a>(names: impl Iterator<Item = &'a str>) -> String {
     names.collect::<Vec<_>>().join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subjects_up_to_the_limit_are_counted_as_sent() {
+        for value in ["", "jo", &"x".repeat(MAX_ID_BYTES)] {
+            assert!(matches!(untrusted_subject(value), Cow::Borrowed(v) if v == value));
+        }
+    }
+
+    #[test]
+    fn longer_subjects_are_their_head_and_the_digest_of_the_whole() {
+        let value = "x".repeat(MAX_ID_BYTES + 1);
+        let subject = untrusted_subject(&value);
+        // The SHA-256 of 257 times "x".
+        let digest = format!("{:x}", Sha256::digest(value.as_bytes()));
+        assert_eq!(subject, format!("{}#sha256:{digest}", "x".repeat(256)));
+        assert_eq!(untrusted_subject(&value), subject, "deterministic");
+        // Same head, another tail: another subject.
+        let other = format!("{}y", "x".repeat(MAX_ID_BYTES));
+        assert_ne!(untrusted_subject(&other), subject);
+    }
+
+    #[test]
+    fn a_head_never_splits_a_character() {
+        // "é" is two bytes, after one "x": byte 256 falls inside one.
+        let value = format!("x{}", "é".repeat(200));
+        let subject = untrusted_subject(&value);
+        let head = subject.split('#').next().unwrap_or_default();
+        assert_eq!(head.len(), 255);
+        assert_eq!(subject.len(), 255 + DIGEST_MARK.len() + 64);
+    }
+
+    #[test]
+    fn no_value_is_confused_with_the_digest_of_another() {
+        let long = "a".repeat(1000);
+        let digested = untrusted_subject(&long).into_owned();
+        // Every digested subject is longer than any subject counted as
+        // sent, the shortest head included: 253 bytes, when a 4-byte
+        // character starts there.
+        let shortest = untrusted_subject(&format!("x{}", "😀".repeat(100))).into_owned();
+        assert_eq!(shortest.len(), 253 + DIGEST_MARK.len() + 64);
+        assert!(shortest.len() > MAX_ID_BYTES);
+        // The digested form sent as a value is over-long itself: digested
+        // again, it is another subject.
+        assert_ne!(untrusted_subject(&digested), digested);
+        // A value that ends like the digest, short enough to be counted as
+        // sent, is its own subject.
+        let lookalike = &digested[digested.len() - 72..];
+        assert!(lookalike.starts_with(DIGEST_MARK));
+        assert_eq!(untrusted_subject(lookalike), lookalike);
+        assert_ne!(untrusted_subject(lookalike), digested);
+        // As long as allowed and digest-shaped: still itself.
+        let padded = format!("{}{lookalike}", "a".repeat(MAX_ID_BYTES - 72));
+        assert_eq!(untrusted_subject(&padded), padded);
+        assert_ne!(untrusted_subject(&padded), digested);
+    }
 }

@@ -10,6 +10,7 @@
 //! | `tollgate_circuit_breaker_open` | gauge | (1 while the breaker is open) |
 //! | `tollgate_requests_in_flight` | gauge | |
 //! | `tollgate_store_evictions_total` | counter | (entries the memory store evicted at `store.max_entries`) |
+//! | `tollgate_envoy_untrusted_values_total` | counter | `reason` = subject_too_long, subject_empty, tier_unknown |
 //!
 //! Subjects, user ids and store URLs never become labels: they are unbounded
 //! or secret.
@@ -65,6 +66,25 @@ pub enum Operation {
     list_usage,
 }
 
+/// Why the Envoy door counted a descriptor value other than as sent,
+/// where CheckLimit would refuse it (see [`crate::service::envoy`]).
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum UntrustedValue {
+    /// A subject over [`crate::limiter::MAX_ID_BYTES`], counted under its
+    /// digest.
+    subject_too_long,
+    /// An empty subject, counted as one subject like any other.
+    subject_empty,
+    /// A tier no one configured: the default tier applies.
+    tier_unknown,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UntrustedLabels {
+    reason: UntrustedValue,
+}
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DecisionLabels {
     rule: String,
@@ -102,6 +122,7 @@ pub struct Metrics {
     breaker_open: Gauge<i64, AtomicI64>,
     in_flight: Gauge<i64, AtomicI64>,
     store_evictions: Counter,
+    untrusted: Family<UntrustedLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -159,6 +180,12 @@ impl Metrics {
             "Entries the memory store evicted, least recently used first, to stay within store.max_entries",
             store_evictions.clone(),
         );
+        let untrusted = Family::default();
+        registry.register(
+            "envoy_untrusted_values",
+            "Envoy descriptor values counted other than as sent, by reason",
+            Family::clone(&untrusted),
+        );
         Self {
             registry,
             decisions,
@@ -168,6 +195,7 @@ impl Metrics {
             breaker_open,
             in_flight,
             store_evictions,
+            untrusted,
         }
     }
 
@@ -265,6 +293,13 @@ impl Metrics {
     pub fn in_flight(&self) -> InFlight {
         self.in_flight.inc();
         InFlight(self.in_flight.clone())
+    }
+
+    /// Counts one Envoy descriptor value taken other than as sent.
+    pub fn untrusted_value(&self, reason: UntrustedValue) {
+        self.untrusted
+            .get_or_create(&UntrustedLabels { reason })
+            .inc();
     }
 
     /// Requests being decided right now.

@@ -63,7 +63,7 @@ both_stores!(
     auth_block_is_seen_through_envoy_and_check_limit,
     envoy_and_check_limit_share_one_window,
     first_rule_by_name_wins_and_a_missing_subject_does_not_match,
-    bad_descriptor_values_are_invalid_argument,
+    untrusted_descriptor_values_are_counted_not_refused,
 );
 
 const DOMAIN: &str = "tollgate";
@@ -502,39 +502,116 @@ async fn first_rule_by_name_wins_and_a_missing_subject_does_not_match(backend: B
     assert_eq!(left(&server, "a_by_user", "ida").await, 2);
 }
 
-async fn bad_descriptor_values_are_invalid_argument(backend: Backend) {
+async fn untrusted_descriptor_values_are_counted_not_refused(backend: Backend) {
     let server = backend.serve_shipped().await;
     let mut client = envoy(&server).await;
+    let api_user = |user: &str| descriptor(&[("generic_key", "api"), ("user_id", user)]);
+    // api: 100 per 15m for free, the default tier.
+    let remaining = async |client: &mut RateLimitServiceClient<Channel>, d: RateLimitDescriptor| {
+        let status = one(client, d, 0).await;
+        assert_eq!(code(&status), Code::Ok, "{status:?}");
+        assert_eq!(status.current_limit, limit("api", 100, Unit::Hour));
+        status.limit_remaining
+    };
 
-    let cases = [
+    // An over-long subject is counted under its digest: the same value
+    // shares a counter, a value with the same first 256 bytes does not.
+    let long = "x".repeat(300);
+    let long_too = format!("{}{}", "x".repeat(256), "y".repeat(44));
+    assert_eq!(remaining(&mut client, api_user(&long)).await, 99);
+    assert_eq!(remaining(&mut client, api_user(&long)).await, 98);
+    assert_eq!(remaining(&mut client, api_user(&long_too)).await, 99);
+    // Neither is confused with what it digests to: sent as a subject, the
+    // digested form (over 256 bytes) is digested again, and a short value
+    // ending in the same digest is itself.
+    let digested = tollgate::limiter::untrusted_subject(&long).into_owned();
+    assert!(digested.len() > 256, "{digested}");
+    assert_eq!(remaining(&mut client, api_user(&digested)).await, 99);
+    let tail = &digested[digested.len() - 72..];
+    assert!(tail.starts_with("#sha256:"), "{digested}");
+    assert_eq!(remaining(&mut client, api_user(tail)).await, 99);
+    assert_eq!(left(&server, "api", tail).await, 99);
+
+    // An empty subject is one subject like any other.
+    assert_eq!(remaining(&mut client, api_user("")).await, 99);
+    assert_eq!(remaining(&mut client, api_user("")).await, 98);
+
+    // An unknown tier is the default tier, on the subject's one counter.
+    assert_eq!(remaining(&mut client, api_user("jo")).await, 99);
+    let gold = descriptor(&[("generic_key", "api"), ("user_id", "jo"), ("tier", "gold")]);
+    assert_eq!(remaining(&mut client, gold).await, 98);
+    // An empty tier entry is the default tier too, as in CheckLimit, and
+    // is no untrusted value.
+    let empty_tier = descriptor(&[("generic_key", "api"), ("user_id", "jo"), ("tier", "")]);
+    assert_eq!(remaining(&mut client, empty_tier).await, 97);
+
+    // Several bad values in one request: every descriptor gets its status.
+    let response = should(
+        &mut client,
+        DOMAIN,
+        vec![api_user(""), api_user(&long), api("jo")],
+        0,
+    )
+    .await
+    .expect("ShouldRateLimit answers");
+    let left_now: Vec<u32> = response
+        .statuses
+        .iter()
+        .map(|s| s.limit_remaining)
+        .collect();
+    assert_eq!(left_now, [97, 97, 96]);
+
+    let metrics = server.metrics.encode();
+    for line in [
+        r#"tollgate_envoy_untrusted_values_total{reason="subject_too_long"} 5"#,
+        r#"tollgate_envoy_untrusted_values_total{reason="subject_empty"} 3"#,
+        r#"tollgate_envoy_untrusted_values_total{reason="tier_unknown"} 1"#,
+    ] {
+        assert!(metrics.contains(line), "missing {line:?} in:\n{metrics}");
+    }
+
+    // In Redis: one counter per over-long value, under the encoded
+    // `#sha256:` mark ("%23sha256%3A") after its head, its key bounded in
+    // length; and the short lookalike's own counter.
+    if backend.kind() == StoreKind::Redis {
+        let keys = backend.redis().cli(&["KEYS", "*%23sha256%3A*"]);
+        let mut keys: Vec<&str> = keys.lines().collect();
+        keys.sort_by_key(|key| key.len());
+        assert_eq!(keys.len(), 4, "{keys:?}");
+        assert!(keys[0].contains("{rl:api:%23sha256%3A"), "{keys:?}");
+        for key in &keys[1..] {
+            assert!(key.contains(&format!("{{rl:api:{}%23sha256%3A", "x".repeat(256))));
+            assert!(key.len() < 400, "{key}");
+        }
+    }
+
+    // CheckLimit's callers are trusted services: the same values are their
+    // bug, and INVALID_ARGUMENT tells them so.
+    for (subject, tier, message) in [
+        ("", "", "subject: must not be empty"),
         (
-            descriptor(&[("generic_key", "api"), ("user_id", "")]),
-            r#"descriptors[1]: entry "user_id" (subject of rule "api"): must not be empty"#,
+            long.as_str(),
+            "",
+            "subject: must be at most 256 bytes, got 300",
         ),
         (
-            descriptor(&[("generic_key", "api"), ("user_id", &"x".repeat(257))]),
-            r#"descriptors[1]: entry "user_id" (subject of rule "api"): must be at most 256 bytes, got 257"#,
+            "jo",
+            "gold",
+            r#"tier: unknown tier "gold"; known: free, premium"#,
         ),
-        (
-            descriptor(&[("generic_key", "api"), ("user_id", "jo"), ("tier", "gold")]),
-            r#"descriptors[1]: entry "tier" (tier of rule "api"): unknown tier "gold"; known: free, premium"#,
-        ),
-    ];
-    for (bad, message) in cases {
-        let err = should(&mut client, DOMAIN, vec![api("jo"), bad], 0)
+    ] {
+        let err = server
+            .check(CheckLimitRequest {
+                rule: "api".to_owned(),
+                subject: subject.to_owned(),
+                tier: tier.to_owned(),
+                ..CheckLimitRequest::default()
+            })
             .await
-            .expect_err("a bad descriptor fails the request");
+            .expect_err("CheckLimit refuses a bad value");
         assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
         assert_eq!(err.message(), message);
     }
-    // An empty tier entry is the default tier, as in CheckLimit.
-    let status = one(
-        &mut client,
-        descriptor(&[("generic_key", "api"), ("user_id", "jo"), ("tier", "")]),
-        0,
-    )
-    .await;
-    assert_eq!(status.current_limit, limit("api", 100, Unit::Hour));
 }
 
 // ---- Redis only --------------------------------------------------------

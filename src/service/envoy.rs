@@ -24,8 +24,15 @@
 //!   missing from a request, and does not match: the next rule is tried.
 //!   When several rules apply, the first by rule name wins.
 //! - The `tier` entry's value names the tier; without that entry (or
-//!   without a `tier` key in the mapping) the default tier applies. An
-//!   unknown tier is INVALID_ARGUMENT, as in CheckLimit.
+//!   without a `tier` key in the mapping) the default tier applies.
+//! - Descriptor values are untrusted (see Errors): an unknown tier is the
+//!   default tier; an empty subject is one subject like any other; a
+//!   subject over 256 bytes is counted under a SHA-256 digest of the whole
+//!   value ([`limiter::untrusted_subject`] shows why no subject counted as
+//!   sent can share its counter). Each such value counts once in
+//!   `tollgate_envoy_untrusted_values_total{reason}`. CheckLimit, whose
+//!   callers are trusted services that should learn of their bug, still
+//!   answers INVALID_ARGUMENT for the same values.
 //! - The cost is the descriptor's `hits_addend` where set, else the
 //!   request's `hits_addend`, where 0 (unset in proto3) means 1. A
 //!   descriptor `hits_addend` explicitly set to 0 checks without counting
@@ -46,11 +53,14 @@
 //!
 //! Store failures (timeouts, Redis down, an unexpected reply) are always
 //! UNAVAILABLE: Envoy then applies its own `failure_mode_deny`, the
-//! operator's switch between failing open and closed. An invalid subject
-//! (empty, over 256 bytes) or an unknown tier is INVALID_ARGUMENT naming the
-//! descriptor and entry; Envoy treats that as a failure too, so take
-//! subjects and tiers from sources a client cannot stretch (the remote
-//! address, a verified JWT claim) or set `failure_mode_deny`.
+//! operator's switch between failing open and closed.
+//!
+//! No descriptor value is ever an error. Envoy's default
+//! (`failure_mode_deny: false`) allows a request on any error, so a client
+//! that controls the header behind a subject or tier would otherwise skip
+//! its limit by sending a bad value. (The one other error: a rule removed
+//! by a reload between the door's reading of the policy and the limiter's
+//! is UNAVAILABLE, since the same request succeeds when retried.)
 //!
 //! # Known limitations
 //!
@@ -79,6 +89,7 @@ use tracing::{Span, instrument};
 
 use crate::{
     limiter::{self, CheckRequest, Limiter},
+    metrics::UntrustedValue,
     rules::{EnvoyMatch, Policy, Rule},
     store::Store,
 };
@@ -150,31 +161,27 @@ impl<S: Store> EnvoyService<S> {
         descriptor: &RateLimitDescriptor,
         request_hits: u32,
     ) -> Result<DescriptorStatus, Status> {
-        let Some(applied) = find_rule(policy, descriptor) else {
+        let Some(mapped) = map_descriptor(policy, descriptor, request_hits) else {
             return Ok(unmatched());
         };
-        let tier = applied
-            .mapping
-            .tier()
-            .and_then(|key| entry(descriptor, key))
-            .unwrap_or("");
-        let (cost, dry_run) = cost(descriptor.hits_addend.map(|h| h.value), request_hits);
+        for &reason in &mapped.untrusted {
+            tracing::debug!(
+                rule = mapped.rule.name(),
+                ?reason,
+                "descriptor value taken other than as sent"
+            );
+            self.limiter.metrics().untrusted_value(reason);
+        }
         let outcome = self
             .limiter
-            .check_limit(CheckRequest {
-                rule: applied.rule.name(),
-                subject: applied.subject,
-                tier,
-                cost,
-                dry_run,
-            })
+            .check_limit_untrusted(mapped.request())
             .await
-            .map_err(|err| to_status(index, &applied, err))?;
+            .map_err(|err| to_status(index, &mapped, err))?;
         let decision = outcome.decision;
         // The limiter reports what would be left after the hit; a check
         // that counts nothing reports what is left now.
-        let remaining = if dry_run && decision.allowed {
-            decision.remaining.saturating_add(u64::from(cost))
+        let remaining = if mapped.dry_run && decision.allowed {
+            decision.remaining.saturating_add(u64::from(mapped.cost))
         } else {
             decision.remaining
         };
@@ -185,9 +192,9 @@ impl<S: Store> EnvoyService<S> {
                 Code::OverLimit
             } as i32,
             current_limit: Some(RateLimit {
-                name: applied.rule.name().to_owned(),
+                name: mapped.rule.name().to_owned(),
                 requests_per_unit: saturate(outcome.limit),
-                unit: unit_for(applied.rule.window()) as i32,
+                unit: unit_for(mapped.rule.window()) as i32,
             }),
             limit_remaining: saturate(remaining),
             duration_until_reset: Some(wire_duration(decision.reset_after)),
@@ -196,32 +203,90 @@ impl<S: Store> EnvoyService<S> {
     }
 }
 
-/// The rule a descriptor falls under, and its subject.
-#[derive(Debug)]
-struct Applied<'a> {
-    rule: &'a Rule,
-    mapping: &'a EnvoyMatch,
-    subject: &'a str,
+/// What one descriptor asks of the limiter, worked out from the policy
+/// alone (no store, no metrics), by [`map_descriptor`].
+#[derive(Debug, Clone)]
+pub struct Mapped<'a> {
+    /// The rule the descriptor falls under.
+    pub rule: &'a Rule,
+    /// That rule's Envoy mapping.
+    pub mapping: &'a EnvoyMatch,
+    /// The subject entry's value as sent, of any length, empty included:
+    /// [`Limiter::check_limit_untrusted`] counts it under
+    /// [`limiter::untrusted_subject`] of it.
+    pub subject: &'a str,
+    /// The tier entry's value when it names a configured tier, else empty:
+    /// the default tier.
+    pub tier: &'a str,
+    /// Hits to spend, at least 1.
+    pub cost: u32,
+    /// Check without counting.
+    pub dry_run: bool,
+    /// The values taken other than as sent, one reason each.
+    pub untrusted: Vec<UntrustedValue>,
 }
 
-/// The first rule by name whose mapping the descriptor matches: it holds every
-/// `match` entry and the subject entry.
-fn find_rule<'a>(policy: &'a Policy, descriptor: &'a RateLimitDescriptor) -> Option<Applied<'a>> {
+impl Mapped<'_> {
+    /// The question for [`Limiter::check_limit_untrusted`].
+    pub fn request(&self) -> CheckRequest<'_> {
+        CheckRequest {
+            rule: self.rule.name(),
+            subject: self.subject,
+            tier: self.tier,
+            cost: self.cost,
+            dry_run: self.dry_run,
+        }
+    }
+}
+
+/// Maps a descriptor onto the first rule by name whose mapping it matches
+/// (it holds every `match` entry and the subject entry), with the subject,
+/// tier and cost to decide by; `None` when no rule applies. Any descriptor
+/// maps, whatever its values: a bad value is noted in
+/// [`Mapped::untrusted`], never refused. `request_hits` is the request's
+/// `hits_addend`.
+pub fn map_descriptor<'a>(
+    policy: &'a Policy,
+    descriptor: &'a RateLimitDescriptor,
+    request_hits: u32,
+) -> Option<Mapped<'a>> {
     let entries = descriptor
         .entries
         .iter()
         .map(|e| (e.key.as_str(), e.value.as_str()));
-    policy.rules().find_map(|rule| {
+    let (rule, mapping, subject) = policy.rules().find_map(|rule| {
         let mapping = rule.envoy()?;
         if !mapping.matches(entries.clone()) {
             return None;
         }
         let subject = entry(descriptor, mapping.subject())?;
-        Some(Applied {
-            rule,
-            mapping,
-            subject,
-        })
+        Some((rule, mapping, subject))
+    })?;
+    let mut untrusted = Vec::new();
+    if subject.is_empty() {
+        untrusted.push(UntrustedValue::subject_empty);
+    } else if subject.len() > limiter::MAX_ID_BYTES {
+        untrusted.push(UntrustedValue::subject_too_long);
+    }
+    let sent_tier = mapping
+        .tier()
+        .and_then(|key| entry(descriptor, key))
+        .unwrap_or("");
+    let tier = if policy.tiers().resolve(sent_tier).is_some() {
+        sent_tier
+    } else {
+        untrusted.push(UntrustedValue::tier_unknown);
+        ""
+    };
+    let (cost, dry_run) = cost(descriptor.hits_addend.map(|h| h.value), request_hits);
+    Some(Mapped {
+        rule,
+        mapping,
+        subject,
+        tier,
+        cost,
+        dry_run,
+        untrusted,
     })
 }
 
@@ -281,34 +346,14 @@ fn unmatched() -> DescriptorStatus {
     }
 }
 
-/// The limiter's errors, as this door reports them: the store's are always
-/// UNAVAILABLE (Envoy's `failure_mode_deny` then decides), bad descriptor
-/// values INVALID_ARGUMENT naming the descriptor and entry.
-fn to_status(index: usize, applied: &Applied<'_>, err: limiter::Error) -> Status {
-    let rule = applied.rule.name();
-    // The limiter names its request fields; the operator knows entries.
-    let entry_key = |field: &'static str| match field {
-        "tier" => applied.mapping.tier().unwrap_or("tier"),
-        _ => applied.mapping.subject(),
-    };
-    match err {
-        limiter::Error::Store(err) => {
-            Status::unavailable(format!("descriptors[{index}]: rule {rule:?}: {err}"))
-        }
-        limiter::Error::InvalidArgument { field, problem } => Status::invalid_argument(format!(
-            "descriptors[{index}]: entry {:?} ({field} of rule {rule:?}): {problem}",
-            entry_key(field)
-        )),
-        limiter::Error::Unknown {
-            field,
-            what,
-            name,
-            known,
-        } => Status::invalid_argument(format!(
-            "descriptors[{index}]: entry {:?} ({field} of rule {rule:?}): unknown {what} {name:?}; known: {known}",
-            entry_key(field)
-        )),
-    }
+/// The limiter's errors, as this door reports them. The store's are always
+/// UNAVAILABLE (Envoy's `failure_mode_deny` then decides). The limiter
+/// refuses no descriptor value on this path, so its only other error is a
+/// rule that a reload removed after [`map_descriptor`] found it: also
+/// UNAVAILABLE, as a retry is decided by the new policy.
+fn to_status(index: usize, mapped: &Mapped<'_>, err: limiter::Error) -> Status {
+    let rule = mapped.rule.name();
+    Status::unavailable(format!("descriptors[{index}]: rule {rule:?}: {err}"))
 }
 
 fn saturate(n: u64) -> u32 {
@@ -366,6 +411,60 @@ mod tests {
         assert_eq!(cost(Some(3), 7), (3, false));
         assert_eq!(cost(Some(0), 7), (1, true));
         assert_eq!(cost(Some(u64::MAX), 0), (u32::MAX, false));
+    }
+
+    #[test]
+    fn bad_values_map_and_are_noted() {
+        use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry;
+        let policy = crate::config::load_str(
+            r#"
+            [tiers]
+            names = ["free", "premium"]
+            default = "free"
+            [rules.api]
+            window = "1m"
+            limit = 5
+            envoy = { match = { generic_key = "api" }, subject = "user_id", tier = "tier" }
+            [quotas]
+            period = "24h"
+            "#,
+            "test",
+        )
+        .unwrap_or_else(|err| panic!("a valid policy: {err}"))
+        .policy;
+        let descriptor = |user: &str, tier: &str| RateLimitDescriptor {
+            entries: [("generic_key", "api"), ("user_id", user), ("tier", tier)]
+                .into_iter()
+                .map(|(key, value)| Entry {
+                    key: key.to_owned(),
+                    value: value.to_owned(),
+                })
+                .collect(),
+            ..RateLimitDescriptor::default()
+        };
+        let map = |d: RateLimitDescriptor| {
+            map_descriptor(&policy, &d, 0)
+                .map(|m| (m.subject.len(), m.tier.to_owned(), m.untrusted.clone()))
+        };
+        use UntrustedValue::*;
+        assert_eq!(
+            map(descriptor("jo", "premium")),
+            Some((2, "premium".into(), vec![]))
+        );
+        assert_eq!(map(descriptor("jo", "")), Some((2, "".into(), vec![])));
+        assert_eq!(
+            map(descriptor("jo", "gold")),
+            Some((2, "".into(), vec![tier_unknown]))
+        );
+        assert_eq!(
+            map(descriptor("", "free")),
+            Some((0, "free".into(), vec![subject_empty]))
+        );
+        let long = "x".repeat(257);
+        assert_eq!(
+            map(descriptor(&long, "gold")),
+            Some((257, "".into(), vec![subject_too_long, tier_unknown]))
+        );
     }
 
     #[test]

@@ -21,6 +21,7 @@ use tokio_stream::StreamExt;
 use tollgate::{
     config::{self, Config},
     limiter::Limiter,
+    metrics::Metrics,
     proto::{
         CheckLimitRequest, CheckLimitResponse, GetUsageRequest, GetUsageResponse,
         IncrementUsageRequest, IncrementUsageResponse, ListUsageRequest, ListUsageResponse,
@@ -162,6 +163,8 @@ pub(crate) struct TestServer {
     pub(crate) addr: SocketAddr,
     /// The store timeout the instance runs with.
     pub(crate) store_timeout: Duration,
+    /// The metrics the instance records into.
+    pub(crate) metrics: Arc<Metrics>,
     /// `tollgate.v1.RateLimiter`.
     pub(crate) rate: RateLimiterClient<Channel>,
     /// `tollgate.v1.UsageQuota`.
@@ -187,6 +190,7 @@ impl TestServer {
             .local_addr()
             .expect("a bound listener has an address");
         let limiter = Arc::new(Limiter::new(store, Arc::new(config.policy.clone())));
+        let metrics = Arc::clone(limiter.metrics());
         let (shutdown, stop) = oneshot::channel::<()>();
         let task = tokio::spawn(server::run(limiter, listener, async {
             // A dropped sender stops the server too.
@@ -203,6 +207,7 @@ impl TestServer {
         Self {
             addr,
             store_timeout: config.settings.store.timeout,
+            metrics,
             rate: RateLimiterClient::new(channel.clone()),
             quota: UsageQuotaClient::new(channel.clone()),
             health: HealthClient::new(channel.clone()),

@@ -205,12 +205,13 @@ CHECK_ARGS=(--call check-limit --rule soak)
 USAGE_ARGS=(--call increment-usage --kind text --tier premium)
 
 # ---- Warm-up: the same load, then the first RSS ------------------------------
-# With a 2 s pause of Redis in the middle: tollgate's memory takes a step
-# the first time every generator's 200 requests are in flight at once (a
-# store stall, or the machine's), and stays there; without a stall in the
-# warm-up, RSS read after it was 11-17 % below the level RSS then kept,
-# flat, from the first minute to the end of 10-minute soaks. The goal is
-# about growth during the soak, so the warm-up takes that step first.
+# With a 2 s pause of Redis in the middle. tollgate's RSS moves in steps of
+# 3-5 MiB with the load's peaks, when every generator's 200 requests are in
+# flight at once (a store stall, or the machine's): without a stall in the
+# warm-up, the reading after it came 11-17 % below the level RSS then kept,
+# flat between short spikes, from the soak's first stall to its end. The
+# goal is about growth during the soak, so the first reading is taken right
+# after such a peak too.
 echo "warm-up: ${WARMUP_S} s at $((2 * RATE)) req/s, Redis paused 2 s in it ..." >&2
 WARMUP_T0=$(now)
 drive warmup_check "$WARMUP_S" "${CHECK_ARGS[@]}" &

@@ -16,7 +16,7 @@
 # Environment:
 #   RUNS=1          runs; figures are medians over them
 #   DURATION=5      seconds per scenario
-#   SUBJECTS=10000  distinct subjects in (a), (b), (d), (e), (f)
+#   SUBJECTS=10000  distinct subjects in (a), (b), (d), (e), (f), (g)
 #   WARMUP=1        seconds of uncounted load before each scenario, on the
 #                   connection it then measures (0: none)
 #   CLIENT_THREADS=1  tollgate-bench's runtime threads
@@ -35,6 +35,8 @@
 #   (d) IncrementUsage on 10,000 conversations (premium: unlimited, counted)
 #   (e) ShouldRateLimit, one descriptor (generic_key api_log), as (a)
 #   (f) (a) on the memory store
+#   (g) cost-heavy: CheckLimit on Redis, rule tokens (sliding_log,
+#       100,000,000 per minute), costs drawn from 1 to 100,000
 # Baselines on the same Redis: redis-benchmark -P 1 with tollgate's own
 # sliding_log script by EVALSHA over 10,000 keys, and a plain INCR.
 set -euo pipefail
@@ -59,10 +61,10 @@ CORES=$(nproc)
 TOLLGATE_THREADS=${TOLLGATE_THREADS:-$((CORES > 1 ? CORES - 1 : 1))}
 SKIP_BUILD=${SKIP_BUILD:-0}
 KEEP=${KEEP:-0}
-# 13 scenarios of DURATION (plus set-up, which takes seconds on a busy
+# 14 scenarios of DURATION (plus set-up, which takes seconds on a busy
 # machine) per run, the memory measurements and start-up; a build is
 # bounded on its own.
-MAX_SECONDS=${MAX_SECONDS:-$((180 + RUNS * 14 * (DURATION + WARMUP + 8)))}
+MAX_SECONDS=${MAX_SECONDS:-$((180 + RUNS * 15 * (DURATION + WARMUP + 8)))}
 CONFIG=bench/tollgate-bench.toml
 TOLLGATE=target/release/tollgate
 BENCH=target/release/tollgate-bench
@@ -196,7 +198,7 @@ measure_memory() {
         rule=${rule_limit%%:*}
         limit=${rule_limit##*:}
         fill "$rule" "$limit" ""
-        key="aim:{rl:$rule:bench-0}:log"
+        key="aim:{rl:$rule:bench-0}:calls"
         printf 'sliding_log\t%s\t%s\t%s\n' "$rule" "$limit" "$(usage "$key")" >>"$MEMORY"
     done
     # The auth lock-out: one more attempt starts the block.
@@ -206,22 +208,27 @@ measure_memory() {
     fill api_counter 100 ""
     printf 'sliding_counter\tapi_counter\t100\t%s\n' \
         "$(usage 'aim:{rl:api_counter:bench-0}:ctr')" >>"$MEMORY"
-    # Bytes per hit: api for bench-0 holds 100 hits; premium fills it on.
-    # A sorted set stays a compact listpack up to zset-max-listpack-entries
-    # (128) entries, then becomes a skiplist.
-    local at1 at100 at128 at1000 key='aim:{rl:api:bench-1}:log'
-    bench "$REDIS_TG_ADDR" --rule api --subjects 2 -c 1 -n 2 >/dev/null # bench-1: 1 hit
+    # Bytes per counted call: api for bench-1 holds 100 calls; premium
+    # fills it on. A sorted set stays a compact listpack up to
+    # zset-max-listpack-entries (128) members, then becomes a skiplist.
+    local at1 at100 at128 at1000 key='aim:{rl:api:bench-1}:calls'
+    bench "$REDIS_TG_ADDR" --rule api --subjects 2 -c 1 -n 2 >/dev/null # bench-1: 1 call
     at1=$(usage "$key")
-    bench "$REDIS_TG_ADDR" --rule api --subjects 2 -c 1 -n 198 >/dev/null # bench-1: 100 hits
+    bench "$REDIS_TG_ADDR" --rule api --subjects 2 -c 1 -n 198 >/dev/null # bench-1: 100 calls
     at100=$(usage "$key")
     bench "$REDIS_TG_ADDR" --rule api --subjects 2 -c 1 -n 56 --tier premium >/dev/null # 128
     at128=$(usage "$key")
     bench "$REDIS_TG_ADDR" --rule api --subjects 2 -c 1 -n 1744 --tier premium >/dev/null # 1000
     at1000=$(usage "$key")
-    printf 'per hit\tapi\t1..100\t%s\n' "$(python3 -c "print(round(($at100 - $at1) / 99, 1))")" >>"$MEMORY"
+    printf 'per call\tapi\t1..100\t%s\n' "$(python3 -c "print(round(($at100 - $at1) / 99, 1))")" >>"$MEMORY"
     printf 'sliding_log\tapi (premium)\t1000\t%s\n' "$at1000" >>"$MEMORY"
-    printf 'per hit\tapi (premium)\t128..1000\t%s\n' \
+    printf 'per call\tapi (premium)\t128..1000\t%s\n' \
         "$(python3 -c "print(round(($at1000 - $at128) / 872, 1))")" >>"$MEMORY"
+    # A token budget: 1,000 calls of cost 1 to 100,000 are 1,000 members,
+    # whatever their costs add up to.
+    bench "$REDIS_TG_ADDR" --rule tokens --subjects 1 -c 1 -n 1000 --cost 1 --cost-max 100000 >/dev/null
+    printf 'sliding_log\ttokens (1,000 calls of cost 1..100,000)\t1000 calls\t%s\n' \
+        "$(usage 'aim:{rl:tokens:bench-0}:calls')" >>"$MEMORY"
 }
 echo "measuring Redis memory per subject ..." >&2
 measure_memory
@@ -327,10 +334,10 @@ read -r STEAL0 TOTAL0 < <(cpu_steal)
 for run in $(seq "$RUNS"); do
     echo "run $run of $RUNS" >&2
     baseline "$run" base_evalsha_50 "redis-benchmark EVALSHA sliding_log, 10k keys" 50 \
-        EVALSHA "$SLIDING_LOG_SHA" 1 'aim:{rl:rb:__rand_int__}:log' \
+        EVALSHA "$SLIDING_LOG_SHA" 1 'aim:{rl:rb:__rand_int__}:calls' \
         1000000 900000000 1 0 0
     baseline "$run" base_evalsha_200 "redis-benchmark EVALSHA sliding_log, 10k keys" 200 \
-        EVALSHA "$SLIDING_LOG_SHA" 1 'aim:{rl:rb:__rand_int__}:log' \
+        EVALSHA "$SLIDING_LOG_SHA" 1 'aim:{rl:rb:__rand_int__}:calls' \
         1000000 900000000 1 0 0
     baseline "$run" base_incr_50 "redis-benchmark INCR, 10k keys" 50 INCR 'rb:ctr:__rand_int__'
     scenario "$run" a_50 "(a) CheckLimit, Redis, sliding_log" redis --rule api_log --subjects "$SUBJECTS" -c 50
@@ -347,6 +354,8 @@ for run in $(seq "$RUNS"); do
     fi
     scenario "$run" f_50 "(f) CheckLimit, memory store" memory --rule api_log --subjects "$SUBJECTS" -c 50
     scenario "$run" f_200 "(f) CheckLimit, memory store" memory --rule api_log --subjects "$SUBJECTS" -c 200
+    scenario "$run" g_50 "(g) CheckLimit, Redis, costs 1..100,000" redis --rule tokens --cost 1 --cost-max 100000 \
+        --subjects "$SUBJECTS" -c 50
 done
 
 read -r STEAL1 TOTAL1 < <(cpu_steal)
@@ -416,6 +425,8 @@ checks = [
     ("(c) / (f) req/s, c=50", ratio("c_50", "f_50"), ">= 0.9", lambda v: v >= 0.9),
     ("(c) Redis commands / denied request, c=50", med("c_50", "cmds"), "< 0.01", lambda v: v < 0.01),
     ("(f) c=50 tollgate CPU µs/decision", med("f_50", "tg"), "<= 30", lambda v: v <= 30),
+    ("(g) / (a) c=50 Redis CPU µs/decision", None if med("g_50", "rd") is None or med("a_50", "rd") is None
+     else med("g_50", "rd") / med("a_50", "rd"), "<= 1.5", lambda v: v <= 1.5),
 ]
 print("| target | measured | goal | met |")
 print("|---|---:|---:|---|")
@@ -423,12 +434,13 @@ for name, value, goal, ok in checks:
     print(f"| {name} | {fmt(value, '.4f' if value is not None and value < 0.1 else '.2f')} | {goal} | {'-' if value is None else ('yes' if ok(value) else 'NO')} |")
 
 print()
-print("Redis commands/req counts the commands each script runs as well (one sliding_log")
-print("decision: EVALSHA, TIME, ZREMRANGEBYSCORE, ZCARD, ZADD, PEXPIRE = 6).")
+print("Redis commands/req counts the commands each script runs as well (one allowed")
+print("sliding_log decision with nothing to trim: EVALSHA, TIME, ZRANGE oldest, ZRANGE")
+print("newest, ZADD, PEXPIRE = 6).")
 print()
 print("Redis memory per subject (MEMORY USAGE, shipped rules, at the free tier's limit):")
 print()
-print("| algorithm | rule | hits | bytes |")
+print("| algorithm | rule | calls | bytes |")
 print("|---|---|---:|---:|")
 for line in open(memory):
     algorithm, rule, hits, size = line.rstrip("\n").split("\t")

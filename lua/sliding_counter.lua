@@ -52,6 +52,9 @@ window w. estimate = 6 * 45 / 60 + 2 = 6.5. A hit of cost 1 is allowed:
 {1, 2, 0, 105000000, 0} and c becomes 3. A hit of cost 4 is then denied:
 estimate 7.5 + 4 > 10, remaining floor(2.5) = 2, and at 30 s into the window
 6 * 30 / 60 + 3 + 4 = 10 fits, so {0, 2, 15000000, 105000000, 0}.
+
+Bounded work: O(1) whatever the cost or the traffic: three hash fields and
+the block key, never more.
 ]]
 
 assert(#ARGV == 5, 'sliding_counter.lua: expected 5 ARGV (limit, window_us, cost, dry_run, block_us), got ' .. #ARGV)

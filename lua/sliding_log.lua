@@ -1,8 +1,13 @@
 --[[
 sliding_log.lua: an exact sliding-window rate limit, with optional lock-out.
 
-KEYS[1]  the log: a sorted set with one member per counted hit, scored by the
-         hit's time in microseconds (Redis's clock).
+KEYS[1]  the log: a sorted set with one member per counted call, whatever
+         its cost. Its score is the running total of hits counted in this
+         log up to and including the call ("total after"); its member is
+         "<time_us>:<total before>", the call's time in microseconds
+         (Redis's clock) and the running total before it. So a call's cost
+         is score - total before, and hits in the window =
+         newest score - oldest total before.
 KEYS[2]  the block key: present while the subject is locked out. Passed
          only when ARGV[5] block_us > 0 (and then required): a rule without
          a lock-out sends one key. Both keys share one hash tag, so the
@@ -22,30 +27,42 @@ Semantics (the memory store implements the same; keep them in step):
 - If block_us > 0 and the block key exists: denied, blocked, remaining 0,
   retry_after = the block's PTTL, reset_after = time until the log is empty
   (newest + window - now, or 0). Nothing is written.
-- Otherwise entries with score <= now - window are trimmed and
-  count = ZCARD.
-- count + cost <= limit: allowed. Unless a dry run, `cost` members scored now
-  are added and the log expires one window after its newest entry.
+- Otherwise calls with time <= now - window are trimmed, oldest first, and
+  count = the hits of the calls left.
+- count + cost <= limit: allowed. Unless a dry run, one member for the call
+  is added and the log expires one window after it.
   remaining = limit - count - cost, retry_after = 0, reset_after = window if
   counted, else time until the log is empty.
 - Otherwise denied and nothing is counted. remaining = max(limit - count, 0);
-  reset_after = newest + window - now; retry_after = when the need-th oldest
-  entry (need = count + cost - limit) leaves the window, that is its
-  score + window - now, or reset_after when cost > limit (it never fits).
-  If block_us > 0 and not a dry run, the denial starts a block of block_us
-  (PX rounded up to whole ms): blocked = 1 and retry_after = block_us.
+  reset_after = newest + window - now; retry_after = when the call holding
+  the need-th oldest hit (need = count + cost - limit) leaves the window,
+  that is its time + window - now, or reset_after when cost > limit (it
+  never fits). If block_us > 0 and not a dry run, the denial starts a block
+  of block_us (PX rounded up to whole ms): blocked = 1 and retry_after =
+  block_us.
 
-Worked example: limit 4, window 2 s, block 0. Hits at t = 0 s (cost 2) and
-t = 1.5 s (cost 2) fill the log. At t = 1.5 s a fifth hit is denied:
-{0, 0, 500000, 2000000, 0}, since the entries from t = 0 leave at t = 2 s
-and the newest at t = 3.5 s. At t = 2.2 s the first two have left: two more
-hits are allowed ({1, 1, 0, 2000000, 0} then {1, 0, 0, 2000000, 0}) and a
-third is denied ({0, 0, 1300000, 2000000, 0}: the t = 1.5 s entries leave at
+Worked example: limit 4, window 2 s, block 0. Calls at t = 0 s (cost 2) and
+t = 1.5 s (cost 2) fill the log: {"0:0" -> 2, "1500000:2" -> 4} (times
+relative). At t = 1.5 s a fifth hit is denied: {0, 0, 500000, 2000000, 0},
+since the hits from t = 0 leave at t = 2 s and the newest at t = 3.5 s; a
+cost of 3 is denied with {0, 0, 2000000, 2000000, 0}, since the third-oldest
+hit is in the call at t = 1.5 s. At t = 2.2 s the first call has left: two
+more hits are allowed ({1, 1, 0, 2000000, 0} then {1, 0, 0, 2000000, 0}) and
+a third is denied ({0, 0, 1300000, 2000000, 0}: the t = 1.5 s call leaves at
 3.5 s).
 
-Members are "<now_us>:<index>", where index runs from count + 1 to
-count + cost. At one `now` the trimmed log can only grow, so members never
-repeat and ZADD never overwrites an entry.
+Bounded work: a call that is counted adds one member, whatever its cost,
+and is trimmed once, by the first call after it leaves the window; every
+other step is O(log n) in the calls in the window (ZRANGE by rank at either
+end, one ZRANGEBYSCORE LIMIT 0 1). So a call costs amortised O(log n) Redis
+work and one member of memory, never work or memory in proportion to its
+cost, and n is at most `limit` (every counted call spends at least one hit).
+
+Running totals are Lua doubles, exact to 2^53: they restart at 0 whenever
+the log empties, and grow by at most `limit` per window while it does not.
+A call's time is never before the newest member's, so the log stays in
+time order even if Redis's clock steps back (a failover to a node whose
+clock is behind): such calls are held a little longer, never less.
 ]]
 
 assert(#ARGV == 5, 'sliding_log.lua: expected 5 ARGV (limit, window_us, cost, dry_run, block_us), got ' .. #ARGV)
@@ -75,50 +92,89 @@ local function int(x)
   return string.format('%d', x)
 end
 
+-- A member "<time_us>:<total before>" as two numbers.
+local function parse(member)
+  local at, before = string.match(member, '^(%d+):(%d+)$')
+  assert(at, 'sliding_log.lua: unexpected member ' .. tostring(member) .. ' in ' .. log_key)
+  return tonumber(at), tonumber(before)
+end
+
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
 
--- Time until the newest entry leaves the window, i.e. the log is empty.
-local function until_empty()
-  local newest = redis.call('ZRANGE', log_key, -1, -1, 'WITHSCORES')
-  if newest[2] == nil then
+-- The newest call: its time and the running total after it, or nil.
+local function newest()
+  local last = redis.call('ZRANGE', log_key, -1, -1, 'WITHSCORES')
+  if last[1] == nil then
+    return nil, 0
+  end
+  local at = parse(last[1])
+  return at, tonumber(last[2])
+end
+
+-- Time until the newest call leaves the window, i.e. the log is empty.
+local function until_empty(newest_at)
+  if newest_at == nil then
     return 0
   end
-  return math.max(tonumber(newest[2]) + window - now, 0)
+  return math.max(newest_at + window - now, 0)
 end
 
 if block_us > 0 and redis.call('EXISTS', block_key) == 1 then
   local block_ms = math.max(redis.call('PTTL', block_key), 0)
-  return {0, 0, block_ms * 1000, until_empty(), 1}
+  return {0, 0, block_ms * 1000, until_empty((newest())), 1}
 end
 
-redis.call('ZREMRANGEBYSCORE', log_key, '-inf', int(now - window))
-local count = redis.call('ZCARD', log_key)
+-- Trim the calls that left the window, oldest first, a batch at a time; the
+-- first call still in it gives the running total before the window.
+local BATCH = 16
+local cutoff = now - window
+local base = nil
+while base == nil do
+  local oldest = redis.call('ZRANGE', log_key, 0, BATCH - 1)
+  local gone = 0
+  for i = 1, #oldest do
+    local at, before = parse(oldest[i])
+    if at > cutoff then
+      base = before
+      break
+    end
+    gone = i
+  end
+  if gone > 0 then
+    redis.call('ZREMRANGEBYRANK', log_key, 0, gone - 1)
+  end
+  if #oldest < BATCH and base == nil then
+    break
+  end
+end
+
+local newest_at, total = newest()
+if base == nil then
+  -- The log is empty: its running total starts again from 0.
+  base, total = 0, 0
+end
+local count = total - base
 
 if count + cost <= limit then
   if dry_run then
-    return {1, limit - count - cost, 0, until_empty(), 0}
+    return {1, limit - count - cost, 0, until_empty(newest_at), 0}
   end
-  -- ZADD in batches: Lua's unpack is limited to a few thousand values.
-  local batch = {}
-  for i = 1, cost do
-    batch[#batch + 1] = int(now)
-    batch[#batch + 1] = int(now) .. ':' .. int(count + i)
-    if #batch >= 1000 or i == cost then
-      redis.call('ZADD', log_key, unpack(batch))
-      batch = {}
-    end
-  end
-  redis.call('PEXPIRE', log_key, int(math.ceil(window / 1000)))
-  return {1, limit - count - cost, 0, window, 0}
+  local at = math.max(now, newest_at or now)
+  redis.call('ZADD', log_key, int(total + cost), int(at) .. ':' .. int(total))
+  redis.call('PEXPIRE', log_key, int(math.ceil(until_empty(at) / 1000)))
+  return {1, limit - count - cost, 0, until_empty(at), 0}
 end
 
-local reset_after = until_empty()
+local reset_after = until_empty(newest_at)
 local retry_after = reset_after
 if cost <= limit then
+  -- The call whose running total first reaches base + need holds the
+  -- need-th oldest hit: once it leaves, cost more hits fit.
   local need = count + cost - limit
-  local entry = redis.call('ZRANGE', log_key, need - 1, need - 1, 'WITHSCORES')
-  retry_after = math.max(tonumber(entry[2]) + window - now, 0)
+  local call = redis.call('ZRANGEBYSCORE', log_key, int(base + need), '+inf', 'LIMIT', 0, 1)
+  local at = parse(call[1])
+  retry_after = math.max(at + window - now, 0)
 end
 
 local blocked = 0

@@ -7,7 +7,9 @@ KEYS[1]  the conversation: a hash of message kind -> count, expiring one
 KEYS[2]  the user's index: a sorted set of character id -> the time (ms,
          Redis's clock) the conversation's counters expire. ListUsage reads
          it instead of scanning the keyspace.
-         Both keys share the user's hash tag, so the script runs on one
+KEYS[3]  the same character ids, all scored 0, so that Redis keeps them in
+         byte order and ListUsage reads the first ones by rank.
+         All keys share the user's hash tag, so the script runs on one
          Cluster slot.
 
 ARGV[1]  kind          the message kind (a hash field)
@@ -24,22 +26,27 @@ Semantics (the memory store implements the same; keep them in step):
 - used = HGET kind, or 0.
 - limit >= 0 and used + amount > limit: denied; nothing is written.
 - Otherwise HINCRBY kind amount. A conversation without a TTL is new: it
-  expires in period_ms, and the index gains (character_id, now_ms +
-  period_ms) and is kept alive at least period_ms (it must outlive its
-  newest conversation; PEXPIRE only ever extends it, should the period be
-  shortened by a config change). Whenever the index gains an entry, entries
-  already expired leave it, which keeps it bounded by the user's live
-  conversations.
+  expires in period_ms, both indexes gain character_id (the first scored
+  now_ms + period_ms, the second 0) and are kept alive at least period_ms
+  (they must outlive the newest conversation; PEXPIRE only ever extends
+  them, should the period be shortened by a config change). Whenever they
+  gain an entry, entries already expired leave both, which keeps them
+  bounded by the user's live conversations.
+
+Bounded work: a call that opens no conversation is O(1). One that opens one
+is O(log n) in the user's live conversations, plus the removal of the ones
+that expired since, each removed once: the conversations a caller opens
+are paid for by the calls that opened them.
 
 Worked example: limit 3, period 1 day, empty conversation. amount 2:
 {1, 2, 86400000}; amount 1 a second later: {1, 3, 86399000}; amount 1 again:
 {0, 3, 86399000}. With limit -1 every call is counted.
 ]]
 
-assert(#KEYS == 2, 'usage_increment.lua: expected 2 KEYS (conversation, index), got ' .. #KEYS)
+assert(#KEYS == 3, 'usage_increment.lua: expected 3 KEYS (conversation, index, by id), got ' .. #KEYS)
 assert(#ARGV == 5, 'usage_increment.lua: expected 5 ARGV (kind, amount, limit, period_ms, character_id), got ' .. #ARGV)
 
-local conversation_key, index_key = KEYS[1], KEYS[2]
+local conversation_key, index_key, by_id_key = KEYS[1], KEYS[2], KEYS[3]
 local kind = ARGV[1]
 local amount = tonumber(ARGV[2])
 local limit = tonumber(ARGV[3])
@@ -66,10 +73,17 @@ if resets_after < 0 then
   local time = redis.call('TIME')
   local now_ms = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
   redis.call('PEXPIRE', conversation_key, int(period))
+  local expired = redis.call('ZRANGEBYSCORE', index_key, '-inf', int(now_ms))
+  for i = 1, #expired, 1000 do
+    redis.call('ZREM', by_id_key, unpack(expired, i, math.min(i + 999, #expired)))
+  end
   redis.call('ZREMRANGEBYSCORE', index_key, '-inf', int(now_ms))
   redis.call('ZADD', index_key, int(now_ms + period), character_id)
-  if redis.call('PTTL', index_key) < period then
-    redis.call('PEXPIRE', index_key, int(period))
+  redis.call('ZADD', by_id_key, 0, character_id)
+  for _, key in ipairs({index_key, by_id_key}) do
+    if redis.call('PTTL', key) < period then
+      redis.call('PEXPIRE', key, int(period))
+    end
   end
   resets_after = period
 end

@@ -21,7 +21,8 @@ pub struct KeyBuilder {
 /// The keys of one (rule, subject) rate-limit decision.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LimitKeys {
-    /// The sliding log (a sorted set) or sliding counter (a hash).
+    /// The sliding log (a sorted set, one member per counted call) or
+    /// sliding counter (a hash).
     pub counter: String,
     /// Present while the subject is locked out.
     pub block: String,
@@ -34,6 +35,10 @@ pub struct UsageKeys {
     /// the time (ms) its counters expire. It lets ListUsage find them without
     /// scanning the keyspace.
     pub index: String,
+    /// The same conversations ordered by character id: a sorted set whose
+    /// members all score 0, so Redis keeps them in byte order and ListUsage
+    /// reads the first ones without reading them all.
+    pub by_id: String,
     /// The hash tag and prefix shared by the user's conversation keys.
     conversation_stem: String,
 }
@@ -73,7 +78,9 @@ impl KeyBuilder {
         encode_into(&mut tag, subject);
         tag.push('}');
         let suffix = match algorithm {
-            Algorithm::SlidingLog => ":log",
+            // ":calls", not the ":log" of releases before one entry per
+            // call: the layouts differ, so an old log is never misread.
+            Algorithm::SlidingLog => ":calls",
             Algorithm::SlidingCounter => ":ctr",
         };
         // Two allocations per decision: the tag grows into the block key
@@ -99,9 +106,13 @@ impl KeyBuilder {
         let mut index = String::with_capacity(tag.len() + 6);
         index.push_str(&tag);
         index.push_str(":convs");
+        let mut by_id = String::with_capacity(tag.len() + 4);
+        by_id.push_str(&tag);
+        by_id.push_str(":ids");
         tag.push_str(":c:");
         UsageKeys {
             index,
+            by_id,
             conversation_stem: tag,
         }
     }
@@ -136,7 +147,7 @@ mod tests {
     #[test]
     fn limit_keys_are_pinned() {
         let keys = KeyBuilder::new("aim:").limit("auth", Algorithm::SlidingLog, "user-42");
-        assert_eq!(keys.counter, "aim:{rl:auth:user-42}:log");
+        assert_eq!(keys.counter, "aim:{rl:auth:user-42}:calls");
         assert_eq!(keys.block, "aim:{rl:auth:user-42}:block");
         let keys = KeyBuilder::new("aim:").limit("api", Algorithm::SlidingCounter, "10.0.0.1");
         assert_eq!(keys.counter, "aim:{rl:api:10.0.0.1}:ctr");
@@ -146,6 +157,7 @@ mod tests {
     fn usage_keys_are_pinned() {
         let keys = KeyBuilder::new("aim:").usage("u1");
         assert_eq!(keys.index, "aim:{uq:u1}:convs");
+        assert_eq!(keys.by_id, "aim:{uq:u1}:ids");
         assert_eq!(keys.conversation("luna"), "aim:{uq:u1}:c:luna");
     }
 
@@ -156,7 +168,7 @@ mod tests {
         assert_eq!(encode("100%"), "100%25");
         assert_eq!(encode("é"), "%C3%A9");
         let keys = KeyBuilder::new("p:").limit("api", Algorithm::SlidingLog, "x}:{rl:api:y");
-        assert_eq!(keys.counter, "p:{rl:api:x%7D%3A%7Brl%3Aapi%3Ay}:log");
+        assert_eq!(keys.counter, "p:{rl:api:x%7D%3A%7Brl%3Aapi%3Ay}:calls");
     }
 
     #[test]

@@ -3,14 +3,20 @@
 //! Thin on purpose: it parses flags, loads the config, sets up logging,
 //! builds the store and hands a bound listener to [`tollgate::server::run`].
 
-use std::{path::PathBuf, process::ExitCode, sync::Arc};
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::PathBuf,
+    process::ExitCode,
+    sync::Arc,
+};
 
 use clap::{Parser, Subcommand};
 use tokio::net::TcpListener;
 use tollgate::{
     config::{self, Config, Overrides},
     limiter::Limiter,
-    metrics, reload, server,
+    metrics::{self, Metrics},
+    reload, server,
     store::{
         Store, breaker::CircuitBreaker, deny_cache::DenyCache, memory::MemoryStore,
         redis::RedisStore,
@@ -57,9 +63,11 @@ enum Command {
     /// certificate must chain to `--ca` (else to the system's roots). For
     /// mutual TLS, `--cert` and `--key` are the client's certificate and key.
     Health {
-        /// The server's address.
-        #[arg(long, default_value = "http://127.0.0.1:50051")]
-        addr: String,
+        /// The server's address. By default, where `serve` listens by
+        /// `TOLLGATE_SERVER__LISTEN` (on loopback when that is 0.0.0.0 or
+        /// [::]), else http://127.0.0.1:50051.
+        #[arg(long)]
+        addr: Option<String>,
         /// Give up after this long (humantime).
         #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
         timeout: std::time::Duration,
@@ -149,7 +157,16 @@ fn main() -> ExitCode {
                 Err(err) => fail(&err),
             };
         }
-        Command::Health { addr, timeout, tls } => return health(&addr, timeout, &tls),
+        Command::Health { addr, timeout, tls } => {
+            let addr = match addr {
+                Some(addr) => addr,
+                None => match default_health_addr(std::env::var(LISTEN_VARIABLE).ok().as_deref()) {
+                    Ok(addr) => addr,
+                    Err(message) => return fail(&message),
+                },
+            };
+            return health(&addr, timeout, &tls);
+        }
         Command::Serve {
             config,
             listen,
@@ -191,11 +208,17 @@ fn main() -> ExitCode {
 async fn serve(config: Config, watch: reload::Watch) -> Result<(), String> {
     let settings = &config.settings;
     let policy = Arc::new(config.policy);
+    let metrics = Arc::new(Metrics::new());
     match settings.store.redis_options() {
         None => {
-            tracing::info!("store: memory:// (embedded, this instance only)");
+            let options = settings.store.memory_options();
+            tracing::info!(
+                max_entries = options.max_entries,
+                "store: memory:// (embedded, this instance only)"
+            );
+            let store = MemoryStore::with_options(options, metrics.store_evictions());
             // Surely-denied subjects are answered without the store.
-            serve_with(DenyCache::new(MemoryStore::new()), policy, watch).await
+            serve_with(DenyCache::new(store), policy, watch, metrics).await
         }
         Some(options) => {
             tracing::info!(url = ?options, "store: redis");
@@ -205,7 +228,7 @@ async fn serve(config: Config, watch: reload::Watch) -> Result<(), String> {
                 .map_err(|err| format!("cannot use the store: {err}"))?;
             let store = CircuitBreaker::new(store, settings.store.breaker);
             // In front of the breaker: a cached denial needs neither.
-            serve_with(DenyCache::new(store), policy, watch).await
+            serve_with(DenyCache::new(store), policy, watch, metrics).await
         }
     }
 }
@@ -214,6 +237,7 @@ async fn serve_with<S: Store>(
     store: S,
     policy: Arc<tollgate::rules::Policy>,
     watch: reload::Watch,
+    metrics: Arc<Metrics>,
 ) -> Result<(), String> {
     let settings = &watch.settings;
     let options = server::ServeOptions::from_settings(settings).map_err(|err| err.to_string())?;
@@ -226,7 +250,7 @@ async fn serve_with<S: Store>(
         mutual_tls = settings.tls.as_ref().is_some_and(|tls| tls.client_ca.is_some()),
         "tollgate listening"
     );
-    let limiter = Arc::new(Limiter::new(store, policy));
+    let limiter = Arc::new(Limiter::new(store, policy).with_metrics(metrics));
     let metrics = match settings.metrics_listen {
         None => None,
         Some(address) => {
@@ -254,6 +278,32 @@ async fn serve_with<S: Store>(
     served.map_err(|err| err.to_string())?;
     tracing::info!("tollgate stopped");
     Ok(())
+}
+
+/// The variable that sets `server.listen` for `serve`.
+const LISTEN_VARIABLE: &str = "TOLLGATE_SERVER__LISTEN";
+
+/// Where `tollgate health` dials without `--addr`: where `serve` listens
+/// when `listen` (the value of [`LISTEN_VARIABLE`]) is set, else at
+/// `server.listen`'s default. A health check runs beside the server (a
+/// container's HEALTHCHECK runs inside the container), so an address that
+/// means every interface, 0.0.0.0 or [::], is dialled on loopback; without
+/// this, a container told to listen on another port was reported unhealthy.
+fn default_health_addr(listen: Option<&str>) -> Result<String, String> {
+    let Some(listen) = listen else {
+        return Ok("http://127.0.0.1:50051".to_owned());
+    };
+    let mut addr: SocketAddr = listen.parse().map_err(|_| {
+        format!("{LISTEN_VARIABLE}: {listen:?} is not an address such as 0.0.0.0:50051")
+    })?;
+    if addr.ip().is_unspecified() {
+        let loopback: IpAddr = match addr {
+            SocketAddr::V4(_) => Ipv4Addr::LOCALHOST.into(),
+            SocketAddr::V6(_) => Ipv6Addr::LOCALHOST.into(),
+        };
+        addr.set_ip(loopback);
+    }
+    Ok(format!("http://{addr}"))
 }
 
 fn health(addr: &str, timeout: std::time::Duration, tls: &HealthTls) -> ExitCode {
@@ -316,8 +366,10 @@ async fn serve_until_shutdown<S: Store>(
     options: server::ServeOptions,
 ) -> Result<(), server::ServerError> {
     let (stopping, mut stop_seen) = tokio::sync::watch::channel(false);
+    // Registered now, before anything is served.
+    let signal = shutdown_signal();
     let shutdown = async move {
-        shutdown_signal().await;
+        signal.await;
         let _ = stopping.send(true);
     };
     let metrics = limiter.metrics().clone();
@@ -344,31 +396,73 @@ async fn serve_until_shutdown<S: Store>(
     }
 }
 
-/// Completes on SIGINT (Ctrl-C) or SIGTERM.
-async fn shutdown_signal() {
-    let interrupt = tokio::signal::ctrl_c();
+/// Resolves on the first SIGINT or SIGTERM. The handlers are registered
+/// when this is called, not when the future is first polled: until then
+/// SIGTERM kills the process outright, and the server can answer requests
+/// before it first polls its shutdown future (a test saw tollgate answer
+/// CheckLimit and then die of the SIGTERM it sent).
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
-    {
-        let mut terminate =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(signal) => signal,
-                Err(err) => {
-                    tracing::warn!(%err, "cannot watch SIGTERM; stopping on Ctrl-C only");
-                    let _ = interrupt.await;
-                    return;
+    let signals = {
+        use tokio::signal::unix::{SignalKind, signal};
+        (
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::terminate()),
+        )
+    };
+    async move {
+        #[cfg(unix)]
+        match signals {
+            (Ok(mut interrupt), Ok(mut terminate)) => {
+                tokio::select! {
+                    _ = interrupt.recv() => {}
+                    _ = terminate.recv() => {}
                 }
-            };
-        tokio::select! {
-            _ = interrupt => {}
-            _ = terminate.recv() => {}
+            }
+            (Err(err), _) | (_, Err(err)) => {
+                tracing::warn!(%err, "cannot watch SIGINT and SIGTERM; stopping on Ctrl-C only");
+                let _ = tokio::signal::ctrl_c().await;
+            }
         }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
+        tracing::info!("shutting down: finishing in-flight requests");
     }
-    #[cfg(not(unix))]
-    let _ = interrupt.await;
-    tracing::info!("shutting down: finishing in-flight requests");
 }
 
 fn fail(message: &dyn std::fmt::Display) -> ExitCode {
     eprintln!("tollgate: {message}");
     ExitCode::FAILURE
+}
+
+#[cfg(test)]
+mod tests {
+    use super::default_health_addr;
+
+    #[test]
+    fn health_dials_where_serve_listens_on_loopback() {
+        assert_eq!(
+            default_health_addr(None).as_deref(),
+            Ok("http://127.0.0.1:50051")
+        );
+        assert_eq!(
+            default_health_addr(Some("0.0.0.0:8080")).as_deref(),
+            Ok("http://127.0.0.1:8080")
+        );
+        assert_eq!(
+            default_health_addr(Some("[::]:8080")).as_deref(),
+            Ok("http://[::1]:8080")
+        );
+        assert_eq!(
+            default_health_addr(Some("10.1.2.3:50051")).as_deref(),
+            Ok("http://10.1.2.3:50051")
+        );
+        assert_eq!(
+            default_health_addr(Some("nowhere")),
+            Err(
+                "TOLLGATE_SERVER__LISTEN: \"nowhere\" is not an address such as 0.0.0.0:50051"
+                    .to_owned()
+            )
+        );
+    }
 }

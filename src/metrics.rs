@@ -9,6 +9,7 @@
 //! | `tollgate_store_errors_total` | counter | `operation`, `error` = timeout, unavailable, protocol, circuit_open |
 //! | `tollgate_circuit_breaker_open` | gauge | (1 while the breaker is open) |
 //! | `tollgate_requests_in_flight` | gauge | |
+//! | `tollgate_store_evictions_total` | counter | (entries the memory store evicted at `store.max_entries`) |
 //!
 //! Subjects, user ids and store URLs never become labels: they are unbounded
 //! or secret.
@@ -100,6 +101,7 @@ pub struct Metrics {
     store_errors: Family<ErrorLabels, Counter>,
     breaker_open: Gauge<i64, AtomicI64>,
     in_flight: Gauge<i64, AtomicI64>,
+    store_evictions: Counter,
 }
 
 impl Default for Metrics {
@@ -151,6 +153,12 @@ impl Metrics {
             "Requests being decided now",
             in_flight.clone(),
         );
+        let store_evictions = Counter::default();
+        registry.register(
+            "store_evictions",
+            "Entries the memory store evicted, least recently used first, to stay within store.max_entries",
+            store_evictions.clone(),
+        );
         Self {
             registry,
             decisions,
@@ -159,7 +167,15 @@ impl Metrics {
             store_errors,
             breaker_open,
             in_flight,
+            store_evictions,
         }
+    }
+
+    /// The handle the memory store counts its evictions into
+    /// (`tollgate_store_evictions_total`; Redis reports its own as
+    /// `evicted_keys`).
+    pub fn store_evictions(&self) -> Counter {
+        self.store_evictions.clone()
     }
 
     /// Counts one rate-limit decision. Builds the labels each time; the

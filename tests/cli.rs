@@ -301,6 +301,38 @@ fn serve_listens_where_the_environment_says() {
     stops_cleanly_on_sigterm(server);
 }
 
+/// The container's HEALTHCHECK runs `tollgate health` with no address: it
+/// dials the port `TOLLGATE_SERVER__LISTEN` names, on loopback when that is
+/// every interface, so a container told to listen elsewhere stays healthy.
+#[test]
+fn health_dials_the_port_the_environment_names() {
+    let port = free_port();
+    let mut command = Tollgate::command();
+    command
+        .args(["serve", "--config", "config/tollgate.toml"])
+        .env("TOLLGATE_SERVER__LISTEN", format!("127.0.0.1:{port}"));
+    let mut server = Tollgate::spawn_command(command);
+    check_limit_when_up(&mut server, port, "auth");
+    let mut health = Tollgate::command();
+    health
+        .arg("health")
+        .env("TOLLGATE_SERVER__LISTEN", format!("0.0.0.0:{port}"));
+    let done = finish(Tollgate::spawn_command(health));
+    assert!(done.status.success(), "{done:?}");
+    assert_eq!(done.stdout.trim(), "SERVING");
+
+    let mut health = Tollgate::command();
+    health
+        .arg("health")
+        .env("TOLLGATE_SERVER__LISTEN", "nowhere");
+    let done = finish(Tollgate::spawn_command(health));
+    assert_eq!(
+        done.failure_line(),
+        "TOLLGATE_SERVER__LISTEN: \"nowhere\" is not an address such as 0.0.0.0:50051"
+    );
+    stops_cleanly_on_sigterm(server);
+}
+
 #[test]
 fn serve_answers_check_limit_and_stops_on_sigterm_with_flags_over_env() {
     let port = free_port();

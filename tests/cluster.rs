@@ -206,10 +206,10 @@ async fn sliding_log_counts_exactly(env: &Env) {
             blocked: false,
         }
     );
-    // The log lives on the master that owns its slot.
+    // The log lives on the master that owns its slot: one member per call.
     assert_eq!(
         env.on_owner_int(&keys.counter, &["ZCARD", &keys.counter]),
-        3
+        1
     );
 
     let denied = env.decide(&LimitCheck { cost: 3, ..base }).await;
@@ -223,7 +223,7 @@ async fn sliding_log_counts_exactly(env: &Env) {
     assert_eq!((last.allowed, last.remaining), (true, 0));
     assert_eq!(
         env.on_owner_int(&keys.counter, &["ZCARD", &keys.counter]),
-        5
+        2
     );
 }
 
@@ -504,9 +504,10 @@ async fn subjects_spread_over_every_master(env: &Env) {
             .cli(master.port, &["--scan", "--pattern", &pattern]);
         per_master.insert(master.port, keys.lines().count());
     }
-    println!("keys per master (300 counters + 60 x 2 usage keys): {per_master:?}");
+    println!("keys per master (300 counters + 60 x 3 usage keys): {per_master:?}");
     assert_eq!(per_master.len(), 3);
-    assert_eq!(per_master.values().sum::<usize>(), 300 + 120);
+    // Each user: a conversation, the index by expiry and the index by id.
+    assert_eq!(per_master.values().sum::<usize>(), 300 + 180);
     for (port, keys) in &per_master {
         // About a third each; far from all or nothing.
         assert!(*keys >= 70, "master :{port} holds only {keys} keys");
@@ -538,6 +539,9 @@ struct Tally {
     denied: usize,
     /// Clean store errors, each retried until a decision came.
     errors: usize,
+    /// Of those, timeouts: a call given up on may still run later, and
+    /// its retry then counts a second hit.
+    timeouts: usize,
     messages: Vec<String>,
 }
 
@@ -550,6 +554,7 @@ impl Tally {
                 total.allowed += tally.allowed;
                 total.denied += tally.denied;
                 total.errors += tally.errors;
+                total.timeouts += tally.timeouts;
                 total.messages.extend(tally.messages);
                 total
             })
@@ -587,6 +592,9 @@ async fn load(
                         "a topology change may only make the store fail for a moment: {err:?}"
                     );
                     tally.errors += 1;
+                    if matches!(err, StoreError::Timeout(_)) {
+                        tally.timeouts += 1;
+                    }
                     if tally.messages.len() < 5 {
                         tally.messages.push(err.to_string());
                     }
@@ -724,16 +732,28 @@ async fn resharding_a_slot_in_use_loses_and_doubles_no_decision() {
     );
 }
 
-/// The failover tests' subject: a sliding counter of 50 a minute, without a
-/// lock-out, which two instances check 100 times each.
+/// The failover tests' subject: a sliding counter of 50 per window, without
+/// a lock-out, which two instances check 100 times each.
+///
+/// The window is longer than the time since 1970, so the counter's fixed
+/// window (`floor(now / window)`) is the same all through the test: no
+/// window boundary falls inside a run, and no hit fades. With a one-minute
+/// window, a run that straddled a minute boundary saw the hits it had
+/// counted move to the previous window and fade, so more were allowed than
+/// the limit (and `c` held fewer than were counted): the crash test failed
+/// so once in about eight runs. These tests are about failover, not about
+/// the slide, which the conformance suite pins.
 fn hot_counter_check() -> LimitCheck<'static> {
     check(
         Algorithm::SlidingCounter,
         "hot-subject",
         50,
-        Duration::from_secs(60),
+        LONGER_THAN_THE_EPOCH,
     )
 }
+
+/// 100 years of 365 days.
+const LONGER_THAN_THE_EPOCH: Duration = Duration::from_secs(100 * 365 * 86_400);
 
 /// A replica that never had the scripts is promoted (`CLUSTER FAILOVER`)
 /// while two instances check a subject on its master: the client follows
@@ -811,11 +831,25 @@ async fn a_failover_under_load_keeps_every_decision() {
 
 /// A master is killed (SIGKILL) while two instances check a subject on it;
 /// once the other masters take it for failed, its replica is elected and
-/// the client follows it. Unlike the coordinated failover, a crash can lose
-/// a hit the master had counted but not yet replicated, and a call whose
-/// connection broke after its script ran is retried and counted again. Each
-/// instance has one call in flight, so the allowed count may be off the
-/// limit by two either way, never more, and every decision still comes.
+/// the client follows it, and every decision still comes.
+///
+/// What a crash may cost, and so what this test may assert. Redis
+/// replicates asynchronously and promises nothing about how far a replica
+/// lags, so the hits a master counted but had not yet replicated are gone
+/// with it: the new master allows them again. To bound them by what Redis
+/// does promise, the test writes on the master and `WAIT`s until the
+/// replica has acknowledged that write (and so, replication being in
+/// order, every hit counted before it), then kills the master at once.
+/// Only hits counted after that write can be lost, and each was counted by
+/// a call that either came back before the master was dead (`crashed_at -
+/// replicated_at` decisions at most) or was in flight when it died (one per
+/// instance). A call cut off by the crash after its script ran is retried
+/// and, if its hit was replicated, counted twice: one per instance at
+/// most; so is a call that timed out and ran after all. So the allowed
+/// count lies between the limit minus the calls in flight and timeouts,
+/// and the limit plus the decisions made between the write and the crash
+/// and the calls in flight. The window never slides during the test
+/// (see [`hot_counter_check`]), so nothing else moves the count.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_crashed_master_fails_over_and_every_decision_still_comes() {
     const PREFIX: &str = "crash:";
@@ -827,47 +861,67 @@ async fn a_crashed_master_fails_over_and_every_decision_still_comes() {
     let master = cluster.owner_of(slot);
     let replica = cluster.replica_of(master);
     let limit = hot.limit as usize;
+    // Shares the counter's hash tag, so it lives in the counter's slot.
+    let marker = format!("{}:replicated", keys.counter);
 
     let progress = Arc::new(AtomicUsize::new(0));
     let mut loads = JoinSet::new();
-    for _ in 0..2 {
+    for _ in 0..IN_FLIGHT {
         let store = connect(cluster.url(), PREFIX).await;
         loads.spawn(load(store, hot, 100, ms(8), Arc::clone(&progress)));
     }
 
-    let (crashed_at, promoted_at) = {
+    let (replicated_at, crashed_at, promoted_at) = {
         let cluster = Arc::clone(&cluster);
         let progress = Arc::clone(&progress);
         tokio::task::spawn_blocking(move || {
             wait_for(&progress, 20);
-            let crashed_at = progress.load(Ordering::SeqCst);
+            // Every decision that came back by now was counted before the
+            // marker is written.
+            let replicated_at = progress.load(Ordering::SeqCst);
+            let acked = cluster.replicate(master, &marker, 1, Duration::from_secs(10));
+            assert_eq!(acked, 1, "the replica acknowledged the marker");
             cluster.crash(master);
+            let crashed_at = progress.load(Ordering::SeqCst);
             let mut promoted_at = 0;
             cluster.await_promotion(replica, || promoted_at = progress.load(Ordering::SeqCst));
-            (crashed_at, promoted_at)
+            (replicated_at, crashed_at, promoted_at)
         })
         .await
         .expect("the crash and the election run without a panic")
     };
     let total = Tally::sum(loads.join_all().await);
     let (allowed, denied, errors) = (total.allowed, total.denied, total.errors);
-    let counted = cluster.cli_int(replica, &["HGET", &keys.counter, "c"]);
     println!(
-        "crash at decision {crashed_at}, new master at {promoted_at}; allowed {allowed}, \
-         denied {denied}, store errors retried {errors}, hits counted {counted}"
+        "replicated at decision {replicated_at}, crash at {crashed_at}, new master at \
+         {promoted_at}; allowed {allowed}, denied {denied}, store errors retried {errors} \
+         ({} timeouts)",
+        total.timeouts
     );
     total.print_errors();
     assert_eq!(allowed + denied, 200, "every decision came");
     assert!(errors > 0, "the crash was felt");
+    let doubled = IN_FLIGHT + total.timeouts;
+    let unreplicated = crashed_at - replicated_at + IN_FLIGHT;
     assert!(
-        (limit - IN_FLIGHT..=limit + IN_FLIGHT).contains(&allowed),
-        "allowed {allowed}: off the limit by more than the calls in flight"
-    );
-    assert!(
-        (limit - IN_FLIGHT) as i64 <= counted && counted <= limit as i64,
-        "counted {counted}: the new master holds the hits, at most the limit"
+        (limit.saturating_sub(doubled)..=limit + unreplicated).contains(&allowed),
+        "allowed {allowed}: outside {}..={} (the limit, less what may have been \
+         counted twice, plus what the crash may have lost)",
+        limit.saturating_sub(doubled),
+        limit + unreplicated
     );
     assert_eq!(cluster.owner_of(slot), replica, "the replica took the slot");
+    // The new master holds a full window: asked through the store, so the
+    // test reads no script's data layout.
+    let store = connect(cluster.url(), PREFIX).await;
+    let after = store
+        .check_limit(&LimitCheck {
+            dry_run: true,
+            ..hot
+        })
+        .await
+        .expect("the new master answers");
+    assert_eq!((after.allowed, after.remaining), (false, 0), "{after:?}");
 }
 
 // ---- Connecting -----------------------------------------------------------

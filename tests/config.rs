@@ -149,6 +149,11 @@ const BROKEN: &[(&str, &str, &str)] = &[
         "must be at least 1",
     ),
     (
+        "zero_max_entries.toml",
+        "store.max_entries",
+        "0 is not an entry count of at least 1 (leave it out for 4000000)",
+    ),
+    (
         "zero_worker_threads.toml",
         "server.worker_threads",
         "0 is not a thread count from 1 to 1024 (leave it out for one per CPU core)",
@@ -236,6 +241,10 @@ fn the_shipped_config_holds_the_documented_defaults() {
     assert_eq!(settings.store.key_prefix, "aim:");
     assert_eq!(settings.store.timeout, Duration::from_millis(250));
     assert_eq!(settings.store.pool_size, 1);
+    assert_eq!(
+        settings.store.max_entries,
+        tollgate::store::memory::DEFAULT_MAX_ENTRIES
+    );
     assert_eq!(settings.worker_threads, None, "one thread per core");
     assert_eq!(settings.log.level, "info");
     assert_eq!(settings.log.format, LogFormat::Text);

@@ -1362,7 +1362,7 @@ async fn crafted_ids_never_share_counters(backend: Backend) {
 // ---- Health and reflection -------------------------------------------------------
 
 /// The health service reports SERVING for the server and both services, and
-/// reflection (v1 and v1alpha) lists tollgate's services.
+/// reflection (v1 and v1alpha) lists tollgate's services and Envoy's.
 async fn health_and_reflection_are_served(backend: Backend) {
     let server = backend.serve_shipped().await;
     for service in ["", "tollgate.v1.RateLimiter", "tollgate.v1.UsageQuota"] {
@@ -1376,6 +1376,7 @@ async fn health_and_reflection_are_served(backend: Backend) {
         for service in [
             "tollgate.v1.RateLimiter",
             "tollgate.v1.UsageQuota",
+            "envoy.service.ratelimit.v3.RateLimitService",
             "grpc.health.v1.Health",
         ] {
             assert!(

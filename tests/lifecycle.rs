@@ -19,13 +19,13 @@ use tokio_stream::StreamExt;
 use tollgate::{
     config::{self, Overrides},
     limiter::Limiter,
-    metrics,
+    metrics::{self, Metrics},
     proto::{CheckLimitRequest, CheckLimitResponse, rate_limiter_client::RateLimiterClient},
     reload, server,
     store::{
         Store,
         breaker::CircuitBreaker,
-        memory::MemoryStore,
+        memory::{MemoryOptions, MemoryStore},
         redis::{RedisOptions, RedisStore},
     },
 };
@@ -66,8 +66,14 @@ struct Served<S> {
 
 impl<S: Store> Served<S> {
     async fn start(store: S, toml: &str) -> Self {
+        Self::start_with_metrics(store, toml, Arc::new(Metrics::new())).await
+    }
+
+    /// [`Served::start`], recording into `metrics` (which the store may
+    /// also count into, as `main` wires it).
+    async fn start_with_metrics(store: S, toml: &str, metrics: Arc<Metrics>) -> Self {
         let config = config::load_str(toml, "test").expect("the test config is valid");
-        let limiter = Arc::new(Limiter::new(store, Arc::new(config.policy)));
+        let limiter = Arc::new(Limiter::new(store, Arc::new(config.policy)).with_metrics(metrics));
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("bound address");
         let (shutdown, stop) = oneshot::channel::<()>();
@@ -335,6 +341,30 @@ async fn metrics_count_decisions_by_rule_tier_and_outcome() {
         assert!(body.contains(line), "missing {line:?} in:\n{body}");
     }
     assert!(!body.contains("subject"), "subjects never become labels");
+}
+
+/// A memory store capped at 4 entries, fed 200 new subjects over gRPC:
+/// every subject it no longer holds was evicted, and `/metrics` says so.
+#[tokio::test]
+async fn evictions_of_a_full_memory_store_reach_the_metrics() {
+    let metrics = Arc::new(Metrics::new());
+    let store =
+        MemoryStore::with_options(MemoryOptions { max_entries: 4 }, metrics.store_evictions());
+    let served = Served::start_with_metrics(store.clone(), &policy_with_limit(5), metrics).await;
+    let addr = serve_metrics(&served.limiter).await;
+    const SUBJECTS: usize = 200;
+    for subject in 0..SUBJECTS {
+        assert!(served.check("burst", &format!("s{subject}")).await.allowed);
+    }
+    // At most one over the cap per shard: a shard never evicts the counter
+    // it is deciding on.
+    let held = store.entries();
+    assert!(held <= 4 + 64, "{held} held");
+    let body = tokio::task::spawn_blocking(move || scrape(addr))
+        .await
+        .expect("scrape");
+    let line = format!("tollgate_store_evictions_total {}", SUBJECTS - held);
+    assert!(body.contains(&line), "missing {line:?} in:\n{body}");
 }
 
 /// Redis hangs (SIGSTOP): answers are degraded within the timeout, the

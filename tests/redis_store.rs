@@ -150,29 +150,153 @@ async fn sliding_log_counts_cost_and_expires_with_its_window() {
             blocked: false,
         }
     );
-    assert_eq!(cli_int(&server, &["ZCARD", &keys.counter]), 3);
+    // One member for the call, whatever its cost, scored by the running
+    // total of hits.
+    assert_eq!(log_calls(&server, &keys.counter), vec![3]);
     let pttl = cli_int(&server, &["PTTL", &keys.counter]);
     assert!((9_500..=10_000).contains(&pttl), "PTTL {pttl}");
 
-    // Denied: nothing counted, remaining unchanged; the first entry must
+    // Denied: nothing counted, remaining unchanged; the first call must
     // leave before 3 more fit.
     let denied = decide(&store, &LimitCheck { cost: 3, ..base }).await;
     assert!(!denied.allowed);
     assert_eq!(denied.remaining, 2);
     assert_near(denied.retry_after, ms(10_000), ms(200));
-    assert_eq!(cli_int(&server, &["ZCARD", &keys.counter]), 3);
+    assert_eq!(log_calls(&server, &keys.counter), vec![3]);
 
     // More than the limit can never fit: retry when the log is empty.
     let never = decide(&store, &LimitCheck { cost: 6, ..base }).await;
     assert!(!never.allowed);
     assert_eq!(never.retry_after, never.reset_after);
 
-    // A cost larger than one ZADD batch is counted in full.
-    let big = check(Algorithm::SlidingLog, "big", 3000, ms(10_000));
-    let decision = decide(&store, &LimitCheck { cost: 2500, ..big }).await;
-    assert_eq!((decision.allowed, decision.remaining), (true, 500));
-    let big_keys = KeyBuilder::new(PREFIX).limit(RULE, Algorithm::SlidingLog, "big");
-    assert_eq!(cli_int(&server, &["ZCARD", &big_keys.counter]), 2500);
+    let last = decide(&store, &LimitCheck { cost: 2, ..base }).await;
+    assert_eq!((last.allowed, last.remaining), (true, 0));
+    assert_eq!(log_calls(&server, &keys.counter), vec![3, 5]);
+}
+
+/// The running totals of a sliding log's members, oldest first: one member
+/// per counted call, each scored by the hits counted up to and including it.
+fn log_calls(server: &RedisServer, key: &str) -> Vec<u64> {
+    let reply = server.cli(&["ZRANGE", key, "0", "-1", "WITHSCORES"]);
+    reply
+        .lines()
+        .skip(1)
+        .step_by(2)
+        .map(|score| score.trim().parse().expect("an integer score"))
+        .collect()
+}
+
+/// One call with a huge cost is one member and one step of work, not a
+/// member per hit: the call that used to stall Redis for seconds.
+#[tokio::test]
+async fn a_huge_cost_is_one_entry_and_bounded_work() {
+    let server = RedisServer::start();
+    let store = connect(&server).await;
+    let budget = check(Algorithm::SlidingLog, "tokens", 2_000_000, ms(60_000));
+    let keys = KeyBuilder::new(PREFIX).limit(RULE, Algorithm::SlidingLog, "tokens");
+
+    let first = decide(
+        &store,
+        &LimitCheck {
+            cost: 1_000_000,
+            ..budget
+        },
+    )
+    .await;
+    assert_eq!((first.allowed, first.remaining), (true, 1_000_000));
+    let second = decide(
+        &store,
+        &LimitCheck {
+            cost: 999_999,
+            ..budget
+        },
+    )
+    .await;
+    assert_eq!((second.allowed, second.remaining), (true, 1));
+    let denied = decide(&store, &LimitCheck { cost: 2, ..budget }).await;
+    assert_eq!((denied.allowed, denied.remaining), (false, 1));
+    assert_eq!(
+        log_calls(&server, &keys.counter),
+        vec![1_000_000, 1_999_999]
+    );
+    // A few hundred bytes, not the 240 MB of a member per hit.
+    let bytes = cli_int(&server, &["MEMORY", "USAGE", &keys.counter]);
+    assert!(bytes < 1024, "MEMORY USAGE {bytes}");
+    // The work, counted in commands rather than timed: one ZADD of one
+    // member per counted call (a member per hit took a thousand ZADDs of
+    // a thousand members each for this cost).
+    let stats = server.cli(&["INFO", "commandstats"]);
+    let zadd = stats
+        .lines()
+        .find_map(|line| line.strip_prefix("cmdstat_zadd:calls="))
+        .and_then(|rest| rest.split(',').next())
+        .unwrap_or_else(|| panic!("no ZADD stats in {stats}"));
+    assert_eq!(zadd, "2", "{stats}");
+}
+
+/// retry_after is for the request's own cost: the call that holds the
+/// cost-th hit to leave decides it (the script header's worked example).
+#[tokio::test]
+async fn a_larger_cost_waits_for_a_later_call() {
+    let server = RedisServer::start();
+    let store = connect(&server).await;
+    let window = ms(2_000);
+    let rule = check(Algorithm::SlidingLog, "costs", 4, window);
+    // Each call's Redis time lies between the local instants around it (one
+    // machine, one clock rate), so every retry_after has exact bounds
+    // however slowly this machine runs.
+    let (first, _) = timed(&store, &LimitCheck { cost: 2, ..rule }).await;
+    sleep_until(first.0 + ms(500)).await;
+    let (second, _) = timed(&store, &LimitCheck { cost: 2, ..rule }).await;
+
+    let (at, one) = timed(&store, &rule).await;
+    assert!(!one.allowed);
+    assert_left_between(one.retry_after, first, at, window);
+    let (at, two) = timed(&store, &LimitCheck { cost: 2, ..rule }).await;
+    assert_left_between(two.retry_after, first, at, window);
+    // The third-oldest hit is in the second call: it waits for that one.
+    let (at, three) = timed(&store, &LimitCheck { cost: 3, ..rule }).await;
+    assert!(!three.allowed);
+    assert_left_between(three.retry_after, second, at, window);
+}
+
+/// The local instants just before and just after a call.
+type Span = (Instant, Instant);
+
+async fn timed(store: &RedisStore, check: &LimitCheck<'_>) -> (Span, LimitDecision) {
+    let before = Instant::now();
+    let decision = decide(store, check).await;
+    ((before, Instant::now()), decision)
+}
+
+/// `retry_after`, answered during `asked`, is when a call made during
+/// `counted` leaves a window of `window` (1 ms of rounding either way).
+fn assert_left_between(retry_after: Duration, counted: Span, asked: Span, window: Duration) {
+    let earliest = (counted.0 + window).saturating_duration_since(asked.1);
+    let latest = (counted.1 + window).saturating_duration_since(asked.0);
+    assert!(
+        earliest.saturating_sub(ms(1)) <= retry_after && retry_after <= latest + ms(1),
+        "retry_after {retry_after:?} is not within [{earliest:?}, {latest:?}]"
+    );
+}
+
+/// The calls that leave the window are trimmed by the next call, a batch
+/// at a time, however many there are.
+#[tokio::test]
+async fn many_calls_leave_the_window_together() {
+    let server = RedisServer::start();
+    let store = connect(&server).await;
+    // A window long enough for 100 calls on a slow machine.
+    let rule = check(Algorithm::SlidingLog, "many", 1_000, ms(2_000));
+    let keys = KeyBuilder::new(PREFIX).limit(RULE, Algorithm::SlidingLog, "many");
+    for _ in 0..100 {
+        assert!(decide(&store, &rule).await.allowed);
+    }
+    assert_eq!(log_calls(&server, &keys.counter).len(), 100);
+    sleep(ms(2_100)).await;
+    let after = decide(&store, &LimitCheck { cost: 7, ..rule }).await;
+    assert_eq!((after.allowed, after.remaining), (true, 993));
+    assert_eq!(log_calls(&server, &keys.counter), vec![7]);
 }
 
 // ---- sliding_counter.lua ----------------------------------------------
@@ -681,6 +805,71 @@ async fn list_usage_is_sorted_and_skips_expired_conversations() {
     );
 }
 
+/// A user with 20,000 conversations gets the first 1,000 by character id,
+/// and the script reads 1,000 ids, not 20,000 (its work is bounded by what
+/// it returns, plus the entries that expired since the last call).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_with_20000_conversations_lists_the_first_1000() {
+    const CONVERSATIONS: usize = 20_000;
+    let server = RedisServer::start();
+    let store = connect(&server).await;
+    let mut tasks = JoinSet::new();
+    for worker in 0..32 {
+        let store = store.clone();
+        tasks.spawn(async move {
+            for n in (worker..CONVERSATIONS).step_by(32) {
+                let character = format!("c{n:05}");
+                store
+                    .increment_usage(&usage("many", &character, None, Duration::from_secs(600)))
+                    .await
+                    .expect("increment answers");
+            }
+        });
+    }
+    tasks.join_all().await;
+
+    let listed = store.list_usage("many", 1000).await.expect("list answers");
+    let expected: Vec<String> = (0..1000).map(|n| format!("c{n:05}")).collect();
+    let ids: Vec<String> = listed.iter().map(|(id, _)| id.clone()).collect();
+    assert_eq!(ids, expected);
+    assert!(
+        listed
+            .iter()
+            .all(|(_, counters)| counters.used("text") == 1)
+    );
+    let keys = KeyBuilder::new(PREFIX).usage("many");
+    assert_eq!(cli_int(&server, &["ZCARD", &keys.by_id]), 20_000);
+}
+
+/// A user's index written before the by-id set existed (an upgrade) is
+/// read all the same: the set is rebuilt from it on the first list.
+#[tokio::test]
+async fn an_index_without_its_by_id_set_is_rebuilt() {
+    let server = RedisServer::start();
+    let store = connect(&server).await;
+    for character in ["b", "a", "c"] {
+        store
+            .increment_usage(&usage("old", character, None, Duration::from_secs(60)))
+            .await
+            .expect("increment answers");
+    }
+    let keys = KeyBuilder::new(PREFIX).usage("old");
+    server.cli(&["DEL", &keys.by_id]);
+    // A conversation opened after the upgrade starts a set of one.
+    store
+        .increment_usage(&usage("old", "d", None, Duration::from_secs(60)))
+        .await
+        .expect("increment answers");
+    assert_eq!(cli_int(&server, &["ZCARD", &keys.by_id]), 1);
+
+    let listed = store.list_usage("old", 10).await.expect("list answers");
+    let ids: Vec<&str> = listed.iter().map(|(id, _)| id.as_str()).collect();
+    assert_eq!(ids, ["a", "b", "c", "d"]);
+    assert_eq!(cli_int(&server, &["ZCARD", &keys.by_id]), 4);
+    let ttl = cli_int(&server, &["PTTL", &keys.by_id]);
+    assert!((50_000..=60_000).contains(&ttl), "by-id PTTL {ttl}");
+}
+
 // ---- script and connection handling ------------------------------------
 
 #[tokio::test]
@@ -694,9 +883,9 @@ async fn scripts_assert_their_argument_counts() {
         ),
         (
             include_str!("../lua/usage_increment.lua"),
-            "expected 2 KEYS",
+            "expected 3 KEYS",
         ),
-        (include_str!("../lua/usage_list.lua"), "expected 1 KEY"),
+        (include_str!("../lua/usage_list.lua"), "expected 2 KEYS"),
     ] {
         // No keys and one argument suit none of the scripts.
         let reply = server.cli(&["EVAL", source, "0", "x"]);

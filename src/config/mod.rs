@@ -21,7 +21,8 @@ use crate::{
     rules::Policy,
     store::{
         breaker::BreakerOptions,
-        redis::{RedisOptions, RedisTls},
+        memory::MemoryOptions,
+        redis::{RedisOptions, RedisTls, mask_url_password},
     },
 };
 
@@ -137,6 +138,9 @@ pub struct StoreSettings {
     /// The client certificate and key tollgate presents to a `rediss://`
     /// server that asks for one (`tls-auth-clients yes`).
     pub tls_client: Option<ClientCertFiles>,
+    /// `store.max_entries`: the most counters and conversations the memory
+    /// store holds before it evicts the least recently used.
+    pub max_entries: usize,
 }
 
 /// A PEM certificate and its private key, as files.
@@ -170,6 +174,13 @@ impl StoreSettings {
             )),
         };
         Ok(RedisTls { ca, client })
+    }
+
+    /// How the memory store bounds itself.
+    pub fn memory_options(&self) -> MemoryOptions {
+        MemoryOptions {
+            max_entries: self.max_entries,
+        }
     }
 
     /// Redis connection options, or `None` for the memory store.
@@ -431,28 +442,6 @@ fn one_line(message: &str) -> String {
     }
 }
 
-/// `url` with any password replaced by `***`, for logs and errors.
-pub fn mask_url_password(url: &str) -> String {
-    let Some(scheme_end) = url.find("://") else {
-        return url.to_owned();
-    };
-    let authority_start = scheme_end + 3;
-    let authority_end = url[authority_start..]
-        .find('/')
-        .map_or(url.len(), |i| authority_start + i);
-    let authority = &url[authority_start..authority_end];
-    let Some(at) = authority.rfind('@') else {
-        return url.to_owned();
-    };
-    let userinfo = &authority[..at];
-    let user = userinfo.split_once(':').map_or("", |(user, _)| user);
-    format!(
-        "{}{user}:***@{}",
-        &url[..authority_start],
-        &url[authority_start + at + 1..]
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -501,23 +490,6 @@ mod tests {
         .map(|(k, v)| (k.to_owned(), v.to_owned()));
         let kept = override_variables(vars.into_iter());
         assert_eq!(kept.keys().collect::<Vec<_>>(), ["TOLLGATE_STORE__URL"]);
-    }
-
-    #[test]
-    fn masks_passwords() {
-        assert_eq!(
-            mask_url_password("redis://:hunter2@localhost:6379/0"),
-            "redis://:***@localhost:6379/0"
-        );
-        assert_eq!(
-            mask_url_password("rediss://app:s3cr%40t@db.internal:6380"),
-            "rediss://app:***@db.internal:6380"
-        );
-        assert_eq!(
-            mask_url_password("redis://localhost:6379/0"),
-            "redis://localhost:6379/0"
-        );
-        assert_eq!(mask_url_password("memory://"), "memory://");
     }
 
     #[test]

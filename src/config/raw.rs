@@ -8,11 +8,11 @@ use serde::Deserialize;
 
 use super::{
     Backend, ClientCertFiles, Config, ConfigError, LogFormat, LogSettings, SecretUrl, ServerTls,
-    Settings, StoreSettings, mask_url_password,
+    Settings, StoreSettings,
 };
 use crate::{
     rules::{Algorithm, EnvoyMatch, FailureMode, Kind, Policy, Quota, Quotas, Rule, Tier, Tiers},
-    store::breaker::BreakerOptions,
+    store::{breaker::BreakerOptions, memory::DEFAULT_MAX_ENTRIES, redis::mask_url_password},
 };
 
 /// Names what an untagged fallback caught. A table fails through one of its
@@ -136,6 +136,7 @@ struct RawStore {
     tls_ca: Option<String>,
     tls_cert: Option<String>,
     tls_key: Option<String>,
+    max_entries: i64,
 }
 
 impl Default for RawStore {
@@ -152,6 +153,7 @@ impl Default for RawStore {
             tls_ca: None,
             tls_cert: None,
             tls_key: None,
+            max_entries: i64::try_from(DEFAULT_MAX_ENTRIES).unwrap_or(i64::MAX),
         }
     }
 }
@@ -337,6 +339,18 @@ impl RawStore {
                 "must be at least 1".to_owned(),
             ));
         }
+        let max_entries = match usize::try_from(self.max_entries) {
+            Ok(max) if max >= 1 => max,
+            _ => {
+                return Err(at(
+                    "store.max_entries",
+                    format!(
+                        "{} is not an entry count of at least 1 (leave it out for {})",
+                        self.max_entries, DEFAULT_MAX_ENTRIES
+                    ),
+                ));
+            }
+        };
         let tls = matches!(&backend, Backend::Redis(url) | Backend::RedisCluster(url)
             if url.expose().starts_with("rediss"));
         let tls_file = |key: &str, path: &Option<String>, kind: Pem| match path {
@@ -379,6 +393,7 @@ impl RawStore {
             breaker,
             tls_ca,
             tls_client,
+            max_entries,
         })
     }
 }

@@ -75,7 +75,7 @@ use super::{
     ConversationCounters, LimitCheck, LimitDecision, Store, StoreError, UsageDecision,
     UsageIncrement,
 };
-use crate::{config::mask_url_password, keys::KeyBuilder, rules::Algorithm};
+use crate::{keys::KeyBuilder, rules::Algorithm};
 
 /// A Lua script under `lua/`: its source, for `EVAL`, and its SHA1, for
 /// `EVALSHA`.
@@ -198,6 +198,28 @@ const CLUSTER_SCHEMES: [(&str, &str); 2] = [
     ("redis-cluster://", "redis://"),
     ("rediss-cluster://", "rediss://"),
 ];
+
+/// `url` with any password replaced by `***`, for logs and errors.
+pub fn mask_url_password(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_owned();
+    };
+    let authority_start = scheme_end + 3;
+    let authority_end = url[authority_start..]
+        .find('/')
+        .map_or(url.len(), |i| authority_start + i);
+    let authority = &url[authority_start..authority_end];
+    let Some(at) = authority.rfind('@') else {
+        return url.to_owned();
+    };
+    let userinfo = &authority[..at];
+    let user = userinfo.split_once(':').map_or("", |(user, _)| user);
+    format!(
+        "{}{user}:***@{}",
+        &url[..authority_start],
+        &url[authority_start + at + 1..]
+    )
+}
 
 /// Whether `url` names a Redis Cluster (`redis-cluster://` or
 /// `rediss-cluster://`) rather than one server.
@@ -846,9 +868,10 @@ impl Store for RedisStore {
             .unwrap_or(u64::MAX)
             // PEXPIRE 0 would delete the counters at once.
             .max(1);
-        let invocation = Invocation::new(&USAGE_INCREMENT, 2)
+        let invocation = Invocation::new(&USAGE_INCREMENT, 3)
             .key(keys.conversation(increment.character_id))
             .key(keys.index)
+            .key(keys.by_id)
             .arg(increment.kind)
             .arg(increment.amount)
             // -1: unlimited, counted all the same.
@@ -890,35 +913,40 @@ impl Store for RedisStore {
             return Ok(Vec::new());
         }
         let keys = self.shared.keys.usage(user_id);
-        let invocation = Invocation::new(&USAGE_LIST, 1).key(&keys.index);
-
-        // One deadline for the script and the reads after it.
+        // One deadline for the scripts and the reads after them.
         let deadline = self.deadline();
-        let reply = self.run_script(&invocation).await?;
-        let mut ids: Vec<String> = decode(USAGE_LIST.name, reply)?;
-        // String order is byte order: the same in every store and locale.
-        ids.sort_unstable();
-
-        // Read the smallest ids first; should some expire between the two
-        // round trips, read further ones until `max` are found.
         let mut conn = self.checkout(deadline).await?;
-        let mut listed = Vec::with_capacity(max.min(ids.len()));
-        let mut candidates = ids.into_iter();
+        let mut listed = Vec::with_capacity(max.min(64));
+        let mut offset = 0;
         while listed.len() < max {
-            let batch: Vec<String> = candidates.by_ref().take(max - listed.len()).collect();
-            if batch.is_empty() {
+            let wanted = max - listed.len();
+            let invocation = Invocation::new(&USAGE_LIST, 2)
+                .key(&keys.index)
+                .key(&keys.by_id)
+                .arg(wanted)
+                .arg(offset);
+            // The next ids in byte order (Redis orders members of equal
+            // score bytewise): the same order in every store and locale.
+            let ids: Vec<String> = decode(USAGE_LIST.name, self.run_script(&invocation).await?)?;
+            let last_batch = ids.len() < wanted;
+            offset += ids.len();
+            if !ids.is_empty() {
+                let batch_keys: Vec<String> = ids.iter().map(|id| keys.conversation(id)).collect();
+                let counters = self
+                    .read_conversations(deadline, &mut conn, &batch_keys)
+                    .await?;
+                // A conversation whose counters are gone (expired between
+                // the two round trips, or deleted) is skipped, and the next
+                // batch takes its place.
+                listed.extend(
+                    ids.into_iter()
+                        .zip(counters)
+                        .filter_map(|(id, counters)| Some((id, counters?))),
+                );
+            }
+            if last_batch {
                 break;
             }
-            let batch_keys: Vec<String> = batch.iter().map(|id| keys.conversation(id)).collect();
-            let counters = self
-                .read_conversations(deadline, &mut conn, &batch_keys)
-                .await?;
-            listed.extend(
-                batch
-                    .into_iter()
-                    .zip(counters)
-                    .filter_map(|(id, counters)| Some((id, counters?))),
-            );
         }
         Ok(listed)
     }
@@ -1091,6 +1119,23 @@ impl bb8::ManageConnection for Manager {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn masks_passwords() {
+        assert_eq!(
+            mask_url_password("redis://:hunter2@localhost:6379/0"),
+            "redis://:***@localhost:6379/0"
+        );
+        assert_eq!(
+            mask_url_password("rediss://app:s3cr%40t@db.internal:6380"),
+            "rediss://app:***@db.internal:6380"
+        );
+        assert_eq!(
+            mask_url_password("redis://localhost:6379/0"),
+            "redis://localhost:6379/0"
+        );
+        assert_eq!(mask_url_password("memory://"), "memory://");
+    }
 
     #[test]
     fn cluster_urls_give_one_seed_url_per_node() {

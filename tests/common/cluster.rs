@@ -12,6 +12,8 @@
 
 use std::{
     collections::BTreeMap,
+    io::Write,
+    net::{SocketAddr, TcpStream},
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
     sync::Mutex,
@@ -458,10 +460,63 @@ impl RedisCluster {
             .status()
             .expect("kill runs");
         assert!(status.success(), "kill -KILL the node on :{port}");
+        // The signal is delivered asynchronously: wait until the node's
+        // listening socket is gone, which the kernel closes only once the
+        // process has stopped running, so that the node serves nothing after
+        // this returns.
+        let address = SocketAddr::from(([127, 0, 0, 1], port));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while TcpStream::connect_timeout(&address, Duration::from_millis(100)).is_ok() {
+            assert!(
+                Instant::now() < deadline,
+                "the node on :{port} still accepts connections after SIGKILL"
+            );
+            thread::sleep(Duration::from_millis(2));
+        }
         self.crashed
             .lock()
             .expect("no test panics holding it")
             .push(port);
+    }
+
+    /// Writes `key` on the master on `master`, then `WAIT`s (for at most
+    /// `timeout`) until `replicas` of its replicas have acknowledged that
+    /// write, on one connection, since WAIT waits for the calling client's
+    /// own writes. A master replicates in order, so a replica that
+    /// acknowledged this write holds every write the master made before it.
+    /// Returns how many replicas acknowledged.
+    pub fn replicate(&self, master: u16, key: &str, replicas: usize, timeout: Duration) -> i64 {
+        let mut child = Command::new("redis-cli")
+            .args(["-h", "127.0.0.1", "-p", &master.to_string()])
+            .args(&self.cli_args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("redis-cli runs");
+        // redis-cli runs the lines of a piped stdin one by one, on one
+        // connection, and ends at EOF.
+        let script = format!("SET {key} 1\nWAIT {replicas} {}\n", timeout.as_millis());
+        child
+            .stdin
+            .take()
+            .expect("stdin is piped")
+            .write_all(script.as_bytes())
+            .expect("redis-cli reads its commands");
+        let output = child
+            .wait_with_output()
+            .expect("redis-cli ends after its two commands");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let mut replies = stdout.lines().map(str::trim);
+        assert_eq!(
+            replies.next(),
+            Some("OK"),
+            "SET {key} on :{master}: {stdout}"
+        );
+        replies
+            .next()
+            .and_then(|acked| acked.parse().ok())
+            .unwrap_or_else(|| panic!("WAIT on :{master} answered {stdout:?}"))
     }
 
     /// Waits until the replica on `replica` of a crashed master has been

@@ -49,6 +49,25 @@ pub(crate) struct CheckLimit {
     rule: String,
     tier: String,
     cost: u32,
+    /// Costs are drawn from `cost..=cost_max`.
+    cost_max: u32,
+    /// xorshift64 state for the drawn costs: deterministic and cheap.
+    draw: u64,
+}
+
+impl CheckLimit {
+    /// This request's cost: fixed, or drawn uniformly from the range.
+    fn next_cost(&mut self) -> u32 {
+        if self.cost_max <= self.cost {
+            return self.cost;
+        }
+        self.draw ^= self.draw << 13;
+        self.draw ^= self.draw >> 7;
+        self.draw ^= self.draw << 17;
+        let span = u64::from(self.cost_max - self.cost) + 1;
+        // The remainder is below span, which fits in u32 with the offset.
+        self.cost + u32::try_from(self.draw % span).unwrap_or(0)
+    }
 }
 
 impl Caller for CheckLimit {
@@ -58,17 +77,20 @@ impl Caller for CheckLimit {
             rule: plan.rule.clone(),
             tier: plan.tier.clone(),
             cost: plan.cost,
+            cost_max: plan.cost_max,
+            draw: 0x2545_f491_4f6c_dd1d,
         }
     }
 
     async fn send(&mut self, subject: &str) -> Result<Answer, Status> {
         // prost messages own their strings, so each request copies the
         // pre-built ones; nothing is formatted per request.
+        let cost = self.next_cost();
         let request = CheckLimitRequest {
             rule: self.rule.clone(),
             subject: subject.to_owned(),
             tier: self.tier.clone(),
-            cost: self.cost,
+            cost,
             dry_run: false,
         };
         let response = self.client.check_limit(request).await?.into_inner();

@@ -60,6 +60,10 @@ pub(crate) struct Cli {
     /// Hits (check-limit) or messages (increment-usage) per request.
     #[arg(long, default_value_t = 1)]
     cost: u32,
+    /// With check-limit: draw each request's cost uniformly from --cost to
+    /// this (a token budget's varying costs); unset: every request costs --cost.
+    #[arg(long)]
+    cost_max: Option<u32>,
     /// Distinct subjects (users for increment-usage): "bench-0" .. "bench-{N-1}".
     #[arg(long, default_value_t = 10_000)]
     subjects: u32,
@@ -164,8 +168,11 @@ pub(crate) struct Plan {
     pub(crate) character: String,
     /// Tier name; empty for the default tier.
     pub(crate) tier: String,
-    /// Cost or amount per request.
+    /// Cost or amount per request (the least, with `cost_max`).
     pub(crate) cost: u32,
+    /// The most a check-limit request costs; costs are drawn uniformly from
+    /// `cost..=cost_max`. Equal to `cost` for a fixed cost.
+    pub(crate) cost_max: u32,
     /// Distinct subjects.
     pub(crate) subjects: u32,
     /// Subject choice.
@@ -211,6 +218,18 @@ impl Cli {
         }
         let bounds = bounds(self.duration, self.requests)?;
         check_range("--subjects", self.subjects.into(), 1, MAX_SUBJECTS.into())?;
+        if let Some(most) = self.cost_max {
+            if most < self.cost.max(1) {
+                return Err(format!(
+                    "--cost-max {most}: at least --cost ({})",
+                    self.cost.max(1)
+                ));
+            }
+            if self.call != Call::CheckLimit {
+                return Err("--cost-max: only with --call check-limit".to_owned());
+            }
+        }
+        let cost_max = self.cost_max;
         check_range(
             "--concurrency",
             self.concurrency.into(),
@@ -255,6 +274,7 @@ impl Cli {
             character: self.character,
             tier: self.tier,
             cost: self.cost,
+            cost_max: cost_max.unwrap_or(self.cost),
             subjects: self.subjects,
             pick: self.pick,
             concurrency: self.concurrency,

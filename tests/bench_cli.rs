@@ -1,10 +1,17 @@
 //! The `tollgate-bench` binary against an in-process tollgate on the memory
-//! store: exact counts through `--json`, and the loopback guard.
+//! store (or on a store that is down): exact counts through `--json`, and
+//! the loopback guard.
 
 use std::{process::Output, sync::Arc, time::Duration};
 
 use tokio::{net::TcpListener, process::Command, sync::oneshot, task::JoinHandle};
-use tollgate::{limiter::Limiter, store::memory::MemoryStore};
+use tollgate::{
+    limiter::Limiter,
+    store::{
+        ConversationCounters, LimitCheck, LimitDecision, Store, StoreError, UsageDecision,
+        UsageIncrement, memory::MemoryStore,
+    },
+};
 
 /// No single run of the binary may take longer than this.
 const RUN_TIMEOUT: Duration = Duration::from_secs(20);
@@ -19,6 +26,11 @@ struct Server {
 impl Server {
     /// Serves the shipped config's policy on the memory store.
     async fn start() -> Self {
+        Self::start_on(MemoryStore::new()).await
+    }
+
+    /// Serves the shipped config's policy on `store`.
+    async fn start_on(store: impl Store) -> Self {
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config/tollgate.toml");
         let toml = std::fs::read_to_string(path).expect("the shipped config is readable");
         let policy = tollgate::config::load_str(&toml, "shipped")
@@ -33,7 +45,7 @@ impl Server {
                 .local_addr()
                 .expect("a bound listener has an address")
         );
-        let limiter = Arc::new(Limiter::new(MemoryStore::new(), Arc::new(policy)));
+        let limiter = Arc::new(Limiter::new(store, Arc::new(policy)));
         let (shutdown, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(tollgate::server::run(limiter, listener, async {
             let _ = stopped.await;
@@ -52,6 +64,42 @@ impl Server {
             .expect("the server stops within 5 s")
             .expect("the server task does not panic")
             .expect("the server stops cleanly");
+    }
+}
+
+/// A store that is down: every call fails as an unreachable Redis does, so
+/// every answer is the failure policy's, marked degraded.
+struct Down;
+
+impl Down {
+    fn error() -> StoreError {
+        StoreError::Unavailable("connection refused".to_owned())
+    }
+}
+
+impl Store for Down {
+    async fn check_limit(&self, _: &LimitCheck<'_>) -> Result<LimitDecision, StoreError> {
+        Err(Self::error())
+    }
+
+    async fn increment_usage(&self, _: &UsageIncrement<'_>) -> Result<UsageDecision, StoreError> {
+        Err(Self::error())
+    }
+
+    async fn get_usage(&self, _: &str, _: &str) -> Result<ConversationCounters, StoreError> {
+        Err(Self::error())
+    }
+
+    async fn list_usage(
+        &self,
+        _: &str,
+        _: usize,
+    ) -> Result<Vec<(String, ConversationCounters)>, StoreError> {
+        Err(Self::error())
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        Err(Self::error())
     }
 }
 
@@ -118,6 +166,7 @@ async fn check_limit_counts_are_exact() {
     assert_eq!(field(&json, "errors"), 0, "{json}");
     assert_eq!(field(&json, "allowed"), 1000, "{json}");
     assert_eq!(field(&json, "denied"), 1000, "{json}");
+    assert_eq!(field(&json, "degraded"), 0, "{json}");
     assert!(json.contains("\"call\":\"check-limit\""), "{json}");
     assert!(json.contains("\"errors_by_code\":{}"), "{json}");
     server.stop().await;
@@ -177,6 +226,29 @@ async fn should_rate_limit_counts_are_exact() {
     assert_eq!(field(&json, "errors"), 0, "{json}");
     assert_eq!(field(&json, "allowed"), 100, "{json}");
     assert_eq!(field(&json, "denied"), 200, "{json}");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn degraded_answers_are_counted_apart_from_errors() {
+    let server = Server::start_on(Down).await;
+    // With the store down, the shipped api rule and the quotas fail open
+    // and auth (a lock-out) fails closed: every answer is the policy's,
+    // marked degraded, and none is an error.
+    for (args, allowed, denied) in [
+        (&["--rule", "api"][..], 40, 0),
+        (&["--rule", "auth"][..], 0, 40),
+        (&["--call", "increment-usage"][..], 40, 0),
+    ] {
+        let mut all = vec!["--addr", &server.addr, "-n", "40", "-c", "4", "--json"];
+        all.extend_from_slice(args);
+        let json = bench_json(&all).await;
+        assert_eq!(field(&json, "count"), 40, "{json}");
+        assert_eq!(field(&json, "errors"), 0, "{json}");
+        assert_eq!(field(&json, "allowed"), allowed, "{json}");
+        assert_eq!(field(&json, "denied"), denied, "{json}");
+        assert_eq!(field(&json, "degraded"), 40, "{json}");
+    }
     server.stop().await;
 }
 

@@ -1,5 +1,5 @@
 //! One [`Caller`] per RPC: it builds a request for a subject, sends it and
-//! says whether the server allowed it.
+//! says whether the server allowed it, and whether without its store.
 //!
 //! Adding a call means one `impl Caller` here and one match arm in
 //! `main::run`.
@@ -21,15 +21,25 @@ use tonic::{Status, transport::Channel};
 
 use crate::cli::Plan;
 
+/// The server's answer to one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Answer {
+    /// The request may go ahead.
+    pub(crate) allowed: bool,
+    /// The server answered without its store, by its failure policy (the
+    /// response's `degraded`); always false for ShouldRateLimit, whose
+    /// response has no such field.
+    pub(crate) degraded: bool,
+}
+
 /// Sends one kind of request. A worker owns one clone and sends one request
 /// at a time through it; clones share the connection they were built on.
 pub(crate) trait Caller: Clone + Send + 'static {
     /// A caller that sends over `channel`, with the plan's fixed fields.
     fn new(channel: Channel, plan: &Plan) -> Self;
 
-    /// Sends one request for `subject`: `Ok(true)` when allowed, `Ok(false)`
-    /// when denied.
-    fn send(&mut self, subject: &str) -> impl Future<Output = Result<bool, Status>> + Send;
+    /// Sends one request for `subject` and returns the server's answer.
+    fn send(&mut self, subject: &str) -> impl Future<Output = Result<Answer, Status>> + Send;
 }
 
 /// tollgate.v1.RateLimiter/CheckLimit.
@@ -72,7 +82,7 @@ impl Caller for CheckLimit {
         }
     }
 
-    async fn send(&mut self, subject: &str) -> Result<bool, Status> {
+    async fn send(&mut self, subject: &str) -> Result<Answer, Status> {
         // prost messages own their strings, so each request copies the
         // pre-built ones; nothing is formatted per request.
         let cost = self.next_cost();
@@ -83,8 +93,11 @@ impl Caller for CheckLimit {
             cost,
             dry_run: false,
         };
-        let response = self.client.check_limit(request).await?;
-        Ok(response.get_ref().allowed)
+        let response = self.client.check_limit(request).await?.into_inner();
+        Ok(Answer {
+            allowed: response.allowed,
+            degraded: response.degraded,
+        })
     }
 }
 
@@ -110,7 +123,7 @@ impl Caller for IncrementUsage {
         }
     }
 
-    async fn send(&mut self, subject: &str) -> Result<bool, Status> {
+    async fn send(&mut self, subject: &str) -> Result<Answer, Status> {
         let request = IncrementUsageRequest {
             user_id: subject.to_owned(),
             character_id: self.character.clone(),
@@ -118,8 +131,11 @@ impl Caller for IncrementUsage {
             tier: self.tier.clone(),
             amount: self.amount,
         };
-        let response = self.client.increment_usage(request).await?;
-        Ok(response.get_ref().allowed)
+        let response = self.client.increment_usage(request).await?.into_inner();
+        Ok(Answer {
+            allowed: response.allowed,
+            degraded: response.degraded,
+        })
     }
 }
 
@@ -148,7 +164,7 @@ impl Caller for ShouldRateLimit {
         }
     }
 
-    async fn send(&mut self, subject: &str) -> Result<bool, Status> {
+    async fn send(&mut self, subject: &str) -> Result<Answer, Status> {
         let entry = |key: &str, value: &str| Entry {
             key: key.to_owned(),
             value: value.to_owned(),
@@ -166,6 +182,9 @@ impl Caller for ShouldRateLimit {
             hits_addend: self.hits,
         };
         let response = self.client.should_rate_limit(request).await?;
-        Ok(response.get_ref().overall_code == Code::Ok as i32)
+        Ok(Answer {
+            allowed: response.get_ref().overall_code == Code::Ok as i32,
+            degraded: false,
+        })
     }
 }

@@ -18,7 +18,7 @@ use tokio::sync::{Mutex, mpsc};
 use tonic::{Code, Status};
 
 use crate::{
-    calls::Caller,
+    calls::{Answer, Caller},
     cli::{Bounds, Pick},
 };
 
@@ -38,6 +38,8 @@ pub(crate) struct Tally {
     pub(crate) allowed: u64,
     /// Requests the server denied.
     pub(crate) denied: u64,
+    /// Of the allowed and denied, those answered without the store.
+    pub(crate) degraded: u64,
     /// Failed requests by gRPC status code.
     pub(crate) errors: [u64; CODES],
     /// The first message seen for each failing code, to tell the user why.
@@ -51,17 +53,24 @@ impl Tally {
                 .expect("1 <= HISTOGRAM_MAX_MICROS and 3 significant figures are valid bounds"),
             allowed: 0,
             denied: 0,
+            degraded: 0,
             errors: [0; CODES],
             first_error: Default::default(),
         }
     }
 
-    fn record(&mut self, latency: Duration, outcome: Result<bool, Status>) {
+    fn record(&mut self, latency: Duration, outcome: Result<Answer, Status>) {
         let micros = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
         self.latency.saturating_record(micros);
         match outcome {
-            Ok(true) => self.allowed += 1,
-            Ok(false) => self.denied += 1,
+            Ok(answer) => {
+                if answer.allowed {
+                    self.allowed += 1;
+                } else {
+                    self.denied += 1;
+                }
+                self.degraded += u64::from(answer.degraded);
+            }
             Err(status) => {
                 let code = code_index(status.code());
                 self.errors[code] += 1;
@@ -78,6 +87,7 @@ impl Tally {
             .expect("every tally's histogram has the same bounds");
         self.allowed += other.allowed;
         self.denied += other.denied;
+        self.degraded += other.degraded;
         for (code, (count, first)) in other.errors.into_iter().zip(other.first_error).enumerate() {
             self.errors[code] += count;
             if self.first_error[code].is_none() {
@@ -367,14 +377,22 @@ mod tests {
 
     #[test]
     fn tallies_merge_counts_and_first_errors() {
+        let allowed = Answer {
+            allowed: true,
+            degraded: false,
+        };
         let mut a = Tally::new();
-        a.record(Duration::from_micros(100), Ok(true));
+        a.record(Duration::from_micros(100), Ok(allowed));
         a.record(
             Duration::from_micros(300),
             Err(Status::unavailable("store down")),
         );
         let mut b = Tally::new();
-        b.record(Duration::from_micros(200), Ok(false));
+        let degraded_denial = Answer {
+            allowed: false,
+            degraded: true,
+        };
+        b.record(Duration::from_micros(200), Ok(degraded_denial));
         b.record(
             Duration::from_micros(400),
             Err(Status::unavailable("later")),
@@ -385,8 +403,8 @@ mod tests {
         );
         a.merge(b);
         assert_eq!(
-            (a.allowed, a.denied, a.error_count(), a.count()),
-            (1, 1, 3, 5)
+            (a.allowed, a.denied, a.degraded, a.error_count(), a.count()),
+            (1, 1, 1, 3, 5)
         );
         assert_eq!(a.errors[Code::Unavailable as usize], 2);
         assert_eq!(

@@ -60,6 +60,7 @@ pub(crate) struct Report {
     latency: Latency,
     allowed: u64,
     denied: u64,
+    degraded: u64,
     errors: Vec<ErrorCount>,
 }
 
@@ -105,6 +106,7 @@ impl Report {
             },
             allowed: tally.allowed,
             denied: tally.denied,
+            degraded: tally.degraded,
             errors,
         }
     }
@@ -195,6 +197,14 @@ impl Report {
             self.error_count(),
             percent(self.error_count(), self.count)
         );
+        if self.degraded > 0 {
+            let _ = writeln!(
+                out,
+                "  degraded {:>10}  {:5.1} %  (of the allowed and denied: answered without the store)",
+                self.degraded,
+                percent(self.degraded, self.count)
+            );
+        }
         if !self.errors.is_empty() {
             let _ = writeln!(out);
             let _ = writeln!(out, "Error distribution:");
@@ -221,7 +231,7 @@ impl Report {
              \"elapsed_s\":{:.6},\
              \"rps\":{:.1},\"latency_us\":{{\"mean\":{:.1},\"min\":{},\"p50\":{},\
              \"p90\":{},\"p99\":{},\"max\":{}}},\"allowed\":{},\"denied\":{},\
-             \"errors\":{},\"errors_by_code\":{{",
+             \"degraded\":{},\"errors\":{},\"errors_by_code\":{{",
             json_string(self.call),
             json_string(&self.addr),
             self.concurrency,
@@ -241,6 +251,7 @@ impl Report {
             l.max,
             self.allowed,
             self.denied,
+            self.degraded,
             self.error_count(),
         );
         for (i, error) in self.errors.iter().enumerate() {

@@ -11,8 +11,10 @@ ENV CARGO_PROFILE_RELEASE_DEBUG=false \
 # Build dependencies first so that source edits reuse the cached layer.
 COPY Cargo.toml Cargo.lock build.rs ./
 COPY proto proto
-# Cargo.toml names a [[bench]], so every build needs its file.
+# Cargo.toml names a [[bench]] and an [[example]]; every build gets their
+# files, so that no cargo version can refuse the manifest for a missing one.
 COPY benches benches
+COPY bench/accuracy.rs bench/accuracy.rs
 # An empty library and server stand in for the sources; the step fails if
 # the build does, rather than leave the dependencies to the next step.
 RUN mkdir src && echo 'fn main() {}' > src/main.rs && touch src/lib.rs \

@@ -42,6 +42,8 @@
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
+# shellcheck source=bench/lib.sh
+source bench/lib.sh
 for tool in redis-server redis-cli redis-benchmark python3 nproc; do
     command -v "$tool" >/dev/null || { echo "bench/run.sh: needs $tool" >&2; exit 1; }
 done
@@ -106,20 +108,7 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-# A watchdog: the whole script is bounded even if something hangs.
-(
-    sleep "$MAX_SECONDS" &
-    sleeper=$!
-    trap 'kill "$sleeper" 2>/dev/null; exit 0' TERM
-    wait "$sleeper" || exit 0
-    echo "bench/run.sh: over MAX_SECONDS=$MAX_SECONDS; stopping" >&2
-    kill -TERM $$ 2>/dev/null
-) &
-PIDS+=($!)
-
-free_port() {
-    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
+start_watchdog bench/run.sh
 
 # utime + stime of a process and all its threads, in clock ticks.
 cpu_ticks() {
@@ -162,11 +151,7 @@ start_tollgate() { # name store_url -> sets <name>_PID, <name>_ADDR
         --listen "127.0.0.1:$port" --store "$store" >"$WORK/$name.log" 2>&1 &
     local pid=$!
     PIDS+=("$pid")
-    for _ in $(seq 100); do
-        "$TOLLGATE" health --addr "http://127.0.0.1:$port" --timeout 1s >/dev/null 2>&1 && break
-        kill -0 "$pid" 2>/dev/null || { cat "$WORK/$name.log" >&2; exit 1; }
-        sleep 0.1
-    done
+    await_serving "$pid" "http://127.0.0.1:$port" "$WORK/$name.log"
     printf -v "${name}_PID" %s "$pid"
     printf -v "${name}_ADDR" %s "http://127.0.0.1:$port"
 }

@@ -47,6 +47,8 @@
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
+# shellcheck source=bench/lib.sh
+source bench/lib.sh
 for tool in redis-server redis-cli python3 curl nproc awk; do
     command -v "$tool" >/dev/null || { echo "bench/soak.sh: needs $tool" >&2; exit 1; }
 done
@@ -114,20 +116,7 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-# A watchdog: the whole script is bounded even if something hangs.
-(
-    sleep "$MAX_SECONDS" &
-    sleeper=$!
-    trap 'kill "$sleeper" 2>/dev/null; exit 0' TERM
-    wait "$sleeper" || exit 0
-    echo "bench/soak.sh: over MAX_SECONDS=$MAX_SECONDS; stopping" >&2
-    kill -TERM $$ 2>/dev/null
-) &
-PIDS+=($!)
-
-free_port() {
-    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
+start_watchdog bench/soak.sh
 
 # Seconds since the epoch, with microseconds.
 now() { echo "$EPOCHREALTIME"; }
@@ -137,6 +126,11 @@ sleep_until() {
     local left
     left=$(awk -v t="$1" -v n="$EPOCHREALTIME" 'BEGIN { d = t - n; printf "%.3f", (d > 0 ? d : 0) }')
     sleep "$left"
+}
+
+# Sleeps until the share $1 (0 to 1) of the soak, counted from T0, has passed.
+sleep_until_share() {
+    sleep_until "$(awk -v t0="$T0" -v s="$SOAK_S" -v share="$1" 'BEGIN { printf "%.6f", t0 + s * share }')"
 }
 
 REDIS_PORT=$(free_port)
@@ -166,13 +160,7 @@ TOLLGATE_SERVER__METRICS_LISTEN="127.0.0.1:$METRICS_PORT" \
     --store "redis://127.0.0.1:$REDIS_PORT/0" >"$WORK/tollgate.log" 2>&1 &
 TG_PID=$!
 PIDS+=("$TG_PID")
-for _ in $(seq 100); do
-    "$TOLLGATE" health --addr "$TG_ADDR" --timeout 1s >/dev/null 2>&1 && break
-    kill -0 "$TG_PID" 2>/dev/null || { cat "$WORK/tollgate.log" >&2; exit 1; }
-    sleep 0.1
-done
-"$TOLLGATE" health --addr "$TG_ADDR" --timeout 1s >/dev/null ||
-    { echo "bench/soak.sh: tollgate is not SERVING" >&2; exit 1; }
+await_serving "$TG_PID" "$TG_ADDR" "$WORK/tollgate.log"
 
 rss_kb() { awk '/^VmRSS:/ { print $2 }' "/proc/$TG_PID/status"; }
 
@@ -283,7 +271,7 @@ fault() { # id label start_time end_time
 }
 
 # 1. Pause: SIGSTOP for 2 s; a PING meanwhile must get no answer.
-sleep_until "$(awk -v t0="$T0" -v s="$SOAK_S" 'BEGIN { printf "%.6f", t0 + s * 0.2 }')"
+sleep_until_share 0.2
 metrics_snapshot "$WORK/metrics-pause-before.txt"
 START=$(now)
 kill -STOP "$REDIS_PID"
@@ -299,7 +287,7 @@ fault pause "pause 2 s (SIGSTOP)" "$START" "$END"
 echo "  pause: done (PING during it: $PAUSE_PING)" >&2
 
 # 2. Kill -9, 1 s down, restart on the same port.
-sleep_until "$(awk -v t0="$T0" -v s="$SOAK_S" 'BEGIN { printf "%.6f", t0 + s * 0.4 }')"
+sleep_until_share 0.4
 metrics_snapshot "$WORK/metrics-kill-before.txt"
 START=$(now)
 kill -KILL "$REDIS_PID"
@@ -313,7 +301,7 @@ fault kill "kill -9, restart" "$START" "$END"
 echo "  kill and restart: done" >&2
 
 # 3. SCRIPT FLUSH: tollgate's next EVALSHA gets NOSCRIPT and re-sends EVAL.
-sleep_until "$(awk -v t0="$T0" -v s="$SOAK_S" 'BEGIN { printf "%.6f", t0 + s * 0.6 }')"
+sleep_until_share 0.6
 metrics_snapshot "$WORK/metrics-flush-before.txt"
 START=$(now)
 rcli SCRIPT FLUSH >/dev/null

@@ -143,6 +143,16 @@ fn check_limit_when_up(server: &mut Tollgate, port: u16, rule: &str) -> (bool, u
 }
 
 /// SIGTERM, then a clean exit (status 0) within [`DEADLINE`].
+/// `tollgate serve` with the shipped config, told its port by
+/// `TOLLGATE_SERVER__LISTEN` alone.
+fn serve_on_port_from_environment(port: u16) -> Tollgate {
+    let mut command = Tollgate::command();
+    command
+        .args(["serve", "--config", "config/tollgate.toml"])
+        .env("TOLLGATE_SERVER__LISTEN", format!("127.0.0.1:{port}"));
+    Tollgate::spawn_command(command)
+}
+
 fn stops_cleanly_on_sigterm(mut server: Tollgate) {
     server.signal("-TERM");
     let finished = {
@@ -292,11 +302,7 @@ fn environment_variables_override_the_file_and_are_named_when_bad() {
 #[test]
 fn serve_listens_where_the_environment_says() {
     let port = free_port();
-    let mut command = Tollgate::command();
-    command
-        .args(["serve", "--config", "config/tollgate.toml"])
-        .env("TOLLGATE_SERVER__LISTEN", format!("127.0.0.1:{port}"));
-    let mut server = Tollgate::spawn_command(command);
+    let mut server = serve_on_port_from_environment(port);
     assert_eq!(check_limit_when_up(&mut server, port, "auth"), (true, 5, 4));
     stops_cleanly_on_sigterm(server);
 }
@@ -307,11 +313,7 @@ fn serve_listens_where_the_environment_says() {
 #[test]
 fn health_dials_the_port_the_environment_names() {
     let port = free_port();
-    let mut command = Tollgate::command();
-    command
-        .args(["serve", "--config", "config/tollgate.toml"])
-        .env("TOLLGATE_SERVER__LISTEN", format!("127.0.0.1:{port}"));
-    let mut server = Tollgate::spawn_command(command);
+    let mut server = serve_on_port_from_environment(port);
     check_limit_when_up(&mut server, port, "auth");
     let mut health = Tollgate::command();
     health

@@ -1270,6 +1270,14 @@ mod tests {
     }
 
     /// A store of one shard, so that its LRU order is the store's.
+    /// Counts one message in the conversation, whatever the answer.
+    async fn message(store: &MemoryStore, user_id: &'static str, character_id: &'static str) {
+        store
+            .increment_usage(&usage(user_id, character_id))
+            .await
+            .expect("memory");
+    }
+
     fn bounded(max_entries: usize) -> (MemoryStore, ManualClock, EvictionCounter) {
         let (clock, handle) = manual_clock();
         let evictions = EvictionCounter::default();
@@ -1345,32 +1353,17 @@ mod tests {
     #[tokio::test]
     async fn conversations_count_against_the_cap_and_evict_by_user() {
         let (store, _clock, evictions) = bounded(3);
-        store
-            .increment_usage(&usage("u1", "a"))
-            .await
-            .expect("memory");
-        store
-            .increment_usage(&usage("u1", "b"))
-            .await
-            .expect("memory");
-        store
-            .increment_usage(&usage("u2", "a"))
-            .await
-            .expect("memory");
+        message(&store, "u1", "a").await;
+        message(&store, "u1", "b").await;
+        message(&store, "u2", "a").await;
         assert_eq!((store.entries(), evictions.get()), (3, 0));
         // One more conversation: u1, the least recently used, goes whole.
-        store
-            .increment_usage(&usage("u2", "b"))
-            .await
-            .expect("memory");
+        message(&store, "u2", "b").await;
         assert_eq!((store.entries(), evictions.get()), (2, 2));
         assert!(store.list_usage("u1", 10).await.expect("memory").is_empty());
         // A user alone in the store gives up their own other conversations.
         for character in ["c", "d", "e"] {
-            store
-                .increment_usage(&usage("u2", character))
-                .await
-                .expect("memory");
+            message(&store, "u2", character).await;
         }
         assert_eq!(store.entries(), 3);
         let listed = store.list_usage("u2", 10).await.expect("memory");
@@ -1381,29 +1374,17 @@ mod tests {
         // next new entry elsewhere evicts.
         hit(&store, &subject("s"), 1).await;
         assert_eq!(store.entries(), 4);
-        store
-            .increment_usage(&usage("u2", "f"))
-            .await
-            .expect("memory");
+        message(&store, "u2", "f").await;
         assert_eq!((store.entries(), evictions.get()), (3, 6));
     }
 
     #[tokio::test]
     async fn reading_a_user_s_usage_is_a_use() {
         let (store, _clock, evictions) = bounded(2);
-        store
-            .increment_usage(&usage("u1", "a"))
-            .await
-            .expect("memory");
-        store
-            .increment_usage(&usage("u2", "a"))
-            .await
-            .expect("memory");
+        message(&store, "u1", "a").await;
+        message(&store, "u2", "a").await;
         assert_eq!(store.list_usage("u1", 10).await.expect("memory").len(), 1);
-        store
-            .increment_usage(&usage("u3", "a"))
-            .await
-            .expect("memory");
+        message(&store, "u3", "a").await;
         assert_eq!(evictions.get(), 1);
         assert!(store.list_usage("u2", 10).await.expect("memory").is_empty());
         assert_eq!(
@@ -1420,17 +1401,11 @@ mod tests {
     async fn the_sweep_gives_expired_entries_back_to_the_budget() {
         let (store, clock, evictions) = bounded(2);
         hit(&store, &subject("a"), 1).await;
-        store
-            .increment_usage(&usage("u", "c"))
-            .await
-            .expect("memory");
+        message(&store, "u", "c").await;
         assert_eq!(store.entries(), 2);
         clock.advance(Duration::from_secs(3600) + SWEEP_EVERY);
         // Both shards sweep on their next use, before the new entry counts.
-        store
-            .increment_usage(&usage("v", "c"))
-            .await
-            .expect("memory");
+        message(&store, "v", "c").await;
         hit(&store, &subject("b"), 1).await;
         assert_eq!((store.entries(), evictions.get()), (2, 0));
     }

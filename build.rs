@@ -8,9 +8,11 @@
 use std::{env, path::PathBuf};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    const PROTOS: [&str; 2] = [
+    const PROTOS: [&str; 4] = [
         "proto/tollgate/v1/rate_limiter.proto",
         "proto/tollgate/v1/usage_quota.proto",
+        "proto/tollgate/v1/usage_stats.proto",
+        "proto/tollgate/v1/admin.proto",
     ];
     const ENVOY_PROTOS: [&str; 2] = [
         "proto/envoy/service/ratelimit/v3/rls.proto",

@@ -135,7 +135,7 @@ fn check_limit_when_up(server: &mut Tollgate, port: u16, rule: &str) -> (bool, u
             subject: "cli-test".to_owned(),
             tier: String::new(),
             cost: 1,
-            dry_run: false,
+            ..CheckLimitRequest::default()
         }))
         .expect("CheckLimit answers")
         .into_inner();

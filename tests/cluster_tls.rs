@@ -76,7 +76,7 @@ fn auth_request(subject: &str) -> CheckLimitRequest {
         subject: subject.to_owned(),
         tier: String::new(),
         cost: 1,
-        dry_run: false,
+        ..CheckLimitRequest::default()
     }
 }
 

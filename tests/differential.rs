@@ -228,6 +228,7 @@ impl Fixture {
                     tier: TIERS[check.tier].to_owned(),
                     cost: u32::try_from(cost).expect("small costs"),
                     dry_run: check.dry_run,
+                    ..CheckLimitRequest::default()
                 };
                 let got = server
                     .check(request)
@@ -278,6 +279,7 @@ impl Fixture {
                     kind: kind_name.to_owned(),
                     tier: TIERS[increment.tier].to_owned(),
                     amount: increment.amount,
+                    ..IncrementUsageRequest::default()
                 };
                 let got = server
                     .increment(request)

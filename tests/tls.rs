@@ -149,7 +149,7 @@ fn request(subject: &str) -> CheckLimitRequest {
         subject: subject.to_owned(),
         tier: String::new(),
         cost: 1,
-        dry_run: false,
+        ..CheckLimitRequest::default()
     }
 }
 

@@ -8,7 +8,10 @@ use tracing::{Span, instrument};
 use super::wire_duration;
 use crate::{
     limiter::{CheckRequest, Limiter},
-    proto::{CheckLimitRequest, CheckLimitResponse, rate_limiter_server::RateLimiter},
+    proto::{
+        CheckLimitRequest, CheckLimitResponse, CheckLimitsRequest, CheckLimitsResponse,
+        SettleLimitRequest, SettleLimitResponse, rate_limiter_server::RateLimiter,
+    },
     store::Store,
 };
 
@@ -59,6 +62,23 @@ impl<S: Store> RateLimiter for RateLimiterService<S> {
             reset_after: wire_duration(decision.reset_after),
             blocked: decision.blocked,
             degraded: outcome.degraded,
+            ..CheckLimitResponse::default()
         }))
+    }
+
+    // Placeholder until the multi-limit call lands (issue 11, part 1).
+    async fn check_limits(
+        &self,
+        _request: Request<CheckLimitsRequest>,
+    ) -> Result<Response<CheckLimitsResponse>, Status> {
+        Err(Status::unimplemented("CheckLimits is not implemented yet"))
+    }
+
+    // Placeholder until pay-after-use lands (issue 11, part 3).
+    async fn settle_limit(
+        &self,
+        _request: Request<SettleLimitRequest>,
+    ) -> Result<Response<SettleLimitResponse>, Status> {
+        Err(Status::unimplemented("SettleLimit is not implemented yet"))
     }
 }

@@ -10,8 +10,8 @@ use crate::{
     limiter::{IncrementRequest, KindUsage, Limiter},
     proto::{
         ConversationUsage, GetUsageRequest, GetUsageResponse, IncrementUsageRequest,
-        IncrementUsageResponse, ListUsageRequest, ListUsageResponse, UsageCounter,
-        usage_quota_server::UsageQuota,
+        IncrementUsageResponse, ListUsageRequest, ListUsageResponse, SettleUsageRequest,
+        SettleUsageResponse, UsageCounter, usage_quota_server::UsageQuota,
     },
     rules::Quota,
     store::Store,
@@ -67,6 +67,7 @@ impl<S: Store> UsageQuota for UsageQuotaService<S> {
             remaining,
             resets_after: wire_duration(outcome.resets_after),
             degraded: outcome.degraded,
+            ..IncrementUsageResponse::default()
         }))
     }
 
@@ -105,6 +106,14 @@ impl<S: Store> UsageQuota for UsageQuotaService<S> {
                 })
                 .collect(),
         }))
+    }
+
+    // Placeholder until pay-after-use lands (issue 11, part 3).
+    async fn settle_usage(
+        &self,
+        _request: Request<SettleUsageRequest>,
+    ) -> Result<Response<SettleUsageResponse>, Status> {
+        Err(Status::unimplemented("SettleUsage is not implemented yet"))
     }
 }
 

@@ -92,6 +92,7 @@ impl Caller for CheckLimit {
             tier: self.tier.clone(),
             cost,
             dry_run: false,
+            request_id: String::new(),
         };
         let response = self.client.check_limit(request).await?.into_inner();
         Ok(Answer {
@@ -130,6 +131,7 @@ impl Caller for IncrementUsage {
             kind: self.kind.clone(),
             tier: self.tier.clone(),
             amount: self.amount,
+            request_id: String::new(),
         };
         let response = self.client.increment_usage(request).await?.into_inner();
         Ok(Answer {

@@ -183,20 +183,20 @@ measure_memory() {
         rule=${rule_limit%%:*}
         limit=${rule_limit##*:}
         fill "$rule" "$limit" ""
-        key="aim:{rl:$rule:bench-0}:calls"
+        key="aim:{rl:bench-0}:$rule:calls"
         printf 'sliding_log\t%s\t%s\t%s\n' "$rule" "$limit" "$(usage "$key")" >>"$MEMORY"
     done
     # The auth lock-out: one more attempt starts the block.
     fill auth 1 ""
-    printf 'block key\tauth\t(blocked)\t%s\n' "$(usage 'aim:{rl:auth:bench-0}:block')" >>"$MEMORY"
+    printf 'block key\tauth\t(blocked)\t%s\n' "$(usage 'aim:{rl:bench-0}:auth:block')" >>"$MEMORY"
     # sliding_counter: the api copy at its limit.
     fill api_counter 100 ""
     printf 'sliding_counter\tapi_counter\t100\t%s\n' \
-        "$(usage 'aim:{rl:api_counter:bench-0}:ctr')" >>"$MEMORY"
+        "$(usage 'aim:{rl:bench-0}:api_counter:ctr')" >>"$MEMORY"
     # Bytes per counted call: api for bench-1 holds 100 calls; premium
     # fills it on. A sorted set stays a compact listpack up to
     # zset-max-listpack-entries (128) members, then becomes a skiplist.
-    local at1 at100 at128 at1000 key='aim:{rl:api:bench-1}:calls'
+    local at1 at100 at128 at1000 key='aim:{rl:bench-1}:api:calls'
     bench "$REDIS_TG_ADDR" --rule api --subjects 2 -c 1 -n 2 >/dev/null # bench-1: 1 call
     at1=$(usage "$key")
     bench "$REDIS_TG_ADDR" --rule api --subjects 2 -c 1 -n 198 >/dev/null # bench-1: 100 calls
@@ -213,7 +213,7 @@ measure_memory() {
     # whatever their costs add up to.
     bench "$REDIS_TG_ADDR" --rule tokens --subjects 1 -c 1 -n 1000 --cost 1 --cost-max 100000 >/dev/null
     printf 'sliding_log\ttokens (1,000 calls of cost 1..100,000)\t1000 calls\t%s\n' \
-        "$(usage 'aim:{rl:tokens:bench-0}:calls')" >>"$MEMORY"
+        "$(usage 'aim:{rl:bench-0}:tokens:calls')" >>"$MEMORY"
 }
 echo "measuring Redis memory per subject ..." >&2
 measure_memory
@@ -319,10 +319,10 @@ read -r STEAL0 TOTAL0 < <(cpu_steal)
 for run in $(seq "$RUNS"); do
     echo "run $run of $RUNS" >&2
     baseline "$run" base_evalsha_50 "redis-benchmark EVALSHA sliding_log, 10k keys" 50 \
-        EVALSHA "$SLIDING_LOG_SHA" 1 'aim:{rl:rb:__rand_int__}:calls' \
+        EVALSHA "$SLIDING_LOG_SHA" 1 'aim:{rl:__rand_int__}:rb:calls' \
         1000000 900000000 1 0 0
     baseline "$run" base_evalsha_200 "redis-benchmark EVALSHA sliding_log, 10k keys" 200 \
-        EVALSHA "$SLIDING_LOG_SHA" 1 'aim:{rl:rb:__rand_int__}:calls' \
+        EVALSHA "$SLIDING_LOG_SHA" 1 'aim:{rl:__rand_int__}:rb:calls' \
         1000000 900000000 1 0 0
     baseline "$run" base_incr_50 "redis-benchmark INCR, 10k keys" 50 INCR 'rb:ctr:__rand_int__'
     scenario "$run" a_50 "(a) CheckLimit, Redis, sliding_log" redis --rule api_log --subjects "$SUBJECTS" -c 50

@@ -4,7 +4,9 @@
 //! - The prefix comes first so operators can tell tollgate's keys apart.
 //! - Every key that one script touches shares the `{...}` hash tag, so each
 //!   script runs on a single Redis Cluster slot: rate-limit keys are tagged
-//!   by (rule, subject), usage keys by user.
+//!   by subject alone, so that every rule of one subject shares a slot and
+//!   several limits of one subject can be decided by one script; usage keys
+//!   are tagged by user.
 //! - Caller-controlled ids are [`encode`]d: the encoding is injective and
 //!   never yields `:`, `{` or `}`, so no crafted id can reach another
 //!   subject's counters or escape its hash tag. Rule and kind names come
@@ -70,29 +72,28 @@ impl KeyBuilder {
     /// the key so that switching a rule's algorithm never reads a counter of
     /// the other type.
     pub fn limit(&self, rule: &str, algorithm: Algorithm, subject: &str) -> LimitKeys {
-        let mut tag = String::with_capacity(self.prefix.len() + rule.len() + subject.len() + 16);
-        tag.push_str(&self.prefix);
-        tag.push_str("{rl:");
-        tag.push_str(rule);
-        tag.push(':');
-        encode_into(&mut tag, subject);
-        tag.push('}');
+        let mut stem = String::with_capacity(self.prefix.len() + rule.len() + subject.len() + 16);
+        stem.push_str(&self.prefix);
+        stem.push_str("{rl:");
+        encode_into(&mut stem, subject);
+        stem.push_str("}:");
+        stem.push_str(rule);
         let suffix = match algorithm {
             // ":calls", not the ":log" of releases before one entry per
             // call: the layouts differ, so an old log is never misread.
             Algorithm::SlidingLog => ":calls",
             Algorithm::SlidingCounter => ":ctr",
         };
-        // Two allocations per decision: the tag grows into the block key
+        // Two allocations per decision: the stem grows into the block key
         // (the capacity above has room for ":block") and a copy of it into
         // the counter key.
-        let mut counter = String::with_capacity(tag.len() + suffix.len());
-        counter.push_str(&tag);
+        let mut counter = String::with_capacity(stem.len() + suffix.len());
+        counter.push_str(&stem);
         counter.push_str(suffix);
-        tag.push_str(":block");
+        stem.push_str(":block");
         LimitKeys {
             counter,
-            block: tag,
+            block: stem,
         }
     }
 
@@ -147,10 +148,10 @@ mod tests {
     #[test]
     fn limit_keys_are_pinned() {
         let keys = KeyBuilder::new("aim:").limit("auth", Algorithm::SlidingLog, "user-42");
-        assert_eq!(keys.counter, "aim:{rl:auth:user-42}:calls");
-        assert_eq!(keys.block, "aim:{rl:auth:user-42}:block");
+        assert_eq!(keys.counter, "aim:{rl:user-42}:auth:calls");
+        assert_eq!(keys.block, "aim:{rl:user-42}:auth:block");
         let keys = KeyBuilder::new("aim:").limit("api", Algorithm::SlidingCounter, "10.0.0.1");
-        assert_eq!(keys.counter, "aim:{rl:api:10.0.0.1}:ctr");
+        assert_eq!(keys.counter, "aim:{rl:10.0.0.1}:api:ctr");
     }
 
     #[test]
@@ -167,8 +168,8 @@ mod tests {
         assert_eq!(encode("{x}"), "%7Bx%7D");
         assert_eq!(encode("100%"), "100%25");
         assert_eq!(encode("é"), "%C3%A9");
-        let keys = KeyBuilder::new("p:").limit("api", Algorithm::SlidingLog, "x}:{rl:api:y");
-        assert_eq!(keys.counter, "p:{rl:api:x%7D%3A%7Brl%3Aapi%3Ay}:calls");
+        let keys = KeyBuilder::new("p:").limit("api", Algorithm::SlidingLog, "x}:api:{rl:y");
+        assert_eq!(keys.counter, "p:{rl:x%7D%3Aapi%3A%7Brl%3Ay}:api:calls");
     }
 
     #[test]
@@ -191,6 +192,10 @@ mod tests {
         }
         let limit = KeyBuilder::new("p:").limit("auth", Algorithm::SlidingLog, "{evil}");
         assert_eq!(tag(&limit.counter), tag(&limit.block));
+        // Every rule of one subject shares the tag, so one script can
+        // decide several of them.
+        let other = KeyBuilder::new("p:").limit("api", Algorithm::SlidingCounter, "{evil}");
+        assert_eq!(tag(&limit.counter), tag(&other.counter));
         let usage = KeyBuilder::new("p:").usage("{evil}");
         assert_eq!(tag(&usage.index), tag(&usage.conversation("{c}")));
     }

@@ -7,6 +7,7 @@ use tracing::{Span, instrument};
 
 use super::wire_duration;
 use crate::{
+    headers,
     limiter::{CheckRequest, Limiter},
     proto::{
         CheckLimitRequest, CheckLimitResponse, CheckLimitsRequest, CheckLimitsResponse,
@@ -54,6 +55,13 @@ impl<S: Store> RateLimiter for RateLimiterService<S> {
         Span::current()
             .record("allowed", decision.allowed)
             .record("remaining", decision.remaining);
+        // A degraded answer knows the rule (its policy) but not the window
+        // (remaining, reset): no RateLimit value rather than made-up figures.
+        let ratelimit = if outcome.degraded {
+            String::new()
+        } else {
+            headers::ratelimit_item(&request.rule, decision.remaining, decision.reset_after)
+        };
         Ok(Response::new(CheckLimitResponse {
             allowed: decision.allowed,
             limit: outcome.limit,
@@ -62,6 +70,9 @@ impl<S: Store> RateLimiter for RateLimiterService<S> {
             reset_after: wire_duration(decision.reset_after),
             blocked: decision.blocked,
             degraded: outcome.degraded,
+            ratelimit_policy: outcome.ratelimit_policy.to_string(),
+            ratelimit,
+            shadowed: outcome.shadowed,
             ..CheckLimitResponse::default()
         }))
     }

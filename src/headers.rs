@@ -124,4 +124,56 @@ mod tests {
         assert_eq!(sf_string(r#"a"b\c"#), r#""a\"b\\c""#);
         assert_eq!(sf_string("é"), r#""?""#);
     }
+
+    /// Reads an item back with a real RFC 8941 parser: (name, params).
+    fn parsed(value: &str) -> (String, Vec<(String, i64)>) {
+        use sfv::{List, ListEntry, Parser, Version};
+        let list: List = Parser::new(value)
+            .with_version(Version::Rfc8941)
+            .parse()
+            .unwrap_or_else(|err| panic!("{value:?}: {err}"));
+        let [ListEntry::Item(item)] = list.as_slice() else {
+            panic!("{value:?}: one item expected");
+        };
+        let name = item.bare_item.as_string().map(|s| s.as_str().to_owned());
+        let params = item
+            .params
+            .iter()
+            .map(|(k, v)| (k.as_str().to_owned(), v.as_integer().map(i64::from)))
+            .map(|(k, v)| (k, v.unwrap_or_else(|| panic!("{value:?}: an integer"))))
+            .collect();
+        (
+            name.unwrap_or_else(|| panic!("{value:?}: a string")),
+            params,
+        )
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn every_item_parses_back_to_its_figures(
+            limit: u64,
+            remaining: u64,
+            window_ms in 1..u64::MAX / 1_000_000,
+            reset_ns: u64,
+            name in "[a-z0-9_-]{1,64}",
+        ) {
+            let window = Duration::from_millis(window_ms);
+            let reset = Duration::from_nanos(reset_ns);
+            let whole = |d: Duration| {
+                let up = d.as_secs() + u64::from(d.subsec_nanos() > 0);
+                i64::try_from(up.min(MAX_INTEGER)).unwrap_or(i64::MAX)
+            };
+            let figure = |n: u64| i64::try_from(n.min(MAX_INTEGER)).unwrap_or(i64::MAX);
+            let policy = parsed(&policy_item(&name, limit, window));
+            proptest::prop_assert_eq!(
+                policy,
+                (name.clone(), vec![("q".to_owned(), figure(limit)), ("w".to_owned(), whole(window).max(1))])
+            );
+            let ratelimit = parsed(&ratelimit_item(&name, remaining, reset));
+            proptest::prop_assert_eq!(
+                ratelimit,
+                (name, vec![("r".to_owned(), figure(remaining)), ("t".to_owned(), whole(reset))])
+            );
+        }
+    }
 }

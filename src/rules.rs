@@ -418,3 +418,59 @@ impl Policy {
         out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(toml: &str) -> Policy {
+        crate::config::load_str(toml, "test")
+            .unwrap_or_else(|err| panic!("a valid policy: {err}"))
+            .policy
+    }
+
+    const TOML: &str = r#"
+        [tiers]
+        names = ["free", "premium"]
+        [rules.api]
+        window = "15m"
+        limit = { free = 100, premium = 1000 }
+        [rules.trial]
+        window = "1500ms"
+        limit = 2
+        shadow = true
+        [quotas]
+        period = "24h"
+    "#;
+
+    #[test]
+    fn policy_values_are_built_per_tier_with_the_rule() {
+        let policy = policy(TOML);
+        let tiers = policy.tiers();
+        let api = policy.rule("api").expect("api is configured");
+        let at = |name| tiers.resolve(name).expect("a configured tier");
+        assert_eq!(&**api.ratelimit_policy(at("free")), r#""api";q=100;w=900"#);
+        assert_eq!(
+            &**api.ratelimit_policy(at("premium")),
+            r#""api";q=1000;w=900"#
+        );
+        let trial = policy.rule("trial").expect("trial is configured");
+        assert_eq!(&**trial.ratelimit_policy(at("free")), r#""trial";q=2;w=2"#);
+        assert!(trial.shadow() && !api.shadow());
+        assert_eq!(policy.envoy_headers(), EnvoyHeaders::Draft11);
+    }
+
+    #[test]
+    fn the_summary_marks_shadow_rules() {
+        let summary = policy(TOML).summary();
+        let line = |rule: &str| {
+            summary
+                .lines()
+                .find(|l| l.starts_with(rule))
+                .unwrap_or_default()
+                .to_owned()
+        };
+        assert!(line("trial").ends_with(" (shadow)"), "{summary}");
+        assert!(!line("api ").contains("shadow"), "{summary}");
+    }
+}

@@ -975,12 +975,15 @@ text = 3
             let status = one(&mut client, watch("ann"), 0).await;
             assert_eq!(code(&status), Code::Ok, "{status:?}");
         }
+        // A dry run of the full shadow rule: OK, and nothing is left now.
+        let status = one(&mut client, with_hits(watch("ann"), 0), 0).await;
+        assert_eq!((code(&status), status.limit_remaining), (Code::Ok, 0));
         // CheckLimit sees the same window: shadowed.
         let check = hit(&server, "watch", "ann").await;
         assert!(check.allowed && check.shadowed, "{check:?}");
         let text = server.metrics.encode();
         let line =
-            r#"tollgate_decisions_total{rule="watch",tier="free",outcome="shadow_denied"} 5"#;
+            r#"tollgate_decisions_total{rule="watch",tier="free",outcome="shadow_denied"} 6"#;
         assert!(text.contains(line), "missing {line:?} in:\n{text}");
     }
 }

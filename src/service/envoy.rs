@@ -247,8 +247,10 @@ impl<S: Store> EnvoyService<S> {
             .map_err(|err| to_status(index, &mapped, err))?;
         let decision = outcome.decision;
         // The limiter reports what would be left after the hit; a check
-        // that counts nothing reports what is left now.
-        let remaining = if mapped.dry_run && decision.allowed {
+        // that counts nothing reports what is left now. A shadow rule's
+        // would-be denial is allowed, but the store's figure is already
+        // what is left now.
+        let remaining = if mapped.dry_run && decision.allowed && !outcome.shadowed {
             decision.remaining.saturating_add(u64::from(mapped.cost))
         } else {
             decision.remaining

@@ -1,0 +1,550 @@
+//! The admin door over the wire, on every store: inspect a counter (which
+//! counts nothing), unlock a blocked subject, including on a second instance
+//! that had cached the denial, reset one and every conversation, bad input,
+//! and that the door answers only on its own port.
+
+// The shared helpers in tests/common are `pub` for every test binary that
+// includes them; in one binary that is unreachable by construction.
+#![allow(unreachable_pub)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::server::{Backend, StoreKind, TestServer, test_config};
+use tokio::net::TcpListener;
+use tollgate::{
+    config::Config,
+    limiter::Limiter,
+    proto::{
+        CheckLimitRequest, GetUsageRequest, IncrementUsageRequest, InspectLimitRequest,
+        InspectLimitResponse, ListUsageRequest, ResetLimitRequest, ResetUsageRequest,
+        admin_client::AdminClient, rate_limiter_client::RateLimiterClient,
+    },
+    store::{deny_cache::DenyCache, memory::MemoryStore},
+};
+use tonic::{Code, transport::Channel};
+
+const TOML: &str = r#"
+[tiers]
+names = ["free", "premium"]
+default = "free"
+
+[quotas]
+period = "1h"
+
+[quotas.kinds]
+text = 100
+
+[rules.api]
+window = "60s"
+limit = { free = 3, premium = 10 }
+
+[rules.smooth]
+window = "60s"
+limit = 5
+algorithm = "sliding_counter"
+
+[rules.auth]
+window = "60s"
+limit = 2
+block_for = "5m"
+"#;
+
+fn config() -> Config {
+    test_config(TOML)
+}
+
+macro_rules! on_every_store {
+    ($($case:ident),* $(,)?) => {
+        mod memory {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $case() {
+                    super::$case(super::Backend::new(super::StoreKind::Memory)).await;
+                }
+            )*
+        }
+        mod redis {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $case() {
+                    super::$case(super::Backend::new(super::StoreKind::Redis)).await;
+                }
+            )*
+        }
+        mod cluster {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $case() {
+                    super::$case(super::Backend::new(super::StoreKind::Cluster)).await;
+                }
+            )*
+        }
+    };
+}
+
+on_every_store!(
+    inspecting_counts_nothing,
+    a_reset_unlocks_a_blocked_subject_at_once,
+    one_conversation_and_every_conversation_are_reset,
+    bad_input_is_invalid_argument,
+    the_door_is_only_on_its_own_port,
+);
+
+fn check_request(rule: &str, subject: &str) -> CheckLimitRequest {
+    CheckLimitRequest {
+        rule: rule.to_owned(),
+        subject: subject.to_owned(),
+        ..Default::default()
+    }
+}
+
+async fn allowed(server: &TestServer, rule: &str, subject: &str) -> bool {
+    let response = server
+        .check(check_request(rule, subject))
+        .await
+        .unwrap_or_else(|status| panic!("CheckLimit {rule}/{subject}: {status}"));
+    assert!(!response.degraded, "{response:?}");
+    response.allowed
+}
+
+async fn inspect(
+    server: &TestServer,
+    rule: &str,
+    subject: &str,
+    tier: &str,
+) -> InspectLimitResponse {
+    server
+        .admin()
+        .inspect_limit(InspectLimitRequest {
+            rule: rule.to_owned(),
+            subject: subject.to_owned(),
+            tier: tier.to_owned(),
+        })
+        .await
+        .unwrap_or_else(|status| panic!("InspectLimit {rule}/{subject}: {status}"))
+        .into_inner()
+}
+
+async fn reset_limit(server: &TestServer, rule: &str, subject: &str) -> bool {
+    server
+        .admin()
+        .reset_limit(ResetLimitRequest {
+            rule: rule.to_owned(),
+            subject: subject.to_owned(),
+        })
+        .await
+        .unwrap_or_else(|status| panic!("ResetLimit {rule}/{subject}: {status}"))
+        .into_inner()
+        .existed
+}
+
+async fn reset_usage(server: &TestServer, user_id: &str, character_id: &str) -> u32 {
+    server
+        .admin()
+        .reset_usage(ResetUsageRequest {
+            user_id: user_id.to_owned(),
+            character_id: character_id.to_owned(),
+        })
+        .await
+        .unwrap_or_else(|status| panic!("ResetUsage {user_id}/{character_id}: {status}"))
+        .into_inner()
+        .conversations
+}
+
+fn duration(d: Option<prost_types::Duration>) -> Duration {
+    let d = d.expect("tollgate always sends durations");
+    Duration::new(
+        u64::try_from(d.seconds).expect("non-negative"),
+        u32::try_from(d.nanos).expect("non-negative"),
+    )
+}
+
+async fn inspecting_counts_nothing(backend: Backend) {
+    let server = backend.serve_with_admin(&config()).await;
+    // Nothing counted yet: an empty counter.
+    let fresh = inspect(&server, "api", "u1", "").await;
+    assert_eq!(
+        (fresh.limit, fresh.used, fresh.remaining, fresh.blocked),
+        (3, 0, 3, false)
+    );
+    assert_eq!(duration(fresh.reset_after), Duration::ZERO);
+    assert_eq!(duration(fresh.block_remaining), Duration::ZERO);
+
+    assert!(allowed(&server, "api", "u1").await);
+    assert!(allowed(&server, "api", "u1").await);
+    for _ in 0..5 {
+        let seen = inspect(&server, "api", "u1", "").await;
+        assert_eq!(
+            (seen.limit, seen.used, seen.remaining),
+            (3, 2, 1),
+            "{seen:?}"
+        );
+        let reset_after = duration(seen.reset_after);
+        assert!(
+            reset_after > Duration::from_secs(50) && reset_after <= Duration::from_secs(60),
+            "{seen:?}"
+        );
+    }
+    // The limit is the tier's.
+    let premium = inspect(&server, "api", "u1", "premium").await;
+    assert_eq!((premium.limit, premium.used, premium.remaining), (10, 2, 8));
+    // Five inspections later, exactly one hit is left.
+    assert!(allowed(&server, "api", "u1").await);
+    assert!(!allowed(&server, "api", "u1").await);
+    let full = inspect(&server, "api", "u1", "").await;
+    assert_eq!((full.used, full.remaining), (3, 0));
+
+    // The sliding counter reports its estimate.
+    for _ in 0..4 {
+        assert!(allowed(&server, "smooth", "u1").await);
+    }
+    let smooth = inspect(&server, "smooth", "u1", "").await;
+    assert_eq!(
+        (smooth.limit, smooth.used, smooth.remaining),
+        (5, 4, 1),
+        "{smooth:?}"
+    );
+    assert!(allowed(&server, "smooth", "u1").await);
+    assert!(!allowed(&server, "smooth", "u1").await);
+    server.stop().await;
+}
+
+async fn a_reset_unlocks_a_blocked_subject_at_once(backend: Backend) {
+    let server = backend.serve_with_admin(&config()).await;
+    assert!(allowed(&server, "auth", "10.0.0.7").await);
+    assert!(allowed(&server, "auth", "10.0.0.7").await);
+    assert!(!allowed(&server, "auth", "10.0.0.7").await);
+    // Denied again: now from the deny cache.
+    assert!(!allowed(&server, "auth", "10.0.0.7").await);
+    let blocked = inspect(&server, "auth", "10.0.0.7", "").await;
+    assert!(blocked.blocked, "{blocked:?}");
+    let left = duration(blocked.block_remaining);
+    assert!(
+        left > Duration::from_secs(290) && left <= Duration::from_secs(300),
+        "{left:?}"
+    );
+    assert_eq!((blocked.used, blocked.remaining), (2, 0));
+
+    assert!(
+        reset_limit(&server, "auth", "10.0.0.7").await,
+        "there was a block"
+    );
+    // At once, on the instance that served the reset.
+    assert!(allowed(&server, "auth", "10.0.0.7").await);
+    let after = inspect(&server, "auth", "10.0.0.7", "").await;
+    assert_eq!((after.used, after.blocked), (1, false), "{after:?}");
+
+    // Nothing to reset: existed is false.
+    assert!(!reset_limit(&server, "auth", "nobody").await);
+    // A reset clears the rule's counters under both algorithms: an
+    // instance whose config switched "api" to sliding_counter resets the
+    // sliding log that another instance counted.
+    assert!(allowed(&server, "api", "u2").await);
+    let switched = backend
+        .serve_with_admin(&test_config(&TOML.replace(
+            "limit = { free = 3, premium = 10 }",
+            "limit = { free = 3, premium = 10 }\nalgorithm = \"sliding_counter\"",
+        )))
+        .await;
+    assert_eq!(inspect(&switched, "api", "u2", "").await.used, 0);
+    assert!(reset_limit(&switched, "api", "u2").await);
+    assert_eq!(inspect(&server, "api", "u2", "").await.used, 0);
+    switched.stop().await;
+    server.stop().await;
+}
+
+async fn increment(server: &TestServer, user_id: &str, character_id: &str) {
+    let response = server
+        .increment(IncrementUsageRequest {
+            user_id: user_id.to_owned(),
+            character_id: character_id.to_owned(),
+            kind: "text".to_owned(),
+            ..Default::default()
+        })
+        .await
+        .expect("IncrementUsage answers");
+    assert!(response.allowed && !response.degraded, "{response:?}");
+}
+
+async fn used(server: &TestServer, user_id: &str, character_id: &str) -> u64 {
+    server
+        .get_usage(GetUsageRequest {
+            user_id: user_id.to_owned(),
+            character_id: character_id.to_owned(),
+            ..Default::default()
+        })
+        .await
+        .expect("GetUsage answers")
+        .counters
+        .iter()
+        .map(|counter| counter.used)
+        .sum()
+}
+
+async fn listed(server: &TestServer, user_id: &str) -> Vec<String> {
+    server
+        .list_usage(ListUsageRequest {
+            user_id: user_id.to_owned(),
+            ..Default::default()
+        })
+        .await
+        .expect("ListUsage answers")
+        .conversations
+        .into_iter()
+        .map(|conversation| conversation.character_id)
+        .collect()
+}
+
+async fn one_conversation_and_every_conversation_are_reset(backend: Backend) {
+    let server = backend.serve_with_admin(&config()).await;
+    for character in ["ares", "luna", "mars"] {
+        increment(&server, "u1", character).await;
+    }
+    increment(&server, "u1", "luna").await;
+    increment(&server, "u2", "luna").await;
+    assert_eq!(used(&server, "u1", "luna").await, 2);
+
+    assert_eq!(reset_usage(&server, "u1", "luna").await, 1);
+    assert_eq!(used(&server, "u1", "luna").await, 0);
+    assert_eq!(listed(&server, "u1").await, ["ares", "mars"]);
+    // Gone already, and never there: nothing to reset.
+    assert_eq!(reset_usage(&server, "u1", "luna").await, 0);
+    assert_eq!(reset_usage(&server, "nobody", "").await, 0);
+    // Another user's conversation with the same character is untouched.
+    assert_eq!(used(&server, "u2", "luna").await, 1);
+
+    assert_eq!(reset_usage(&server, "u1", "").await, 2);
+    assert!(listed(&server, "u1").await.is_empty());
+    assert_eq!(used(&server, "u1", "mars").await, 0);
+    assert_eq!(listed(&server, "u2").await, ["luna"]);
+    // Counting starts over.
+    increment(&server, "u1", "mars").await;
+    assert_eq!(used(&server, "u1", "mars").await, 1);
+
+    // More conversations than one batch of the Redis store (100).
+    for i in 0..250 {
+        increment(&server, "many", &format!("c{i:03}")).await;
+    }
+    assert_eq!(listed(&server, "many").await.len(), 250);
+    assert_eq!(reset_usage(&server, "many", "").await, 250);
+    assert!(listed(&server, "many").await.is_empty());
+    server.stop().await;
+}
+
+async fn bad_input_is_invalid_argument(backend: Backend) {
+    let server = backend.serve_with_admin(&config()).await;
+    let mut admin = server.admin();
+    let long = "x".repeat(257);
+    let inspect_cases = [
+        (
+            "nope",
+            "u1",
+            "",
+            "rule: unknown rule \"nope\"; known: api, auth, smooth",
+        ),
+        ("api", "", "", "subject: must not be empty"),
+        (
+            "api",
+            long.as_str(),
+            "",
+            "subject: must be at most 256 bytes",
+        ),
+        (
+            "api",
+            "u1",
+            "gold",
+            "tier: unknown tier \"gold\"; known: free, premium",
+        ),
+    ];
+    for (rule, subject, tier, message) in inspect_cases {
+        let status = admin
+            .inspect_limit(InspectLimitRequest {
+                rule: rule.to_owned(),
+                subject: subject.to_owned(),
+                tier: tier.to_owned(),
+            })
+            .await
+            .expect_err("bad input is refused");
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert!(status.message().starts_with(message), "{status:?}");
+    }
+    let status = admin
+        .reset_limit(ResetLimitRequest {
+            rule: "nope".to_owned(),
+            subject: "u1".to_owned(),
+        })
+        .await
+        .expect_err("an unknown rule is refused");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(
+        status.message().contains("known: api, auth, smooth"),
+        "{status:?}"
+    );
+    for (user_id, character_id, message) in [
+        ("", "", "user_id: must not be empty"),
+        (long.as_str(), "", "user_id: must be at most 256 bytes"),
+        (
+            "u1",
+            long.as_str(),
+            "character_id: must be at most 256 bytes",
+        ),
+    ] {
+        let status = admin
+            .reset_usage(ResetUsageRequest {
+                user_id: user_id.to_owned(),
+                character_id: character_id.to_owned(),
+            })
+            .await
+            .expect_err("bad input is refused");
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert!(status.message().starts_with(message), "{status:?}");
+    }
+    server.stop().await;
+}
+
+async fn the_door_is_only_on_its_own_port(backend: Backend) {
+    let server = backend.serve_with_admin(&config()).await;
+    // The callers' port does not serve Admin.
+    let callers = Channel::from_shared(format!("http://{}", server.addr))
+        .expect("a loopback URL is valid")
+        .connect()
+        .await
+        .expect("connect to the callers' port");
+    let status = AdminClient::new(callers)
+        .reset_limit(ResetLimitRequest {
+            rule: "auth".to_owned(),
+            subject: "u1".to_owned(),
+        })
+        .await
+        .expect_err("no admin door on the callers' port");
+    assert_eq!(status.code(), Code::Unimplemented, "{status:?}");
+    // And the admin port serves nothing but Admin (and reflection).
+    let (admin_addr, _) = server.admin.as_ref().expect("started with the admin door");
+    let door = Channel::from_shared(format!("http://{admin_addr}"))
+        .expect("a loopback URL is valid")
+        .connect()
+        .await
+        .expect("connect to the admin port");
+    let status = RateLimiterClient::new(door)
+        .check_limit(check_request("api", "u1"))
+        .await
+        .expect_err("no CheckLimit on the admin port");
+    assert_eq!(status.code(), Code::Unimplemented, "{status:?}");
+    server.stop().await;
+}
+
+/// Two instances on one Redis: the second has cached the denial of a
+/// blocked subject; a reset through the first reaches it within 1 s.
+async fn a_reset_reaches_an_instance_that_cached_the_denial(kind: StoreKind) {
+    let backend = Backend::new(kind);
+    let config = config();
+    let first = backend.serve_with_admin(&config).await;
+    let second = backend.serve(&config).await;
+    // Resets are heard once the second instance has subscribed; until
+    // then its cache caches nothing. Wait for the cache to answer.
+    assert!(allowed(&second, "auth", "u9").await);
+    assert!(allowed(&second, "auth", "u9").await);
+    assert!(!allowed(&second, "auth", "u9").await);
+    let cached_by = Instant::now() + Duration::from_secs(5);
+    loop {
+        let evalsha_before = evalsha_calls(&backend);
+        assert!(!allowed(&second, "auth", "u9").await);
+        if evalsha_calls(&backend) == evalsha_before {
+            break;
+        }
+        assert!(
+            Instant::now() < cached_by,
+            "the second instance never cached the denial"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The first instance has the denial cached too.
+    assert!(!allowed(&first, "auth", "u9").await);
+    assert!(!allowed(&first, "auth", "u9").await);
+
+    let reset_at = Instant::now();
+    assert!(reset_limit(&first, "auth", "u9").await);
+    // At once on the instance that served it.
+    let dry = CheckLimitRequest {
+        dry_run: true,
+        ..check_request("auth", "u9")
+    };
+    assert!(first.check(dry.clone()).await.expect("CheckLimit").allowed);
+    // Within 1 s on the other; a dry run counts nothing while polling.
+    loop {
+        if second.check(dry.clone()).await.expect("CheckLimit").allowed {
+            break;
+        }
+        assert!(
+            reset_at.elapsed() < Duration::from_secs(1),
+            "the second instance still denies 1 s after the reset"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let seen_after = reset_at.elapsed();
+    assert!(allowed(&second, "auth", "u9").await, "{seen_after:?}");
+    first.stop().await;
+    second.stop().await;
+}
+
+/// EVALSHA calls so far, summed over every node: whether a check reached
+/// Redis.
+fn evalsha_calls(backend: &Backend) -> u64 {
+    backend.evalsha_calls()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reset_reaches_an_instance_that_cached_the_denial_on_redis() {
+    a_reset_reaches_an_instance_that_cached_the_denial(StoreKind::Redis).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reset_reaches_an_instance_that_cached_the_denial_on_a_cluster() {
+    a_reset_reaches_an_instance_that_cached_the_denial(StoreKind::Cluster).await;
+}
+
+/// The admin door stops with its server when run on its own.
+#[tokio::test]
+async fn the_admin_door_stops_on_shutdown() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("an address");
+    let limiter = std::sync::Arc::new(Limiter::new(
+        DenyCache::new(MemoryStore::new()),
+        std::sync::Arc::new(config().policy),
+    ));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(tollgate::server::run_admin(
+        limiter,
+        listener,
+        async {
+            let _ = stopped.await;
+        },
+        tollgate::server::ServeOptions::default(),
+    ));
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .expect("a loopback URL is valid")
+        .connect()
+        .await
+        .expect("connect");
+    let mut admin = AdminClient::new(channel);
+    let answer = admin
+        .reset_usage(ResetUsageRequest {
+            user_id: "u1".to_owned(),
+            character_id: String::new(),
+        })
+        .await
+        .expect("ResetUsage answers");
+    assert_eq!(answer.into_inner().conversations, 0);
+    let _ = stop.send(());
+    tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .expect("the admin door stops within 5 s")
+        .expect("no panic")
+        .expect("no error");
+    assert!(
+        TcpListener::bind(addr).await.is_ok(),
+        "the port is free again"
+    );
+}

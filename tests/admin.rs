@@ -548,3 +548,328 @@ async fn the_admin_door_stops_on_shutdown() {
         "the port is free again"
     );
 }
+
+// ---- The binary: `serve` with admin_listen, and `tollgate admin` ----------
+
+mod binary_and_cli {
+    use std::{
+        net::TcpStream,
+        path::Path,
+        process::Output,
+        thread,
+        time::{Duration, Instant},
+    };
+
+    use super::common::{
+        binary::Tollgate,
+        certs::{CertFiles, Pki},
+        redis_server::free_port,
+    };
+    use tollgate::proto::{CheckLimitRequest, rate_limiter_client::RateLimiterClient};
+    use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+
+    /// How long the binary may take to start, or a CLI call to answer.
+    const DEADLINE: Duration = Duration::from_secs(15);
+
+    /// A config file for `serve`: the tests' rules, the memory store, the
+    /// callers' and the admin ports, and `extra` TOML under `[server]`.
+    fn write_config(dir: &Path, listen: u16, admin: Option<u16>, extra: &str) -> String {
+        let admin = admin.map_or(String::new(), |port| {
+            format!("admin_listen = \"127.0.0.1:{port}\"\n")
+        });
+        let text = format!(
+            "[server]\nlisten = \"127.0.0.1:{listen}\"\n{admin}{extra}\n[store]\nurl = \"memory://\"\n{}",
+            super::TOML
+        );
+        let path = dir.join("tollgate.toml");
+        std::fs::write(&path, text).expect("write the config");
+        path.to_string_lossy().into_owned()
+    }
+
+    fn serve(config: &str) -> Tollgate {
+        let mut command = Tollgate::command();
+        command.args(["serve", "--config", config]);
+        Tollgate::spawn_command(command)
+    }
+
+    fn await_port(server: &mut Tollgate, port: u16) {
+        let deadline = Instant::now() + DEADLINE;
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Some(status) = server.exited() {
+                panic!("tollgate exited with {status}: {}", server.output());
+            }
+            assert!(Instant::now() < deadline, "nothing listens on {port}");
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `tollgate admin args...`, bounded by [`DEADLINE`] through
+    /// `--timeout`.
+    fn admin(args: &[&str]) -> Output {
+        let mut command = Tollgate::command();
+        command.arg("admin").args(args).args(["--timeout", "10s"]);
+        command.output().expect("tollgate admin runs")
+    }
+
+    fn text(output: &Output) -> (bool, String, String) {
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    }
+
+    /// Three `auth` checks on the callers' port: the third blocks `subject`.
+    fn block(listen: u16, subject: &str, tls: Option<ClientTlsConfig>) -> Vec<bool> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a tokio runtime");
+        runtime.block_on(async {
+            let scheme = if tls.is_some() { "https" } else { "http" };
+            let mut endpoint =
+                tonic::transport::Endpoint::from_shared(format!("{scheme}://127.0.0.1:{listen}"))
+                    .expect("a valid URL");
+            if let Some(tls) = tls {
+                endpoint = endpoint.tls_config(tls).expect("a valid TLS config");
+            }
+            let mut client = RateLimiterClient::new(endpoint.connect().await.expect("connect"));
+            let mut allowed = Vec::new();
+            for _ in 0..3 {
+                let response = client
+                    .check_limit(CheckLimitRequest {
+                        rule: "auth".to_owned(),
+                        subject: subject.to_owned(),
+                        ..Default::default()
+                    })
+                    .await
+                    .expect("CheckLimit answers")
+                    .into_inner();
+                allowed.push(response.allowed);
+            }
+            allowed
+        })
+    }
+
+    #[test]
+    fn the_cli_inspects_and_resets_through_a_running_binary() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let (listen, admin_port) = (free_port(), free_port());
+        let config = write_config(dir.path(), listen, Some(admin_port), "");
+        let mut server = serve(&config);
+        await_port(&mut server, admin_port);
+
+        assert_eq!(block(listen, "u1", None), [true, true, false]);
+        // --addr defaults to the config's admin_listen.
+        let (ok, stdout, stderr) = text(&admin(&[
+            "inspect",
+            "--rule",
+            "auth",
+            "--subject",
+            "u1",
+            "--config",
+            &config,
+        ]));
+        assert!(ok, "{stderr}");
+        assert!(
+            stdout.contains("rule auth, subject \"u1\", tier default"),
+            "{stdout}"
+        );
+        assert!(stdout.contains("limit      2"), "{stdout}");
+        assert!(stdout.contains("used       2"), "{stdout}");
+        assert!(stdout.contains("remaining  0"), "{stdout}");
+        assert!(stdout.contains("blocked    yes, for 4m"), "{stdout}");
+
+        let (ok, stdout, stderr) = text(&admin(&[
+            "reset-limit",
+            "--rule",
+            "auth",
+            "--subject",
+            "u1",
+            "--addr",
+            &format!("127.0.0.1:{admin_port}"),
+        ]));
+        assert!(ok, "{stderr}");
+        assert!(
+            stdout.contains("reset rule auth for subject \"u1\""),
+            "{stdout}"
+        );
+        assert_eq!(block(listen, "u1", None), [true, true, false]);
+
+        let (ok, stdout, stderr) = text(&admin(&[
+            "reset-usage",
+            "--user",
+            "u1",
+            "--character",
+            "luna",
+            "--config",
+            &config,
+        ]));
+        assert!(ok, "{stderr}");
+        assert!(stdout.contains("0 had live counters"), "{stdout}");
+        let (ok, stdout, stderr) = text(&admin(&[
+            "reset-usage",
+            "--user",
+            "u1",
+            "--config",
+            &config,
+        ]));
+        assert!(ok, "{stderr}");
+        assert!(stdout.contains("conversations of user \"u1\""), "{stdout}");
+
+        // A refusal is one clear line and a failed exit.
+        let (ok, _, stderr) = text(&admin(&[
+            "inspect",
+            "--rule",
+            "nope",
+            "--subject",
+            "u1",
+            "--config",
+            &config,
+        ]));
+        assert!(!ok);
+        assert!(
+            stderr
+                .contains("InvalidArgument: rule: unknown rule \"nope\"; known: api, auth, smooth"),
+            "{stderr}"
+        );
+
+        // Every call is logged at info: the peer, the call, its arguments.
+        let log = server.output();
+        let reset = log
+            .lines()
+            .find(|line| line.contains("admin call") && line.contains("call=\"ResetLimit\""))
+            .unwrap_or_else(|| panic!("no ResetLimit line in the log: {log}"));
+        assert!(reset.contains("peer=127.0.0.1:"), "{reset}");
+        assert!(
+            reset.contains("rule=\"auth\"") && reset.contains("subject=\"u1\""),
+            "{reset}"
+        );
+        assert!(reset.contains("existed true"), "{reset}");
+        assert!(log.contains("call=\"InspectLimit\""), "{log}");
+        assert!(log.contains("call=\"ResetUsage\""), "{log}");
+
+        // The admin door stops with the server.
+        server.stop(DEADLINE);
+        assert!(TcpStream::connect(("127.0.0.1", admin_port)).is_err());
+    }
+
+    #[test]
+    fn the_cli_says_when_no_admin_door_is_configured() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let config = write_config(dir.path(), free_port(), None, "");
+        let (ok, _, stderr) = text(&admin(&[
+            "inspect",
+            "--rule",
+            "auth",
+            "--subject",
+            "u1",
+            "--config",
+            &config,
+        ]));
+        assert!(!ok);
+        assert!(
+            stderr.contains("no --addr given, and")
+                && stderr.contains("sets no server.admin_listen"),
+            "{stderr}"
+        );
+    }
+
+    fn tls_table(pki: &Pki) -> String {
+        let path = |p: &Path| p.to_string_lossy().replace('\\', "/");
+        format!(
+            "[server.tls]\ncert = \"{}\"\nkey = \"{}\"\nclient_ca = \"{}\"\n",
+            path(&pki.server.cert),
+            path(&pki.server.key),
+            path(&pki.ca)
+        )
+    }
+
+    fn client_tls(pki: &Pki, identity: &CertFiles) -> ClientTlsConfig {
+        let read = |p: &Path| std::fs::read(p).expect("read a PEM file");
+        ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(read(&pki.ca)))
+            .identity(Identity::from_pem(
+                read(&identity.cert),
+                read(&identity.key),
+            ))
+    }
+
+    #[test]
+    fn under_mutual_tls_the_door_wants_a_client_certificate_and_logs_its_subject() {
+        let pki = Pki::new();
+        let (listen, admin_port) = (free_port(), free_port());
+        let config = write_config(pki.dir(), listen, Some(admin_port), &tls_table(&pki));
+        let mut server = serve(&config);
+        await_port(&mut server, admin_port);
+        assert_eq!(
+            block(listen, "u7", Some(client_tls(&pki, &pki.client))),
+            [true, true, false]
+        );
+        let ca = pki.ca.to_string_lossy().into_owned();
+        let cert = pki.client.cert.to_string_lossy().into_owned();
+        let key = pki.client.key.to_string_lossy().into_owned();
+        // With the client's certificate: served, over TLS (https by default
+        // since the config sets [server.tls]).
+        let (ok, stdout, stderr) = text(&admin(&[
+            "reset-limit",
+            "--rule",
+            "auth",
+            "--subject",
+            "u7",
+            "--config",
+            &config,
+            "--ca",
+            &ca,
+            "--cert",
+            &cert,
+            "--key",
+            &key,
+        ]));
+        assert!(ok, "{stderr}");
+        assert!(stdout.contains("reset rule auth"), "{stdout}");
+        // Without one: the handshake is refused.
+        let (ok, _, _) = text(&admin(&[
+            "reset-limit",
+            "--rule",
+            "auth",
+            "--subject",
+            "u7",
+            "--config",
+            &config,
+            "--ca",
+            &ca,
+        ]));
+        assert!(!ok, "a client without a certificate is refused");
+        // A certificate from a CA the server does not trust: refused too.
+        let other_cert = pki.other_client.cert.to_string_lossy().into_owned();
+        let other_key = pki.other_client.key.to_string_lossy().into_owned();
+        let (ok, _, _) = text(&admin(&[
+            "reset-limit",
+            "--rule",
+            "auth",
+            "--subject",
+            "u7",
+            "--config",
+            &config,
+            "--ca",
+            &ca,
+            "--cert",
+            &other_cert,
+            "--key",
+            &other_key,
+        ]));
+        assert!(!ok, "a client certificate from another CA is refused");
+        let log = server.output();
+        let reset = log
+            .lines()
+            .find(|line| line.contains("call=\"ResetLimit\""))
+            .unwrap_or_else(|| panic!("no ResetLimit line in the log: {log}"));
+        assert!(
+            reset.contains("client_certificate=\"CN=client\""),
+            "{reset}"
+        );
+        assert!(reset.contains("peer=127.0.0.1:"), "{reset}");
+        server.stop(DEADLINE);
+    }
+}

@@ -1475,6 +1475,22 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_reset_message_reads_back_whatever_the_subject() {
+        for subject in ["u1", "a:b:c", "", "x}:{rl:y", "é\nnew line"] {
+            assert_eq!(
+                parse_reset_message(&reset_message("auth", subject)),
+                Some(ResetNotice::Limit {
+                    rule: "auth".to_owned(),
+                    subject: subject.to_owned(),
+                })
+            );
+        }
+        assert_eq!(reset_message("auth", "u1"), "limit:auth:u1");
+        assert_eq!(parse_reset_message("usage:u1"), None);
+        assert_eq!(parse_reset_message("limit:auth"), None);
+    }
+
+    #[test]
     fn masks_passwords() {
         assert_eq!(
             mask_url_password("redis://:hunter2@localhost:6379/0"),

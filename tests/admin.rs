@@ -437,11 +437,31 @@ async fn the_door_is_only_on_its_own_port(backend: Backend) {
 
 /// Two instances on one Redis: the second has cached the denial of a
 /// blocked subject; a reset through the first reaches it within 1 s.
-async fn a_reset_reaches_an_instance_that_cached_the_denial(kind: StoreKind) {
-    let backend = Backend::new(kind);
+async fn a_reset_reaches_an_instance_that_cached_the_denial(kind: StoreKind, restart: bool) {
+    let mut backend = Backend::new(kind);
     let config = config();
     let first = backend.serve_with_admin(&config).await;
     let second = backend.serve(&config).await;
+    if restart {
+        // Redis restarts under both instances: their subscriptions break,
+        // and they must subscribe again by themselves to hear resets.
+        assert!(allowed(&second, "api", "warm").await);
+        backend.redis_mut().restart();
+        for server in [&first, &second] {
+            let up_by = Instant::now() + Duration::from_secs(10);
+            while server
+                .check(check_request("api", "warm"))
+                .await
+                .map_or(true, |response| response.degraded)
+            {
+                assert!(
+                    Instant::now() < up_by,
+                    "the instance never reached Redis again"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
     // Resets are heard once the second instance has subscribed; until
     // then its cache caches nothing. Wait for the cache to answer.
     assert!(allowed(&second, "auth", "u9").await);
@@ -497,12 +517,17 @@ fn evalsha_calls(backend: &Backend) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_reset_reaches_an_instance_that_cached_the_denial_on_redis() {
-    a_reset_reaches_an_instance_that_cached_the_denial(StoreKind::Redis).await;
+    a_reset_reaches_an_instance_that_cached_the_denial(StoreKind::Redis, false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reset_reaches_an_instance_that_cached_the_denial_after_a_redis_restart() {
+    a_reset_reaches_an_instance_that_cached_the_denial(StoreKind::Redis, true).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_reset_reaches_an_instance_that_cached_the_denial_on_a_cluster() {
-    a_reset_reaches_an_instance_that_cached_the_denial(StoreKind::Cluster).await;
+    a_reset_reaches_an_instance_that_cached_the_denial(StoreKind::Cluster, false).await;
 }
 
 /// The admin door stops with its server when run on its own.

@@ -933,6 +933,66 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_heard_reset_forgets_the_subject_and_a_deaf_cache_caches_nothing() {
+        let (cache, store, _clock) = cached(DEFAULT_CAPACITY);
+        let auth = LimitCheck {
+            block_for: Some(Duration::from_secs(60)),
+            ..check("auth", "u1", 1, 1)
+        };
+        let other = check("api", "u2", 1, 1);
+        for request in [auth, auth, other, other] {
+            cache.check_limit(&request).await.expect("memory");
+        }
+        assert_eq!((cache.len(), store.checks()), (2, 4));
+        // Another instance reset u1's auth: its denial is forgotten, the
+        // other subject's kept.
+        cache.shared.hear(&ResetNotice::Limit {
+            rule: "auth".to_owned(),
+            subject: "u1".to_owned(),
+        });
+        assert_eq!(cache.len(), 1);
+        assert!(!cache.check_limit(&other).await.expect("cached").allowed);
+        assert_eq!(store.checks(), 4);
+
+        // Deaf: emptied, and denials go to the store every time.
+        cache.shared.hear(&ResetNotice::Deaf);
+        assert!(cache.is_empty());
+        for _ in 0..3 {
+            assert!(!cache.check_limit(&other).await.expect("memory").allowed);
+        }
+        assert_eq!((cache.len(), store.checks()), (0, 7));
+        // Listening again: cached again.
+        cache.shared.hear(&ResetNotice::Listening);
+        for _ in 0..3 {
+            assert!(!cache.check_limit(&other).await.expect("memory").allowed);
+        }
+        assert_eq!((cache.len(), store.checks()), (1, 8));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_denial_in_flight_across_a_reset_is_not_cached() {
+        let (cache, _store, _clock) = cached(DEFAULT_CAPACITY);
+        let api = check("api", "u1", 1, 1);
+        cache.check_limit(&api).await.expect("memory");
+        let sent = Sent {
+            at_us: cache.shared.now_us(),
+            resets: cache.shared.resets.load(Ordering::SeqCst),
+        };
+        let denied = cache.inner().check_limit(&api).await.expect("memory");
+        assert!(!denied.allowed);
+        // The reset is heard before the denial comes back.
+        cache.shared.forget_subject("api", "u1");
+        cache.shared.record(&api, sent, &denied);
+        assert!(cache.is_empty());
+        // A reset through this cache forgets too, whatever the store says.
+        cache.check_limit(&api).await.expect("memory");
+        assert_eq!(cache.len(), 1);
+        assert!(cache.reset_limit("api", "u1").await.expect("memory"));
+        assert!(cache.is_empty());
+        assert!(cache.check_limit(&api).await.expect("memory").allowed);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn decisions_and_retry_after_equal_the_stores_own_at_one_cost() {
         compare_with_the_bare_store(false).await;
     }

@@ -22,8 +22,10 @@ indexes, so GetUsage shows it unused and ListUsage no longer lists it.
 The caller passes the returned ids back (with their keys) until none come
 back.
 
-Worked example: index {luna, mars}, luna live and mars expired. With no
-conversation and next 100: {0, "luna", "mars"}. Then with both: {1}.
+Worked example: index {mars: now_ms - 1, luna: now_ms + 5000}, luna's hash
+live and mars's expired. With no conversation and next 100: {0, "mars",
+"luna"} (mars expires first). Then with both and next 100: {1}, and both
+indexes are empty.
 
 Bounded work: at most 1000 conversations per call (asserted), each one
 DEL and two O(log n) ZREMs, plus one ZRANGE of at most 1000 ids.

@@ -898,3 +898,127 @@ mod binary_and_cli {
         server.stop(DEADLINE);
     }
 }
+
+// ---- The scripts, run directly against a real redis-server --------------
+
+mod scripts {
+    use super::common::redis_server::RedisServer;
+
+    const INSPECT: &str = include_str!("../lua/limit_inspect.lua");
+    const RESET: &str = include_str!("../lua/limit_reset.lua");
+    const USAGE_RESET: &str = include_str!("../lua/usage_reset.lua");
+
+    fn redis_now_us(server: &RedisServer) -> i64 {
+        let time = server.cli(&["TIME"]);
+        let mut parts = time
+            .lines()
+            .map(|part| part.trim().parse::<i64>().expect("TIME"));
+        let (seconds, micros) = (
+            parts.next().expect("seconds"),
+            parts.next().expect("micros"),
+        );
+        seconds * 1_000_000 + micros
+    }
+
+    fn numbers(reply: &str) -> Vec<i64> {
+        reply
+            .lines()
+            .map(|line| {
+                line.trim()
+                    .parse()
+                    .unwrap_or_else(|_| panic!("a number: {reply}"))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_scripts_assert_their_argument_counts() {
+        let server = RedisServer::start();
+        for (source, expected) in [
+            (INSPECT, "expected 2 ARGV"),
+            (RESET, "expected 3 KEYS"),
+            (USAGE_RESET, "expected one KEY per character id"),
+        ] {
+            // No keys and one argument suit none of the scripts.
+            let reply = server.cli(&["EVAL", source, "0", "x"]);
+            assert!(reply.contains(expected), "{reply}");
+        }
+        let reply = server.cli(&["EVAL", INSPECT, "1", "{t}a", "sliding_window", "1000"]);
+        assert!(reply.contains("unknown algorithm"), "{reply}");
+    }
+
+    /// The header's worked example: a log {"0:0" -> 2, "1500000:2" -> 4},
+    /// window 2 s, inspected at t = 2.2 s: {2, 1300000, 0, 0}, and nothing
+    /// trimmed.
+    #[test]
+    fn limit_inspect_reads_a_log_without_trimming_it() {
+        let server = RedisServer::start();
+        let t0 = redis_now_us(&server) - 2_200_000;
+        let log = "{rl:u1}:auth:calls";
+        server.cli(&["ZADD", log, "2", &format!("{t0}:0")]);
+        server.cli(&["ZADD", log, "4", &format!("{}:2", t0 + 1_500_000)]);
+        let reply = numbers(&server.cli(&["EVAL", INSPECT, "1", log, "sliding_log", "2000000"]));
+        assert_eq!((reply[0], reply[2], reply[3]), (2, 0, 0), "{reply:?}");
+        // 1.3 s, less the few ms since TIME was read.
+        assert!((1_200_000..=1_300_000).contains(&reply[1]), "{reply:?}");
+        assert_eq!(server.cli(&["ZCARD", log]), "2");
+        // With the block key: reported while it lasts.
+        let block = "{rl:u1}:auth:block";
+        server.cli(&["SET", block, "1", "PX", "60000"]);
+        let reply =
+            numbers(&server.cli(&["EVAL", INSPECT, "2", log, block, "sliding_log", "2000000"]));
+        assert_eq!(reply[2], 1, "{reply:?}");
+        assert!((59_000_000..=60_000_000).contains(&reply[3]), "{reply:?}");
+    }
+
+    /// limit_reset deletes the three keys, counting those that existed.
+    #[test]
+    fn limit_reset_counts_the_keys_it_cleared() {
+        let server = RedisServer::start();
+        let keys = [
+            "{rl:u1}:auth:calls",
+            "{rl:u1}:auth:ctr",
+            "{rl:u1}:auth:block",
+        ];
+        server.cli(&["ZADD", keys[0], "1", "1:0"]);
+        server.cli(&["SET", keys[2], "1"]);
+        let reset = |server: &RedisServer| {
+            server.cli(&[&["EVAL", RESET, "3"][..], &keys, &["ch", "limit:auth:u1"]].concat())
+        };
+        assert_eq!(reset(&server), "2");
+        assert_eq!(server.cli(&["EXISTS", keys[0], keys[1], keys[2]]), "0");
+        assert_eq!(reset(&server), "0");
+    }
+
+    /// The header's worked example.
+    #[test]
+    fn usage_reset_names_the_next_ids_and_deletes_what_it_is_given() {
+        let server = RedisServer::start();
+        let now_ms = redis_now_us(&server) / 1000;
+        let (index, by_id) = ("{uq:u1}:convs", "{uq:u1}:ids");
+        let (luna, mars) = ("{uq:u1}:c:luna", "{uq:u1}:c:mars");
+        server.cli(&["ZADD", index, &(now_ms - 1).to_string(), "mars"]);
+        server.cli(&["ZADD", index, &(now_ms + 5000).to_string(), "luna"]);
+        server.cli(&["ZADD", by_id, "0", "mars", "0", "luna"]);
+        server.cli(&["HSET", luna, "text", "3"]);
+        let first = server.cli(&["EVAL", USAGE_RESET, "2", index, by_id, "100"]);
+        assert_eq!(
+            first.lines().map(str::trim).collect::<Vec<_>>(),
+            ["0", "mars", "luna"]
+        );
+        let second = server.cli(&[
+            "EVAL",
+            USAGE_RESET,
+            "4",
+            index,
+            by_id,
+            mars,
+            luna,
+            "100",
+            "mars",
+            "luna",
+        ]);
+        assert_eq!(second, "1");
+        assert_eq!(server.cli(&["EXISTS", index, by_id, luna, mars]), "0");
+    }
+}

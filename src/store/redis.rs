@@ -63,6 +63,12 @@
 //! breaks it says [`ResetNotice::Deaf`] (announcements may be lost), and
 //! reconnects, trying the next seed each time, backing off up to a second,
 //! and says [`ResetNotice::Listening`] once subscribed again.
+//!
+//! Why not the cluster connection's own SUBSCRIBE (redis-rs 0.28 and later,
+//! redis-rs/redis-rs#1449): it needs RESP3 on every connection, and it
+//! resubscribes after a disconnection by itself, silently, so the deny
+//! cache could not know that announcements were lost meanwhile. A plain
+//! RESP2 subscription on one node says when it breaks.
 
 use std::{
     collections::BTreeMap,

@@ -84,7 +84,7 @@ use std::{
 use redis::{
     Arg, AsyncConnectionConfig, Client, Cmd, ErrorKind, FromRedisValue, Pipeline, RedisError,
     RedisFuture, RedisResult, Script, ToRedisArgs, Value,
-    aio::{ConnectionLike, MultiplexedConnection},
+    aio::{ConnectionLike, MultiplexedConnection, PubSub},
     cluster::ClusterClient,
     cluster_async::ClusterConnection,
 };
@@ -165,6 +165,8 @@ const RESET_MAX_BATCHES: usize = 1000;
 /// How often the reset subscriber PINGs its connection, to notice one that
 /// died without a word (the announcements it would miss make resets late).
 pub const RESET_PING_EVERY: Duration = Duration::from_secs(1);
+/// The first wait before subscribing again after a failed attempt.
+const RESET_MIN_BACKOFF: Duration = Duration::from_millis(20);
 /// The longest wait between attempts to subscribe again.
 const RESET_MAX_BACKOFF: Duration = Duration::from_secs(1);
 
@@ -496,19 +498,15 @@ async fn subscribe_to_resets(
     channel: String,
     timeout: Duration,
 ) {
-    use tokio_stream::StreamExt as _;
-    let mut backoff = Duration::from_millis(20);
+    // A connection, a SUBSCRIBE or a PING gets at least a second: hearing
+    // resets is not on any request's path.
+    let wait = timeout.max(Duration::from_secs(1));
+    let mut backoff = RESET_MIN_BACKOFF;
     let mut failures: u64 = 0;
     for (client, node) in nodes.iter().cycle() {
-        let subscribed = tokio::time::timeout(timeout.max(Duration::from_secs(1)), async {
-            let mut pubsub = client.get_async_pubsub().await?;
-            pubsub.subscribe(&channel).await?;
-            Ok::<_, RedisError>(pubsub)
-        })
-        .await;
-        let pubsub = match subscribed {
-            Ok(Ok(pubsub)) => pubsub,
-            Ok(Err(err)) => {
+        let pubsub = match subscribe(client, &channel, wait).await {
+            Ok(pubsub) => pubsub,
+            Err(err) => {
                 failures += 1;
                 // The first failure in a row is worth a warning; the rest
                 // of an outage, a second apart, only at debug.
@@ -521,53 +519,72 @@ async fn subscribe_to_resets(
                 backoff = (backoff * 2).min(RESET_MAX_BACKOFF);
                 continue;
             }
-            Err(_) => {
-                failures += 1;
-                tracing::debug!(%node, "subscribing to resets timed out");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(RESET_MAX_BACKOFF);
-                continue;
-            }
         };
         if failures > 0 {
             tracing::info!(%node, "subscribed to resets again");
         }
         failures = 0;
-        backoff = Duration::from_millis(20);
-        if !tell(&resets, &ResetNotice::Listening) {
+        backoff = RESET_MIN_BACKOFF;
+        let Some(why) = relay(&resets, pubsub, wait).await else {
             return;
-        }
-        let (mut sink, mut messages) = pubsub.split();
-        let mut ping = tokio::time::interval(RESET_PING_EVERY);
-        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let why = loop {
-            tokio::select! {
-                message = messages.next() => {
-                    let Some(message) = message else {
-                        break "the connection closed".to_owned();
-                    };
-                    let payload = message.get_payload_bytes();
-                    match std::str::from_utf8(payload).ok().and_then(parse_reset_message) {
-                        Some(notice) => {
-                            if !tell(&resets, &notice) {
-                                return;
-                            }
-                        }
-                        None => tracing::debug!(?payload, "ignoring an unknown message on the reset channel"),
-                    }
-                }
-                _ = ping.tick() => {
-                    match tokio::time::timeout(timeout.max(Duration::from_secs(1)), sink.ping::<Value>()).await {
-                        Ok(Ok(_)) => {}
-                        Ok(Err(err)) => break format!("PING failed: {err}"),
-                        Err(_) => break "PING timed out".to_owned(),
-                    }
-                }
-            }
         };
         tracing::warn!(%node, reason = %why, "reset subscription lost; resubscribing");
         if !tell(&resets, &ResetNotice::Deaf) {
             return;
+        }
+    }
+}
+
+/// A connection of its own to `client`'s node, subscribed to `channel`.
+async fn subscribe(client: &Client, channel: &str, wait: Duration) -> Result<PubSub, String> {
+    let subscribed = tokio::time::timeout(wait, async {
+        let mut pubsub = client.get_async_pubsub().await?;
+        pubsub.subscribe(channel).await?;
+        Ok::<_, RedisError>(pubsub)
+    })
+    .await;
+    match subscribed {
+        Ok(Ok(pubsub)) => Ok(pubsub),
+        Ok(Err(err)) => Err(err.to_string()),
+        Err(_) => Err(format!("no answer within {wait:?}")),
+    }
+}
+
+/// Tells the listeners they hear resets, then each reset `pubsub` brings,
+/// PINGing it every [`RESET_PING_EVERY`], until it breaks: why it broke,
+/// or `None` once the store is gone.
+async fn relay(resets: &std::sync::Weak<Resets>, pubsub: PubSub, wait: Duration) -> Option<String> {
+    use tokio_stream::StreamExt as _;
+    if !tell(resets, &ResetNotice::Listening) {
+        return None;
+    }
+    let (mut sink, mut messages) = pubsub.split();
+    let mut ping = tokio::time::interval(RESET_PING_EVERY);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            message = messages.next() => {
+                let Some(message) = message else {
+                    return Some("the connection closed".to_owned());
+                };
+                let payload = message.get_payload_bytes();
+                let notice = std::str::from_utf8(payload).ok().and_then(parse_reset_message);
+                match notice {
+                    Some(notice) => {
+                        if !tell(resets, &notice) {
+                            return None;
+                        }
+                    }
+                    None => tracing::debug!(?payload, "ignoring an unknown reset message"),
+                }
+            }
+            _ = ping.tick() => {
+                match tokio::time::timeout(wait, sink.ping::<Value>()).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(err)) => return Some(format!("PING failed: {err}")),
+                    Err(_) => return Some(format!("no answer to PING within {wait:?}")),
+                }
+            }
         }
     }
 }

@@ -13,7 +13,10 @@ use sha2::{Digest as _, Sha256};
 use crate::{
     metrics::{Metrics, Operation, Outcome, PolicyCounters},
     rules::{FailureMode, Policy, Quota, Tier},
-    store::{ConversationCounters, LimitCheck, LimitDecision, Store, StoreError, UsageIncrement},
+    store::{
+        ConversationCounters, LimitCheck, LimitDecision, LimitInspect, LimitUsage, Store,
+        StoreError, UsageIncrement,
+    },
 };
 
 /// The longest subject, user id or character id accepted, in bytes.
@@ -159,6 +162,22 @@ pub struct IncrementOutcome {
     pub resets_after: Duration,
     /// The store failed; `allowed` is the quotas' `on_store_error`.
     pub degraded: bool,
+}
+
+/// A rate-limit counter as InspectLimit reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InspectOutcome {
+    /// The rule's limit for the tier asked about.
+    pub limit: u64,
+    /// The counter as the store reads it.
+    pub usage: LimitUsage,
+}
+
+impl InspectOutcome {
+    /// Hits left in the window now: `limit - used`, not after one more hit.
+    pub fn remaining(&self) -> u64 {
+        self.limit.saturating_sub(self.usage.used)
+    }
 }
 
 /// One kind's counter, as GetUsage and ListUsage report it.
@@ -492,6 +511,73 @@ impl<S: Store> Limiter<S> {
             })
             .collect())
     }
+}
+
+/// The admin door's questions: look at a counter, clear one. Validated by
+/// the same rules as CheckLimit and IncrementUsage; the store is asked
+/// directly, with no degraded answer: an operator wants to know it failed.
+impl<S: Store> Limiter<S> {
+    /// `subject`'s counter of `rule` as it stands, with the limit of
+    /// `tier` (empty: the default tier). Counts nothing.
+    pub async fn inspect_limit(
+        &self,
+        rule: &str,
+        subject: &str,
+        tier: &str,
+    ) -> Result<InspectOutcome, Error> {
+        let _in_flight = self.metrics.in_flight();
+        let policy = self.policy();
+        validate_id("subject", subject)?;
+        let rule = known_rule(&policy, rule)?;
+        let tier = resolve_tier(&policy, tier)?;
+        let usage = self
+            .store
+            .inspect_limit(&LimitInspect {
+                rule: rule.name(),
+                subject,
+                algorithm: rule.algorithm(),
+                window: rule.window(),
+                block_for: rule.block_for(),
+            })
+            .await?;
+        Ok(InspectOutcome {
+            limit: rule.limit(tier),
+            usage,
+        })
+    }
+
+    /// Clears `subject`'s window of `rule` and any block, on every instance
+    /// that shares the store; whether there was anything to clear.
+    pub async fn reset_limit(&self, rule: &str, subject: &str) -> Result<bool, Error> {
+        let _in_flight = self.metrics.in_flight();
+        let policy = self.policy();
+        validate_id("subject", subject)?;
+        let rule = known_rule(&policy, rule)?;
+        Ok(self.store.reset_limit(rule.name(), subject).await?)
+    }
+
+    /// Deletes one conversation's counters, or every conversation's when
+    /// `character_id` is empty; how many had live counters.
+    pub async fn reset_usage(&self, user_id: &str, character_id: &str) -> Result<u32, Error> {
+        let _in_flight = self.metrics.in_flight();
+        validate_id("user_id", user_id)?;
+        let character_id = if character_id.is_empty() {
+            None
+        } else {
+            validate_id("character_id", character_id)?;
+            Some(character_id)
+        };
+        Ok(self.store.reset_usage(user_id, character_id).await?)
+    }
+}
+
+fn known_rule<'p>(policy: &'p Policy, name: &str) -> Result<&'p crate::rules::Rule, Error> {
+    policy.rule(name).ok_or_else(|| Error::Unknown {
+        field: "rule",
+        what: "rule",
+        name: name.to_owned(),
+        known: join(policy.rules().map(|r| r.name())),
+    })
 }
 
 /// Whether a request's values come from a caller that can be told of a

@@ -105,6 +105,7 @@ struct RawServer {
     listen: String,
     tls: Option<RawServerTls>,
     metrics_listen: Option<String>,
+    admin_listen: Option<String>,
     worker_threads: Option<i64>,
 }
 
@@ -114,6 +115,7 @@ impl Default for RawServer {
             listen: "127.0.0.1:50051".to_owned(),
             tls: None,
             metrics_listen: None,
+            admin_listen: None,
             worker_threads: None,
         }
     }
@@ -260,14 +262,38 @@ impl RawConfig {
             .as_deref()
             .map(|addr| parse_socket_addr(addr, "server.metrics_listen", "127.0.0.1:9464", at))
             .transpose()?;
+        let admin_listen = self
+            .server
+            .admin_listen
+            .as_deref()
+            .map(|addr| parse_socket_addr(addr, "server.admin_listen", "127.0.0.1:50052", at))
+            .transpose()?;
+        let listen = self.server.validate(at)?;
+        if let Some(admin) = admin_listen
+            && admin.port() != 0
+            && (admin == listen || Some(admin) == metrics_listen)
+        {
+            return Err(at(
+                "server.admin_listen",
+                format!(
+                    "{admin} is also server.{}: the admin door needs a port of its own",
+                    if admin == listen {
+                        "listen"
+                    } else {
+                        "metrics_listen"
+                    }
+                ),
+            ));
+        }
         let worker_threads = self
             .server
             .worker_threads
             .map(|threads| worker_threads(threads, at))
             .transpose()?;
         let settings = Settings {
-            listen: self.server.validate(at)?,
+            listen,
             metrics_listen,
+            admin_listen,
             worker_threads,
             tls: server_tls,
             store: self.store.validate(at)?,
@@ -295,7 +321,7 @@ impl RawConfig {
 }
 
 impl RawServer {
-    fn validate(self, at: At<'_>) -> Result<SocketAddr, ConfigError> {
+    fn validate(&self, at: At<'_>) -> Result<SocketAddr, ConfigError> {
         parse_socket_addr(&self.listen, "server.listen", "127.0.0.1:50051", at)
     }
 }

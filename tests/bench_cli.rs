@@ -82,6 +82,10 @@ impl Store for Down {
         Err(Self::error())
     }
 
+    async fn check_limits(&self, _: &[LimitCheck<'_>]) -> Result<Vec<LimitDecision>, StoreError> {
+        Err(Self::error())
+    }
+
     async fn increment_usage(&self, _: &UsageIncrement<'_>) -> Result<UsageDecision, StoreError> {
         Err(Self::error())
     }

@@ -7,7 +7,7 @@ use tracing::{Span, instrument};
 
 use super::wire_duration;
 use crate::{
-    limiter::{CheckRequest, Limiter},
+    limiter::{CheckOutcome, CheckRequest, Limiter},
     proto::{
         CheckLimitRequest, CheckLimitResponse, CheckLimitsRequest, CheckLimitsResponse,
         SettleLimitRequest, SettleLimitResponse, rate_limiter_server::RateLimiter,
@@ -66,12 +66,48 @@ impl<S: Store> RateLimiter for RateLimiterService<S> {
         }))
     }
 
-    // Placeholder until the multi-limit call lands (issue 11, part 1).
+    #[instrument(
+        name = "CheckLimits",
+        skip_all,
+        fields(checks = request.get_ref().checks.len(), allowed)
+    )]
     async fn check_limits(
         &self,
-        _request: Request<CheckLimitsRequest>,
+        request: Request<CheckLimitsRequest>,
     ) -> Result<Response<CheckLimitsResponse>, Status> {
-        Err(Status::unimplemented("CheckLimits is not implemented yet"))
+        let request = request.get_ref();
+        // A group has one request_id: the group's. Checked before the
+        // limiter's own validation, as it is a wire-level rule.
+        if let Some(index) = request
+            .checks
+            .iter()
+            .position(|check| !check.request_id.is_empty())
+        {
+            return Err(Status::invalid_argument(format!(
+                "checks[{index}].request_id: must be empty in a group; \
+                 set the group's request_id instead"
+            )));
+        }
+        let checks: Vec<CheckRequest<'_>> = request
+            .checks
+            .iter()
+            .map(|check| CheckRequest {
+                rule: &check.rule,
+                subject: &check.subject,
+                tier: &check.tier,
+                cost: check.cost,
+                dry_run: check.dry_run,
+            })
+            .collect();
+        let outcome = self
+            .limiter
+            .check_limits(&checks, &request.request_id)
+            .await?;
+        Span::current().record("allowed", outcome.allowed);
+        Ok(Response::new(CheckLimitsResponse {
+            allowed: outcome.allowed,
+            results: outcome.checks.iter().map(check_response).collect(),
+        }))
     }
 
     // Placeholder until pay-after-use lands (issue 11, part 3).
@@ -80,5 +116,20 @@ impl<S: Store> RateLimiter for RateLimiterService<S> {
         _request: Request<SettleLimitRequest>,
     ) -> Result<Response<SettleLimitResponse>, Status> {
         Err(Status::unimplemented("SettleLimit is not implemented yet"))
+    }
+}
+
+/// One check's answer on the wire, in a CheckLimits group.
+fn check_response(outcome: &CheckOutcome) -> CheckLimitResponse {
+    let decision = &outcome.decision;
+    CheckLimitResponse {
+        allowed: decision.allowed,
+        limit: outcome.limit,
+        remaining: decision.remaining,
+        retry_after: wire_duration(decision.retry_after),
+        reset_after: wire_duration(decision.reset_after),
+        blocked: decision.blocked,
+        degraded: outcome.degraded,
+        ..CheckLimitResponse::default()
     }
 }

@@ -194,6 +194,13 @@ impl<S: Store> Store for CircuitBreaker<S> {
         self.call(self.inner.check_limit(check)).await
     }
 
+    async fn check_limits(
+        &self,
+        checks: &[LimitCheck<'_>],
+    ) -> Result<Vec<LimitDecision>, StoreError> {
+        self.call(self.inner.check_limits(checks)).await
+    }
+
     async fn increment_usage(
         &self,
         increment: &UsageIncrement<'_>,
@@ -241,6 +248,12 @@ mod tests {
 
     impl Store for Arc<Switch> {
         async fn check_limit(&self, _: &LimitCheck<'_>) -> Result<LimitDecision, StoreError> {
+            unreachable!("not used by these tests")
+        }
+        async fn check_limits(
+            &self,
+            _: &[LimitCheck<'_>],
+        ) -> Result<Vec<LimitDecision>, StoreError> {
             unreachable!("not used by these tests")
         }
         async fn increment_usage(

@@ -389,6 +389,41 @@ impl<S: Store> Store for DenyCache<S> {
         }
     }
 
+    /// A group always goes to the store: a cached denial knows one check's
+    /// answer, never the others' that the group must report. The store's
+    /// answers teach the cache as single checks do: a counted group drops
+    /// its counters' cached denials, and a denied check is learnt as the
+    /// dry run it was (nothing was counted, no block started).
+    async fn check_limits(
+        &self,
+        checks: &[LimitCheck<'_>],
+    ) -> Result<Vec<LimitDecision>, StoreError> {
+        let sent_us = self.shared.now_us();
+        match self.inner.check_limits(checks).await {
+            Ok(decisions) => {
+                let counted = super::group::all_allowed(&decisions);
+                for (check, decision) in checks.iter().zip(&decisions) {
+                    if decision.allowed && !counted {
+                        // Allowed but not counted: nothing to learn.
+                        continue;
+                    }
+                    let as_decided = LimitCheck {
+                        dry_run: check.dry_run || !decision.allowed,
+                        ..*check
+                    };
+                    self.shared.record(&as_decided, sent_us, decision);
+                }
+                Ok(decisions)
+            }
+            Err(err) => {
+                if matches!(err, StoreError::Unavailable(_)) {
+                    self.shared.clear();
+                }
+                Err(err)
+            }
+        }
+    }
+
     async fn increment_usage(
         &self,
         increment: &UsageIncrement<'_>,
@@ -450,6 +485,16 @@ mod tests {
                 return Err(StoreError::Unavailable("switched off".to_owned()));
             }
             self.store.check_limit(check).await
+        }
+        async fn check_limits(
+            &self,
+            checks: &[LimitCheck<'_>],
+        ) -> Result<Vec<LimitDecision>, StoreError> {
+            self.checks.fetch_add(1, Ordering::SeqCst);
+            if self.down.load(Ordering::SeqCst) {
+                return Err(StoreError::Unavailable("switched off".to_owned()));
+            }
+            self.store.check_limits(checks).await
         }
         async fn increment_usage(
             &self,

@@ -54,6 +54,8 @@ const PASS_OVER_BLOCKED: usize = 8;
 
 const SHARDS: usize = 64;
 
+mod group;
+
 /// How the memory store bounds itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MemoryOptions {
@@ -289,13 +291,20 @@ impl MemoryStore {
     }
 
     fn shard<'a, T>(&self, shards: &'a [Mutex<Shard<T>>], key: &str) -> MutexGuard<'a, Shard<T>> {
-        let index = (self.inner.hasher.hash_one(key) as usize) % shards.len();
-        // A poisoned shard only means another thread panicked mid-update of
-        // plain counters; the data is still usable, so carry on.
-        shards[index]
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock_shard(&shards[self.shard_index(shards, key)])
     }
+
+    fn shard_index<T>(&self, shards: &[Mutex<Shard<T>>], key: &str) -> usize {
+        (self.inner.hasher.hash_one(key) as usize) % shards.len()
+    }
+}
+
+/// A poisoned shard only means another thread panicked mid-update of plain
+/// counters; the data is still usable, so carry on.
+fn lock_shard<T>(shard: &Mutex<Shard<T>>) -> MutexGuard<'_, Shard<T>> {
+    shard
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn manual_clock() -> (Clock, ManualClock) {
@@ -326,6 +335,13 @@ impl Store for MemoryStore {
             shard.entries.insert(key, state);
         }
         Ok(decision)
+    }
+
+    async fn check_limits(
+        &self,
+        checks: &[LimitCheck<'_>],
+    ) -> Result<Vec<LimitDecision>, StoreError> {
+        Ok(self.decide_group(checks))
     }
 
     async fn increment_usage(

@@ -77,6 +77,8 @@ use super::{
 };
 use crate::{keys::KeyBuilder, rules::Algorithm};
 
+mod group;
+
 /// A Lua script under `lua/`: its source, for `EVAL`, and its SHA1, for
 /// `EVALSHA`.
 struct LuaScript {
@@ -505,12 +507,13 @@ impl RedisStore {
     async fn load_scripts(&self) -> Result<(), StoreError> {
         let deadline = self.deadline();
         let mut conn = self.checkout(deadline).await?;
-        for script in [
-            &SLIDING_LOG,
-            &SLIDING_COUNTER,
-            &USAGE_INCREMENT,
-            &USAGE_LIST,
-        ] {
+        let scripts = [
+            &*SLIDING_LOG,
+            &*SLIDING_COUNTER,
+            &*USAGE_INCREMENT,
+            &*USAGE_LIST,
+        ];
+        for script in scripts.into_iter().chain(group::scripts()) {
             let hash: String = self
                 .call(
                     deadline,
@@ -856,6 +859,13 @@ impl Store for RedisStore {
             reset_after: Duration::from_micros(reset_after_us),
             blocked: flag(what, blocked)?,
         })
+    }
+
+    async fn check_limits(
+        &self,
+        checks: &[LimitCheck<'_>],
+    ) -> Result<Vec<LimitDecision>, StoreError> {
+        self.decide_group(checks).await
     }
 
     async fn increment_usage(

@@ -33,6 +33,13 @@
 //! counts one, the key's cached denial is dropped, since the new hits can
 //! make its `retry_after` later.
 //!
+//! One exception to "never take one back": on a Redis Cluster, a
+//! CheckLimits group over several slots that loses a race takes back the
+//! hits its earlier slots counted (see [`super::group`]). A denial seen in
+//! that moment is cached like any other, so this instance may deny that
+//! key until the denial's `retry_after` though the store would allow
+//! again. It never admits anything the store would deny.
+//!
 //! Two denials are not cached: a dry run's, when the rule has `block_for`
 //! (a real request would start a block, which only the store can do), and
 //! one with no `retry_after`.

@@ -8,7 +8,7 @@ as a local function of (KEYS, ARGV, redis):
   local function sliding_counter(KEYS, ARGV, redis) <lua/sliding_counter.lua> end
 So each algorithm has one source, and a check in a group is decided by
 exactly the code that decides it alone. The `redis` each one gets answers
-TIME with the one instant read here, so that every check, in both passes
+TIME with the one instant read here, so that every check, in every pass
 below, is decided at the same moment; every other command goes to Redis.
 
 KEYS     every check's keys, in check order: each check's own KEYS, as its
@@ -36,33 +36,42 @@ Returns {counted, results, undo}:
              {i, 'sliding_counter', w, cost}: the window it counted in
            else empty.
 
-Semantics:
-- First pass: every check as a dry run. If any is denied, nothing is
-  counted and no block is started: the results are the dry runs'.
-  (sliding_log's dry run drops calls that have left the window, as it
-  always does; that changes no decision.)
-- Otherwise, second pass: every check as sent, counting it unless its own
-  dry run. The checks are on distinct counters (the caller's promise) and
-  decided at the same instant, so each sees what its dry run saw and is
-  allowed again. The results are the second pass's.
+Semantics (every check decided at the same instant):
+- First the checks that would start a lock-out on a denial (block_us > 0,
+  not a dry run) are run as dry runs: if one is denied, the group is
+  denied.
+- Then every check is run as sent, in order, counting it unless its own
+  dry run. A check without a lock-out writes nothing when denied (see its
+  script), and a check with one was just allowed by its dry run, at the
+  same instant, on a counter no other check of the group touches (the
+  caller's promise), so it is allowed again: no block is ever started.
+- If a check is denied there, the checks counted before it are taken back
+  at once (nothing ran in between: a log's call is its newest member, so
+  ZPOPMAX; a counter's cost comes off c, in the same window) and the group
+  is denied.
+- A denied group's results are every check run again as a dry run, so
+  each is exactly the answer the check would get alone, as a dry run.
+- An allowed group's results are the counting runs'. So an allowed group
+  of n checks costs n script runs, as n CheckLimits would, and no more.
 
 Worked example: checks A (sliding_log, limit 2, 1 hit counted) and B
-(sliding_counter, limit 10, empty), cost 1 each: both dry runs allowed, so
-both are counted: {1, {{1, 0, 0, W, 0}, {1, 9, 0, 2W - e, 0}}, {}}. Again:
-A's dry run is denied ({0, 0, r, R, 0}), B's allowed ({1, 8, ...}), so
-{0, {{0, 0, r, R, 0}, {1, 8, 0, ...}}, {}} and B still holds 1 hit.
+(sliding_counter, limit 10, empty), cost 1 each, no lock-outs: A is
+counted, then B: {1, {{1, 0, 0, W, 0}, {1, 9, 0, 2W - e, 0}}, {}}. Again:
+A is denied ({0, 0, r, R, 0}): nothing was counted before it; both are run
+as dry runs: {0, {{0, 0, r, R, 0}, {1, 8, 0, ...}}, {}} and B still holds
+1 hit. In the order (B, A), B would be counted, then A denied, then B's
+hit taken back, with the same reply.
 
-Bounded work: at most two runs of each check's script (whose own headers
-bound their work) plus, with want_undo, one ZRANGE or HGET per counted
-check; the limiter sends at most 16 checks.
+Bounded work: at most three runs of each check's script (whose own headers
+bound their work) plus one ZPOPMAX or HINCRBY per check taken back and,
+with want_undo, one ZRANGE or HGET per counted check; the limiter sends at
+most 16 checks.
 ]]
 
 local n = tonumber(ARGV[1])
 assert(n and n >= 1, 'check_limits.lua: ARGV[1] (n) must be a positive integer')
 local want_undo = ARGV[2] == '1'
 
--- Which ARGV of a decision script is dry_run (see their headers).
-local DRY_RUN = 4
 local ALGORITHMS = { sliding_log = sliding_log, sliding_counter = sliding_counter }
 
 local frozen = redis.call('TIME')
@@ -97,35 +106,70 @@ end
 assert(next_key - 1 == #KEYS, 'check_limits.lua: the checks take ' .. (next_key - 1) .. ' KEYS, got ' .. #KEYS)
 assert(next_arg - 1 == #ARGV, 'check_limits.lua: the checks take ' .. (next_arg - 1) .. ' ARGV, got ' .. #ARGV)
 
-local results = {}
-local allowed = true
-for i = 1, n do
-  local check = checks[i]
+-- Where the decision scripts take cost, dry_run and block_us (see their
+-- headers).
+local COST, DRY_RUN, BLOCK_US = 3, 4, 5
+
+local function run(check, args)
+  return ALGORITHMS[check.algorithm](check.keys, args, at_once)
+end
+
+local function as_dry_run(check)
   local dry = {}
   for j = 1, #check.args do
     dry[j] = check.args[j]
   end
   dry[DRY_RUN] = '1'
-  results[i] = ALGORITHMS[check.algorithm](check.keys, dry, at_once)
-  allowed = allowed and results[i][1] == 1
+  return dry
 end
-if not allowed then
+
+-- The denied group's answer: every check's own, as a dry run.
+local function denied()
+  local results = {}
+  for i = 1, n do
+    results[i] = run(checks[i], as_dry_run(checks[i]))
+  end
   return { 0, results, {} }
 end
 
-local undo = {}
+local function counts(check)
+  return check.args[DRY_RUN] ~= '1'
+end
+
 for i = 1, n do
   local check = checks[i]
-  results[i] = ALGORITHMS[check.algorithm](check.keys, check.args, at_once)
-  if want_undo and check.args[DRY_RUN] ~= '1' then
-    if check.algorithm == 'sliding_log' then
-      -- Nothing runs between the script's ZADD and here: its member is
-      -- the newest.
-      local newest = redis.call('ZRANGE', check.keys[1], -1, -1, 'WITHSCORES')
-      undo[#undo + 1] = { i, check.algorithm, newest[1], newest[2] }
-    else
-      local w = redis.call('HGET', check.keys[1], 'w')
-      undo[#undo + 1] = { i, check.algorithm, w, check.args[3] }
+  if counts(check) and tonumber(check.args[BLOCK_US]) > 0 and run(check, as_dry_run(check))[1] ~= 1 then
+    return denied()
+  end
+end
+
+local results, counted, undo = {}, {}, {}
+for i = 1, n do
+  local check = checks[i]
+  results[i] = run(check, check.args)
+  if results[i][1] ~= 1 then
+    for _, j in ipairs(counted) do
+      local key = checks[j].keys[1]
+      if checks[j].algorithm == 'sliding_log' then
+        redis.call('ZPOPMAX', key)
+      else
+        redis.call('HINCRBY', key, 'c', -tonumber(checks[j].args[COST]))
+      end
+    end
+    return denied()
+  end
+  if counts(check) then
+    counted[#counted + 1] = i
+    if want_undo then
+      if check.algorithm == 'sliding_log' then
+        -- Nothing runs between the script's ZADD and here: its member is
+        -- the newest.
+        local newest = redis.call('ZRANGE', check.keys[1], -1, -1, 'WITHSCORES')
+        undo[#undo + 1] = { i, check.algorithm, newest[1], newest[2] }
+      else
+        local w = redis.call('HGET', check.keys[1], 'w')
+        undo[#undo + 1] = { i, check.algorithm, w, check.args[COST] }
+      end
     end
   end
 end

@@ -605,6 +605,49 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn groups_go_to_the_store_and_teach_the_cache() {
+        let (cache, store, _clock) = cached(DEFAULT_CAPACITY);
+        let full = check("api", "u1", 1, 1);
+        let other = check("auth", "u1", 5, 1);
+        let locking = LimitCheck {
+            block_for: Some(Duration::from_secs(60)),
+            ..check("login", "u1", 1, 1)
+        };
+        assert!(cache.check_limit(&full).await.expect("memory").allowed);
+        assert!(cache.check_limit(&locking).await.expect("memory").allowed);
+        // A denied group: learnt as the dry runs they were. The plain
+        // denial is cached; the lock-out's is not (its own CheckLimit
+        // would start a block, which only the store can do).
+        let decisions = cache
+            .check_limits(&[other, full, locking])
+            .await
+            .expect("memory");
+        assert_eq!(
+            decisions.iter().map(|d| d.allowed).collect::<Vec<_>>(),
+            [true, false, false]
+        );
+        assert_eq!(cache.len(), 1);
+        assert_eq!(store.checks(), 3);
+        assert!(!cache.check_limit(&full).await.expect("cached").allowed);
+        assert_eq!(store.checks(), 3, "answered from the cache");
+        assert!(cache.check_limit(&locking).await.expect("memory").blocked);
+        assert_eq!(store.checks(), 4);
+        assert_eq!(cache.len(), 2, "api's denial and login's block");
+
+        // Groups always reach the store, even with a cached denial in them.
+        let decisions = cache.check_limits(&[full]).await.expect("memory");
+        assert!(!decisions[0].allowed);
+        assert_eq!(store.checks(), 5);
+
+        // A counted group drops its counters' cached denials.
+        let roomy = check("api", "u1", 5, 1);
+        assert_eq!(cache.len(), 2, "api's denial and login's block");
+        let decisions = cache.check_limits(&[roomy, other]).await.expect("memory");
+        assert!(decisions.iter().all(|d| d.allowed));
+        assert_eq!(cache.len(), 1, "only login's block is left");
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn smaller_costs_other_limits_and_other_keys_go_to_the_store() {
         let (cache, store, _clock) = cached(DEFAULT_CAPACITY);
         assert!(

@@ -41,7 +41,9 @@ impl<S: Store> Limiter<S> {
     /// Each check is validated as CheckLimit validates it, its errors
     /// naming `checks[<index>].<field>`; two checks on one counter (the
     /// same rule and subject) are refused, since a group counts each counter
-    /// once.
+    /// once. `request_id` is validated (at most
+    /// [`MAX_GROUP_REQUEST_ID_BYTES`]) but not yet remembered: a retried
+    /// group is decided afresh.
     pub async fn check_limits(
         &self,
         requests: &[CheckRequest<'_>],

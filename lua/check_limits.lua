@@ -13,11 +13,14 @@ below, is decided at the same moment; every other command goes to Redis.
 
 KEYS     every check's keys, in check order: each check's own KEYS, as its
          script takes them (the counter, then the block key when the rule
-         has a lock-out). All share one Cluster slot.
+         has a lock-out); then, with record_ms > 0, the record of the
+         group's request_id. All share one Cluster slot.
 
 ARGV[1]  n          checks in the group (>= 1)
 ARGV[2]  want_undo  1: also report what was counted (see the return shape),
                     for a caller that may have to take it back; 0: don't
+ARGV[3]  record_ms  > 0: the group has a request_id, whose record is the
+                    last KEY; its answer is kept this long. 0: none
 then, for each check in order:
          algorithm  'sliding_log' or 'sliding_counter'
          nkeys      how many of KEYS are this check's
@@ -25,7 +28,7 @@ then, for each check in order:
          args...    the check's own ARGV, as its script takes them (ARGV[4]
                     of those is dry_run)
 
-Returns {counted, results, undo}:
+Returns {counted, results, undo, recorded}:
   counted  1 if the group was allowed (and counted), else 0
   results  one reply per check, in order, each the check's script's own
            reply ({allowed, remaining, retry_after_us, reset_after_us,
@@ -35,8 +38,16 @@ Returns {counted, results, undo}:
              {i, 'sliding_log', member, score}: the log member it added
              {i, 'sliding_counter', w, cost}: the window it counted in
            else empty.
+  recorded '' when the group was decided now; else the answer recorded for
+           its request_id (see below), and nothing was decided or counted
 
 Semantics (every check decided at the same instant):
+- With a record key that exists: its value is returned as `recorded`
+  (counted = 0, no results) and nothing else happens. Otherwise, once the
+  group is decided, its answer is stored there with PX record_ms, as
+  "<counted>" then, per check, "|<allowed>,<remaining>,<retry_after_us>,
+  <reset_after_us>,<blocked>" (src/store/redis/group.rs reads it; it also
+  writes it for a group over several slots).
 - First the checks that would start a lock-out on a denial (block_us > 0,
   not a dry run) are run as dry runs: if one is denied, the group is
   denied.
@@ -84,8 +95,19 @@ local at_once = setmetatable({
   end,
 }, { __index = redis })
 
+local record_ms = tonumber(ARGV[3])
+assert(record_ms and record_ms >= 0, 'check_limits.lua: ARGV[3] (record_ms) must be a non-negative integer')
+local record_key = nil
+if record_ms > 0 then
+  record_key = KEYS[#KEYS]
+  local recorded = redis.call('GET', record_key)
+  if recorded then
+    return { 0, {}, {}, recorded }
+  end
+end
+
 local checks = {}
-local next_key, next_arg = 1, 3
+local next_key, next_arg = 1, 4
 for i = 1, n do
   local algorithm = ARGV[next_arg]
   local nkeys = tonumber(ARGV[next_arg + 1])
@@ -103,7 +125,8 @@ for i = 1, n do
   next_arg = next_arg + 3 + nargs
   checks[i] = { algorithm = algorithm, keys = keys, args = args }
 end
-assert(next_key - 1 == #KEYS, 'check_limits.lua: the checks take ' .. (next_key - 1) .. ' KEYS, got ' .. #KEYS)
+local want_keys = next_key - 1 + (record_key and 1 or 0)
+assert(want_keys == #KEYS, 'check_limits.lua: the checks take ' .. want_keys .. ' KEYS, got ' .. #KEYS)
 assert(next_arg - 1 == #ARGV, 'check_limits.lua: the checks take ' .. (next_arg - 1) .. ' ARGV, got ' .. #ARGV)
 
 -- Where the decision scripts take cost, dry_run and block_us (see their
@@ -123,13 +146,30 @@ local function as_dry_run(check)
   return dry
 end
 
+local function int(x)
+  return string.format('%d', x)
+end
+
+-- The group's answer, recorded under its request_id if it has one.
+local function answer(counted, results, undo)
+  if record_key then
+    local parts = { int(counted) }
+    for i = 1, n do
+      local r = results[i]
+      parts[#parts + 1] = int(r[1]) .. ',' .. int(r[2]) .. ',' .. int(r[3]) .. ',' .. int(r[4]) .. ',' .. int(r[5])
+    end
+    redis.call('SET', record_key, table.concat(parts, '|'), 'PX', int(record_ms))
+  end
+  return { counted, results, undo, '' }
+end
+
 -- The denied group's answer: every check's own, as a dry run.
 local function denied()
   local results = {}
   for i = 1, n do
     results[i] = run(checks[i], as_dry_run(checks[i]))
   end
-  return { 0, results, {} }
+  return answer(0, results, {})
 end
 
 local function counts(check)
@@ -173,4 +213,4 @@ for i = 1, n do
     end
   end
 end
-return { 1, results, undo }
+return answer(1, results, undo)

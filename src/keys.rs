@@ -97,6 +97,20 @@ impl KeyBuilder {
         }
     }
 
+    /// The record of a CheckLimits group's answer under `request_id`, in
+    /// the slot of its first check's `subject`. `}#` (never `}:`) follows
+    /// the tag, so no rule's counter can share the key.
+    pub fn group_request(&self, subject: &str, request_id: &str) -> String {
+        let mut key =
+            String::with_capacity(self.prefix.len() + subject.len() + request_id.len() + 16);
+        key.push_str(&self.prefix);
+        key.push_str("{rl:");
+        encode_into(&mut key, subject);
+        key.push_str("}#group:");
+        encode_into(&mut key, request_id);
+        key
+    }
+
     /// The keys of `user_id`'s usage quotas.
     pub fn usage(&self, user_id: &str) -> UsageKeys {
         let mut tag = String::with_capacity(self.prefix.len() + user_id.len() + 11);
@@ -152,6 +166,15 @@ mod tests {
         assert_eq!(keys.block, "aim:{rl:user-42}:auth:block");
         let keys = KeyBuilder::new("aim:").limit("api", Algorithm::SlidingCounter, "10.0.0.1");
         assert_eq!(keys.counter, "aim:{rl:10.0.0.1}:api:ctr");
+    }
+
+    #[test]
+    fn group_request_keys_are_pinned() {
+        let keys = KeyBuilder::new("aim:");
+        assert_eq!(
+            keys.group_request("user-42", "req:1"),
+            "aim:{rl:user-42}#group:req%3A1"
+        );
     }
 
     #[test]

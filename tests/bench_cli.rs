@@ -8,8 +8,8 @@ use tokio::{net::TcpListener, process::Command, sync::oneshot, task::JoinHandle}
 use tollgate::{
     limiter::Limiter,
     store::{
-        ConversationCounters, LimitCheck, LimitDecision, Store, StoreError, UsageDecision,
-        UsageIncrement, memory::MemoryStore,
+        ConversationCounters, GroupDecision, LimitCheck, LimitDecision, Store, StoreError,
+        UsageDecision, UsageIncrement, memory::MemoryStore,
     },
 };
 
@@ -82,7 +82,11 @@ impl Store for Down {
         Err(Self::error())
     }
 
-    async fn check_limits(&self, _: &[LimitCheck<'_>]) -> Result<Vec<LimitDecision>, StoreError> {
+    async fn check_limits(
+        &self,
+        _: &[LimitCheck<'_>],
+        _: Option<&str>,
+    ) -> Result<GroupDecision, StoreError> {
         Err(Self::error())
     }
 

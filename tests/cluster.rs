@@ -1009,11 +1009,11 @@ async fn check_limits_across_slots_never_over_admit() {
                         ..check(algorithm, second, 20, ms(60_000))
                     },
                 ];
-                let decisions = store
-                    .check_limits(&checks)
+                let group = store
+                    .check_limits(&checks, None)
                     .await
                     .expect("check_limits answers");
-                decisions.iter().all(|d| d.allowed)
+                group.decisions.iter().all(|d| d.allowed)
             });
         }
         let allowed = tasks.join_all().await.into_iter().filter(|a| *a).count() as u64;
@@ -1047,5 +1047,61 @@ async fn check_limits_across_slots_never_over_admit() {
         assert!((1..=6).contains(&allowed), "{algorithm}: {allowed} allowed");
         assert_eq!(left(first, 10).await, 10 - allowed, "{algorithm}: {log}");
         assert_eq!(left(second, 20).await, 20 - 3 * allowed, "{algorithm}");
+    }
+}
+
+/// A group over two slots with a request_id: 20 duplicates at once, through
+/// two stores, are decided once (the record is claimed in the first
+/// subject's slot), and every duplicate gets the same answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn check_limits_request_id_across_slots_decides_once() {
+    let cluster = RedisCluster::start(0);
+    let prefix = "group-ids:";
+    let stores = [
+        connect(cluster.url(), prefix).await,
+        connect(cluster.url(), prefix).await,
+    ];
+    let keys = KeyBuilder::new(prefix);
+    let (first, second) = ("left-0", "right-0");
+    assert_ne!(
+        cluster.key_slot(&keys.limit(RULE, Algorithm::SlidingLog, first).counter),
+        cluster.key_slot(&keys.limit(RULE, Algorithm::SlidingLog, second).counter),
+    );
+    let mut tasks = JoinSet::new();
+    for i in 0..20 {
+        let store = stores[i % 2].clone();
+        tasks.spawn(async move {
+            let checks = [
+                check(Algorithm::SlidingLog, first, 10, ms(60_000)),
+                check(Algorithm::SlidingCounter, second, 10, ms(60_000)),
+            ];
+            store
+                .check_limits(&checks, Some("retry-me"))
+                .await
+                .expect("check_limits answers")
+        });
+    }
+    let groups = tasks.join_all().await;
+    assert_eq!(
+        groups.iter().filter(|g| !g.replayed).count(),
+        1,
+        "decided once"
+    );
+    assert!(
+        groups.iter().all(|g| g.decisions == groups[0].decisions),
+        "every duplicate has the same answer"
+    );
+    for (algorithm, subject) in [
+        (Algorithm::SlidingLog, first),
+        (Algorithm::SlidingCounter, second),
+    ] {
+        let d = stores[0]
+            .check_limit(&LimitCheck {
+                dry_run: true,
+                ..check(algorithm, subject, 10, ms(60_000))
+            })
+            .await
+            .expect("check_limit answers");
+        assert_eq!(d.remaining, 8, "{algorithm}: counted once");
     }
 }

@@ -79,6 +79,7 @@ conformance!(
     check_limits_reports_each_checks_own_answer,
     check_limits_validation_names_the_check,
     concurrent_check_limits_never_exceed_any_limit,
+    check_limits_request_id_replays_the_first_answer,
 );
 
 // ---- Helpers -----------------------------------------------------------------
@@ -1922,4 +1923,95 @@ async fn concurrent_check_limits_never_exceed_any_limit(backend: Backend) {
         assert_hits_left(server, "messaging", "crowd-m", 10 - allowed).await;
         assert_hits_left(server, "ai", "crowd-a", 20 - 3 * allowed).await;
     }
+}
+
+fn with_id(request_id: &str, checks: Vec<CheckLimitRequest>) -> CheckLimitsRequest {
+    CheckLimitsRequest {
+        checks,
+        request_id: request_id.to_owned(),
+    }
+}
+
+/// The parts of an answer a replay repeats, without `replayed`.
+fn answer_of(r: &CheckLimitsResponse) -> Vec<(bool, u64, u64, Duration, Duration, bool)> {
+    r.results
+        .iter()
+        .map(|r| {
+            (
+                r.allowed,
+                r.limit,
+                r.remaining,
+                dur(r.retry_after),
+                dur(r.reset_after),
+                r.blocked,
+            )
+        })
+        .collect()
+}
+
+/// A group retried with its request_id gets its first answer again,
+/// marked replayed, and counts nothing, allowed or denied; another id, or
+/// another first subject, is decided afresh; duplicates sent at once are
+/// decided once.
+async fn check_limits_request_id_replays_the_first_answer(backend: Backend) {
+    let server = backend.serve_toml(SHORT_TOML).await;
+    // plain: 3/min (log); three: 1/min (counter); two subjects, so on a
+    // cluster (usually) two slots.
+    let checks = || vec![check_req("plain", "r-a"), check_req("three", "r-b")];
+    let first = check_limits(&server, with_id("req-1", checks())).await;
+    assert!(first.allowed, "{first:?}");
+    assert!(first.results.iter().all(|r| !r.replayed), "{first:?}");
+    for _ in 0..3 {
+        let again = check_limits(&server, with_id("req-1", checks())).await;
+        assert!(again.results.iter().all(|r| r.replayed), "{again:?}");
+        assert_eq!(
+            answer_of(&again),
+            answer_of(&first),
+            "the first answer again"
+        );
+    }
+    assert_eq!(left(&server, "plain", "r-a").await, 2, "counted once");
+    assert_eq!(left(&server, "three", "r-b").await, 0, "counted once");
+
+    // Another id: decided afresh (three is spent), and the denial is what
+    // a retry of it gets, though room has come back meanwhile elsewhere.
+    let denied = check_limits(&server, with_id("req-2", checks())).await;
+    assert!(!denied.allowed && denied.results.iter().all(|r| !r.replayed));
+    let again = check_limits(&server, with_id("req-2", checks())).await;
+    assert!(!again.allowed && again.results.iter().all(|r| r.replayed));
+    assert_eq!(answer_of(&again), answer_of(&denied));
+    assert_eq!(left(&server, "plain", "r-a").await, 2, "nothing counted");
+
+    // The same id with another first subject is another group.
+    let other = check_limits(&server, with_id("req-1", vec![check_req("plain", "r-c")])).await;
+    assert!(other.allowed && !other.results[0].replayed, "{other:?}");
+
+    // Twenty duplicates at once: one decides, the rest get its answer.
+    let mut calls = JoinSet::new();
+    for _ in 0..20 {
+        let mut client = server.rate.clone();
+        calls.spawn(async move {
+            client
+                .check_limits(with_id(
+                    "req-3",
+                    vec![check_req("plain", "r-d"), check_req("plain", "r-e")],
+                ))
+                .await
+                .map(|r| r.into_inner())
+        });
+    }
+    let mut decided = 0;
+    while let Some(joined) = calls.join_next().await {
+        let r = ok(
+            joined.expect("a call task does not panic"),
+            "duplicate CheckLimits",
+        );
+        assert!(r.allowed, "{r:?}");
+        if !r.results[0].replayed {
+            decided += 1;
+        }
+    }
+    assert_eq!(decided, 1, "exactly one duplicate decided");
+    assert_eq!(left(&server, "plain", "r-d").await, 2, "counted once");
+    assert_eq!(left(&server, "plain", "r-e").await, 2, "counted once");
 }

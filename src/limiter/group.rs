@@ -23,6 +23,9 @@ pub struct GroupOutcome {
     pub allowed: bool,
     /// One per check, in order: each check's own answer.
     pub checks: Vec<CheckOutcome>,
+    /// The first answer to the group's request_id, given again; nothing
+    /// was counted.
+    pub replayed: bool,
 }
 
 /// One check of a group, resolved against the policy.
@@ -41,9 +44,10 @@ impl<S: Store> Limiter<S> {
     /// Each check is validated as CheckLimit validates it, its errors
     /// naming `checks[<index>].<field>`; two checks on one counter (the
     /// same rule and subject) are refused, since a group counts each counter
-    /// once. `request_id` is validated (at most
-    /// [`MAX_GROUP_REQUEST_ID_BYTES`]) but not yet remembered: a retried
-    /// group is decided afresh.
+    /// once. A non-empty `request_id` (at most
+    /// [`MAX_GROUP_REQUEST_ID_BYTES`]) that was already answered for the
+    /// same first subject, within the longest of the checks' windows, gets
+    /// that answer again, `replayed`, counting nothing.
     pub async fn check_limits(
         &self,
         requests: &[CheckRequest<'_>],
@@ -122,36 +126,46 @@ impl<S: Store> Limiter<S> {
             .collect();
         let decided = self
             .metrics
-            .store_call(Operation::check_limits, self.store.check_limits(&checks))
+            .store_call(
+                Operation::check_limits,
+                self.store
+                    .check_limits(&checks, (!request_id.is_empty()).then_some(request_id)),
+            )
             .await
-            .and_then(|decisions| {
-                if decisions.len() == checks.len() {
-                    Ok(decisions)
+            .and_then(|group| {
+                if group.decisions.len() == checks.len() {
+                    Ok(group)
                 } else {
                     Err(StoreError::Protocol(format!(
                         "{} decisions for {} checks",
-                        decisions.len(),
+                        group.decisions.len(),
                         checks.len()
                     )))
                 }
             });
+        let mut replayed = false;
         let outcomes: Vec<CheckOutcome> = match decided {
-            Ok(decisions) => decisions
-                .into_iter()
-                .zip(&resolved)
-                .map(|(decision, resolved)| CheckOutcome {
-                    limit: resolved.limit,
-                    decision,
-                    degraded: false,
-                })
-                .collect(),
+            Ok(group) => {
+                replayed = group.replayed;
+                group
+                    .decisions
+                    .into_iter()
+                    .zip(&resolved)
+                    .map(|(decision, resolved)| CheckOutcome {
+                        limit: resolved.limit,
+                        decision,
+                        degraded: false,
+                    })
+                    .collect()
+            }
             Err(err) => {
                 tracing::debug!(error = %err, "store failed; degraded answers");
                 resolved.iter().map(degraded).collect()
             }
         };
         let decisions: Vec<LimitDecision> = outcomes.iter().map(|o| o.decision).collect();
-        for (outcome, resolved) in outcomes.iter().zip(&resolved) {
+        // An answer given again is no new decision.
+        for (outcome, resolved) in outcomes.iter().zip(&resolved).filter(|_| !replayed) {
             let counted_as = if outcome.degraded {
                 Outcome::degraded
             } else if outcome.decision.blocked {
@@ -168,6 +182,7 @@ impl<S: Store> Limiter<S> {
         Ok(GroupOutcome {
             allowed: all_allowed(&decisions),
             checks: outcomes,
+            replayed,
         })
     }
 }

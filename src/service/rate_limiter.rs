@@ -106,7 +106,14 @@ impl<S: Store> RateLimiter for RateLimiterService<S> {
         Span::current().record("allowed", outcome.allowed);
         Ok(Response::new(CheckLimitsResponse {
             allowed: outcome.allowed,
-            results: outcome.checks.iter().map(check_response).collect(),
+            results: outcome
+                .checks
+                .iter()
+                .map(|check| CheckLimitResponse {
+                    replayed: outcome.replayed,
+                    ..check_response(check)
+                })
+                .collect(),
         }))
     }
 

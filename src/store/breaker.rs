@@ -24,8 +24,8 @@ use std::{
 use tokio::time::Instant;
 
 use super::{
-    ConversationCounters, LimitCheck, LimitDecision, Store, StoreError, UsageDecision,
-    UsageIncrement,
+    ConversationCounters, GroupDecision, LimitCheck, LimitDecision, Store, StoreError,
+    UsageDecision, UsageIncrement,
 };
 
 /// When the breaker opens and for how long.
@@ -197,8 +197,9 @@ impl<S: Store> Store for CircuitBreaker<S> {
     async fn check_limits(
         &self,
         checks: &[LimitCheck<'_>],
-    ) -> Result<Vec<LimitDecision>, StoreError> {
-        self.call(self.inner.check_limits(checks)).await
+        request_id: Option<&str>,
+    ) -> Result<GroupDecision, StoreError> {
+        self.call(self.inner.check_limits(checks, request_id)).await
     }
 
     async fn increment_usage(
@@ -253,7 +254,8 @@ mod tests {
         async fn check_limits(
             &self,
             _: &[LimitCheck<'_>],
-        ) -> Result<Vec<LimitDecision>, StoreError> {
+            _: Option<&str>,
+        ) -> Result<GroupDecision, StoreError> {
             unreachable!("not used by these tests")
         }
         async fn increment_usage(

@@ -80,8 +80,8 @@ use std::{
 use tokio::time::Instant;
 
 use super::{
-    ConversationCounters, LimitCheck, LimitDecision, Store, StoreError, UsageDecision,
-    UsageIncrement,
+    ConversationCounters, GroupDecision, LimitCheck, LimitDecision, Store, StoreError,
+    UsageDecision, UsageIncrement,
 };
 use crate::rules::Algorithm;
 
@@ -404,12 +404,16 @@ impl<S: Store> Store for DenyCache<S> {
     async fn check_limits(
         &self,
         checks: &[LimitCheck<'_>],
-    ) -> Result<Vec<LimitDecision>, StoreError> {
+        request_id: Option<&str>,
+    ) -> Result<GroupDecision, StoreError> {
         let sent_us = self.shared.now_us();
-        match self.inner.check_limits(checks).await {
-            Ok(decisions) => {
-                let counted = super::group::all_allowed(&decisions);
-                for (check, decision) in checks.iter().zip(&decisions) {
+        match self.inner.check_limits(checks, request_id).await {
+            // An answer given again is as old as the first: nothing to learn.
+            Ok(group) if group.replayed => Ok(group),
+            Ok(group) => {
+                let decisions = &group.decisions;
+                let counted = super::group::all_allowed(decisions);
+                for (check, decision) in checks.iter().zip(decisions) {
                     if decision.allowed && !counted {
                         // Allowed but not counted: nothing to learn.
                         continue;
@@ -420,7 +424,7 @@ impl<S: Store> Store for DenyCache<S> {
                     };
                     self.shared.record(&as_decided, sent_us, decision);
                 }
-                Ok(decisions)
+                Ok(group)
             }
             Err(err) => {
                 if matches!(err, StoreError::Unavailable(_)) {
@@ -496,12 +500,13 @@ mod tests {
         async fn check_limits(
             &self,
             checks: &[LimitCheck<'_>],
-        ) -> Result<Vec<LimitDecision>, StoreError> {
+            request_id: Option<&str>,
+        ) -> Result<GroupDecision, StoreError> {
             self.checks.fetch_add(1, Ordering::SeqCst);
             if self.down.load(Ordering::SeqCst) {
                 return Err(StoreError::Unavailable("switched off".to_owned()));
             }
-            self.store.check_limits(checks).await
+            self.store.check_limits(checks, request_id).await
         }
         async fn increment_usage(
             &self,
@@ -619,9 +624,10 @@ mod tests {
         // denial is cached; the lock-out's is not (its own CheckLimit
         // would start a block, which only the store can do).
         let decisions = cache
-            .check_limits(&[other, full, locking])
+            .check_limits(&[other, full, locking], None)
             .await
-            .expect("memory");
+            .expect("memory")
+            .decisions;
         assert_eq!(
             decisions.iter().map(|d| d.allowed).collect::<Vec<_>>(),
             [true, false, false]
@@ -635,14 +641,22 @@ mod tests {
         assert_eq!(cache.len(), 2, "api's denial and login's block");
 
         // Groups always reach the store, even with a cached denial in them.
-        let decisions = cache.check_limits(&[full]).await.expect("memory");
+        let decisions = cache
+            .check_limits(&[full], None)
+            .await
+            .expect("memory")
+            .decisions;
         assert!(!decisions[0].allowed);
         assert_eq!(store.checks(), 5);
 
         // A counted group drops its counters' cached denials.
         let roomy = check("api", "u1", 5, 1);
         assert_eq!(cache.len(), 2, "api's denial and login's block");
-        let decisions = cache.check_limits(&[roomy, other]).await.expect("memory");
+        let decisions = cache
+            .check_limits(&[roomy, other], None)
+            .await
+            .expect("memory")
+            .decisions;
         assert!(decisions.iter().all(|d| d.allowed));
         assert_eq!(cache.len(), 1, "only login's block is left");
     }

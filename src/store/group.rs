@@ -18,6 +18,11 @@
 //!   caller is ever admitted over a limit, but a concurrent caller may see
 //!   less `remaining` (or a denial) while a group that ends denied briefly
 //!   holds its hits.
+//! - **Retries answered once.** With a request_id, the group's answer is
+//!   recorded, in the slot of its first check's subject, for the longest of
+//!   its checks' windows; a group with the same id and first subject then
+//!   gets that answer again, marked replayed, and counts nothing. Two
+//!   such groups at once: one decides, the other gets its answer.
 //! - **One counter once.** The limiter never sends two checks on the same
 //!   counter (rule and subject) in one group: the second would have to see
 //!   the first's hits, which a dry run does not.
@@ -29,6 +34,37 @@ use super::LimitDecision;
 
 /// The most checks one group may hold.
 pub const MAX_GROUP_CHECKS: usize = 16;
+
+/// A store's answer to a group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupDecision {
+    /// One per check, in order.
+    pub decisions: Vec<LimitDecision>,
+    /// The answer recorded for the group's request_id, given again;
+    /// nothing was counted.
+    pub replayed: bool,
+}
+
+impl GroupDecision {
+    /// A fresh answer.
+    pub fn decided(decisions: Vec<LimitDecision>) -> Self {
+        Self {
+            decisions,
+            replayed: false,
+        }
+    }
+}
+
+/// How long a group's answer is remembered under its request_id: the
+/// longest window among its checks (at least 1 ms).
+pub fn record_ttl(checks: &[super::LimitCheck<'_>]) -> std::time::Duration {
+    checks
+        .iter()
+        .map(|check| check.window)
+        .max()
+        .unwrap_or_default()
+        .max(std::time::Duration::from_millis(1))
+}
 
 /// Whether a group's decisions admit it: every one allowed.
 pub fn all_allowed(decisions: &[LimitDecision]) -> bool {

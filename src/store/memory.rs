@@ -32,8 +32,8 @@ use hashlink::LinkedHashMap;
 use prometheus_client::metrics::counter::Counter as EvictionCounter;
 
 use super::{
-    ConversationCounters, LimitCheck, LimitDecision, Store, StoreError, UsageDecision,
-    UsageIncrement,
+    ConversationCounters, GroupDecision, LimitCheck, LimitDecision, Store, StoreError,
+    UsageDecision, UsageIncrement,
 };
 use crate::rules::Algorithm;
 
@@ -84,6 +84,8 @@ struct Inner {
     hasher: RandomState,
     limits: Box<[Mutex<Shard<LimitState>>]>,
     usage: Box<[Mutex<Shard<UserUsage>>]>,
+    /// CheckLimits answers remembered by request_id.
+    groups: Mutex<group::GroupRecords>,
     budget: Arc<Budget>,
 }
 
@@ -273,6 +275,7 @@ impl MemoryStore {
                 hasher: RandomState::new(),
                 limits: Shard::many(shards, &budget),
                 usage: Shard::many(shards, &budget),
+                groups: Mutex::default(),
                 budget,
             }),
         }
@@ -340,8 +343,9 @@ impl Store for MemoryStore {
     async fn check_limits(
         &self,
         checks: &[LimitCheck<'_>],
-    ) -> Result<Vec<LimitDecision>, StoreError> {
-        Ok(self.decide_group(checks))
+        request_id: Option<&str>,
+    ) -> Result<GroupDecision, StoreError> {
+        Ok(self.decide_group(checks, request_id))
     }
 
     async fn increment_usage(

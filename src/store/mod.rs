@@ -16,7 +16,7 @@ use std::{future::Future, time::Duration};
 
 use crate::rules::Algorithm;
 
-pub use group::MAX_GROUP_CHECKS;
+pub use group::{GroupDecision, MAX_GROUP_CHECKS};
 
 pub mod breaker;
 pub mod deny_cache;
@@ -144,11 +144,15 @@ pub trait Store: Send + Sync + 'static {
     /// dry run would give it. Decisions come back one per check, in order.
     ///
     /// The limiter sends 1 to [`MAX_GROUP_CHECKS`] checks, no two on the
-    /// same counter (rule and subject). See [`group`] for the contract.
+    /// same counter (rule and subject). With a `request_id`, a group whose
+    /// id was already answered for the same first subject, within the
+    /// longest of its checks' windows, gets that answer again, `replayed`,
+    /// and counts nothing. See [`group`] for the contract.
     fn check_limits(
         &self,
         checks: &[LimitCheck<'_>],
-    ) -> impl Future<Output = Result<Vec<LimitDecision>, StoreError>> + Send;
+        request_id: Option<&str>,
+    ) -> impl Future<Output = Result<GroupDecision, StoreError>> + Send;
 
     /// Checks a usage quota and, when within it, counts the messages.
     fn increment_usage(

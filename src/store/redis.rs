@@ -72,8 +72,8 @@ use redis::{
 use tokio::time::{Instant, timeout_at};
 
 use super::{
-    ConversationCounters, LimitCheck, LimitDecision, Store, StoreError, UsageDecision,
-    UsageIncrement,
+    ConversationCounters, GroupDecision, LimitCheck, LimitDecision, Store, StoreError,
+    UsageDecision, UsageIncrement,
 };
 use crate::{keys::KeyBuilder, rules::Algorithm};
 
@@ -864,8 +864,9 @@ impl Store for RedisStore {
     async fn check_limits(
         &self,
         checks: &[LimitCheck<'_>],
-    ) -> Result<Vec<LimitDecision>, StoreError> {
-        self.decide_group(checks).await
+        request_id: Option<&str>,
+    ) -> Result<GroupDecision, StoreError> {
+        self.decide_group(checks, request_id).await
     }
 
     async fn increment_usage(

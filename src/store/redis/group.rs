@@ -21,16 +21,27 @@
 //! unreachable), those hits stay counted until they leave the window, and
 //! the call fails with the error. A group over several slots costs two
 //! round trips per slot; a group whose subjects share a slot, one.
+//!
+//! A group's request_id is recorded in its first subject's slot. A group
+//! in one slot reads and writes the record in its own script. A group over
+//! several slots claims the record first (`SET NX` of a pending mark), so
+//! that of two duplicates one decides and the other polls for its answer
+//! (within the store timeout), then stores the answer; should deciding
+//! fail, it deletes the claim so that a retry decides afresh.
 
 use std::{sync::LazyLock, time::Duration};
 
 use redis::Value;
+use tokio::time::{Instant, sleep};
 
 use super::{Connections, Invocation, LuaScript, RedisStore, decode, flag, micros};
 use crate::{
     keys::LimitKeys,
     rules::Algorithm,
-    store::{LimitCheck, LimitDecision, StoreError},
+    store::{
+        GroupDecision, LimitCheck, LimitDecision, StoreError,
+        group::{all_allowed, record_ttl},
+    },
 };
 
 /// The group script: the decision scripts as functions, then the group's
@@ -81,14 +92,32 @@ struct SlotReply {
     counted: bool,
     decisions: Vec<LimitDecision>,
     undo: Vec<Counted>,
+    /// The answer recorded for the group's request_id, when there was one:
+    /// nothing else was done.
+    recorded: Option<Vec<LimitDecision>>,
 }
+
+/// A request_id's record: its key and how long it is kept.
+#[derive(Debug, Clone, Copy)]
+struct Record<'a> {
+    key: &'a str,
+    ttl_ms: u64,
+}
+
+/// What a record holds while the group it claims is being decided over
+/// several slots.
+const PENDING: &str = "pending";
+
+/// How often a duplicate of a group in flight looks for its answer.
+const PENDING_POLL: Duration = Duration::from_millis(5);
 
 impl RedisStore {
     /// See [`crate::store::group`] for the contract.
     pub(super) async fn decide_group(
         &self,
         checks: &[LimitCheck<'_>],
-    ) -> Result<Vec<LimitDecision>, StoreError> {
+        request_id: Option<&str>,
+    ) -> Result<GroupDecision, StoreError> {
         let keys: Vec<LimitKeys> = checks
             .iter()
             .map(|check| {
@@ -97,22 +126,148 @@ impl RedisStore {
                     .limit(check.rule, check.algorithm, check.subject)
             })
             .collect();
+        let record_key = request_id.map(|id| {
+            let subject = checks.first().map_or("", |check| check.subject);
+            self.shared.keys.group_request(subject, id)
+        });
+        let record = record_key.as_deref().map(|key| Record {
+            key,
+            ttl_ms: u64::try_from(record_ttl(checks).as_millis())
+                .unwrap_or(u64::MAX)
+                .max(1),
+        });
         let slots = match &self.connections {
             Connections::Server(_) => vec![(0..checks.len()).collect()],
             Connections::Cluster(_) => by_slot(&keys),
         };
         if let [only] = slots.as_slice() {
-            let reply = self.run_slot(checks, &keys, only, Run::AsSent).await?;
-            return Ok(reply.decisions);
+            let reply = self
+                .run_slot(checks, &keys, only, Run::AsSent, record)
+                .await?;
+            return Ok(match reply.recorded {
+                Some(decisions) => GroupDecision {
+                    decisions,
+                    replayed: true,
+                },
+                None => GroupDecision::decided(reply.decisions),
+            });
         }
+        let Some(record) = record else {
+            return self
+                .decide_slots(checks, &keys, &slots)
+                .await
+                .map(GroupDecision::decided);
+        };
+        // Over several slots no one script can check and write the record,
+        // so the record is claimed first: exactly one of two duplicates
+        // decides, and the other waits for its answer.
+        if let Some(decisions) = self.claim(record, checks.len()).await? {
+            return Ok(GroupDecision {
+                decisions,
+                replayed: true,
+            });
+        }
+        match self.decide_slots(checks, &keys, &slots).await {
+            Ok(decisions) => {
+                let deadline = self.deadline();
+                let mut conn = self.checkout(deadline).await?;
+                let _: Value = self
+                    .call(
+                        deadline,
+                        conn.generation,
+                        redis::cmd("SET")
+                            .arg(record.key)
+                            .arg(encode_record(&decisions))
+                            .arg("PX")
+                            .arg(record.ttl_ms)
+                            .query_async(&mut conn.redis),
+                    )
+                    .await?;
+                Ok(GroupDecision::decided(decisions))
+            }
+            Err(err) => {
+                // Let a retry decide afresh (best effort: the claim expires
+                // by itself otherwise).
+                if let Ok(mut conn) = self.checkout(self.deadline()).await {
+                    let _: Result<Value, _> = self
+                        .call(
+                            self.deadline(),
+                            conn.generation,
+                            redis::cmd("DEL")
+                                .arg(record.key)
+                                .query_async(&mut conn.redis),
+                        )
+                        .await;
+                }
+                Err(err)
+            }
+        }
+    }
 
+    /// Claims `record` for this call: `None` when claimed (this call
+    /// decides), else the answer already recorded, waited for while a
+    /// duplicate in flight holds the claim (within the store timeout).
+    async fn claim(
+        &self,
+        record: Record<'_>,
+        checks: usize,
+    ) -> Result<Option<Vec<LimitDecision>>, StoreError> {
+        let deadline = self.deadline();
+        let mut conn = self.checkout(deadline).await?;
+        loop {
+            let claimed: Option<String> = self
+                .call(
+                    deadline,
+                    conn.generation,
+                    redis::cmd("SET")
+                        .arg(record.key)
+                        .arg(PENDING)
+                        .arg("NX")
+                        .arg("PX")
+                        .arg(record.ttl_ms)
+                        .query_async(&mut conn.redis),
+                )
+                .await?;
+            if claimed.is_some() {
+                return Ok(None);
+            }
+            let recorded: Option<String> = self
+                .call(
+                    deadline,
+                    conn.generation,
+                    redis::cmd("GET")
+                        .arg(record.key)
+                        .query_async(&mut conn.redis),
+                )
+                .await?;
+            match recorded.as_deref() {
+                // Gone meanwhile (expired, or its claimer failed): claim again.
+                None => continue,
+                Some(PENDING) => {
+                    if Instant::now() + PENDING_POLL >= deadline {
+                        return Err(StoreError::Timeout(self.shared.timeout));
+                    }
+                    sleep(PENDING_POLL).await;
+                }
+                Some(answer) => return parse_record(answer, checks).map(Some),
+            }
+        }
+    }
+
+    /// Decides a group over several slots; see the module's docs.
+    async fn decide_slots(
+        &self,
+        checks: &[LimitCheck<'_>],
+        keys: &[LimitKeys],
+        slots: &[Vec<usize>],
+    ) -> Result<Vec<LimitDecision>, StoreError> {
         // First every slot as a dry run: a group that is denied anyway
         // (the usual denial) then holds no hit at any moment, so no other
         // caller is denied because of it.
         let mut decisions: Vec<Option<LimitDecision>> = vec![None; checks.len()];
         let mut all_allowed = true;
-        for members in &slots {
-            let reply = self.run_slot(checks, &keys, members, Run::Dry).await?;
+        for members in slots {
+            let reply = self.run_slot(checks, keys, members, Run::Dry, None).await?;
             all_allowed &= reply.decisions.iter().all(|d| d.allowed);
             place(&mut decisions, members, reply.decisions);
         }
@@ -121,8 +276,11 @@ impl RedisStore {
             // the room meanwhile: a slot that now denies counts nothing,
             // and what the slots before it counted is taken back.
             let mut to_undo: Vec<Vec<Counted>> = Vec::new();
-            for members in &slots {
-                let reply = match self.run_slot(checks, &keys, members, Run::Undoable).await {
+            for members in slots {
+                let reply = match self
+                    .run_slot(checks, keys, members, Run::Undoable, None)
+                    .await
+                {
                     Ok(reply) => reply,
                     Err(err) => {
                         // The failed slot may have counted (a timeout after
@@ -150,19 +308,22 @@ impl RedisStore {
             .collect()
     }
 
-    /// Runs `check_limits.lua` over the checks at `members`, all in one slot.
+    /// Runs `check_limits.lua` over the checks at `members`, all in one
+    /// slot, with `record` in that slot too.
     async fn run_slot(
         &self,
         checks: &[LimitCheck<'_>],
         keys: &[LimitKeys],
         members: &[usize],
         run: Run,
+        record: Option<Record<'_>>,
     ) -> Result<SlotReply, StoreError> {
         let block_us = |check: &LimitCheck<'_>| check.block_for.map_or(0, micros);
         let numkeys = members
             .iter()
             .map(|&i| if block_us(&checks[i]) > 0 { 2 } else { 1 })
-            .sum();
+            .sum::<usize>()
+            + usize::from(record.is_some());
         let mut invocation = Invocation::new(&CHECK_LIMITS, numkeys);
         for &i in members {
             invocation = invocation.key(&keys[i].counter);
@@ -171,9 +332,13 @@ impl RedisStore {
                 invocation = invocation.key(&keys[i].block);
             }
         }
+        if let Some(record) = record {
+            invocation = invocation.key(record.key);
+        }
         invocation = invocation
             .arg(members.len())
-            .arg(u8::from(matches!(run, Run::Undoable)));
+            .arg(u8::from(matches!(run, Run::Undoable)))
+            .arg(record.map_or(0, |record| record.ttl_ms));
         for &i in members {
             let check = &checks[i];
             let block_us = block_us(check);
@@ -255,7 +420,16 @@ fn parse_reply<'a>(
     mut counters: impl Iterator<Item = &'a str>,
 ) -> Result<SlotReply, StoreError> {
     const WHAT: &str = "check_limits.lua";
-    let (counted, results, undo): (u64, Vec<Vec<u64>>, Vec<UndoEntry>) = decode(WHAT, reply)?;
+    let (counted, results, undo, recorded): (u64, Vec<Vec<u64>>, Vec<UndoEntry>, String) =
+        decode(WHAT, reply)?;
+    if !recorded.is_empty() {
+        return Ok(SlotReply {
+            counted: false,
+            decisions: Vec::new(),
+            undo: Vec::new(),
+            recorded: Some(parse_record(&recorded, checks)?),
+        });
+    }
     if results.len() != checks {
         return Err(StoreError::Protocol(format!(
             "malformed reply to {WHAT}: {} results for {checks} checks",
@@ -310,7 +484,62 @@ fn parse_reply<'a>(
         counted: flag(WHAT, counted)?,
         decisions,
         undo,
+        recorded: None,
     })
+}
+
+/// A group's answer as its request_id's record holds it (the format is in
+/// `lua/check_limits.lua`'s header).
+fn encode_record(decisions: &[LimitDecision]) -> String {
+    let mut record = u8::from(all_allowed(decisions)).to_string();
+    for d in decisions {
+        record.push_str(&format!(
+            "|{},{},{},{},{}",
+            u8::from(d.allowed),
+            d.remaining,
+            d.retry_after.as_micros(),
+            d.reset_after.as_micros(),
+            u8::from(d.blocked)
+        ));
+    }
+    record
+}
+
+/// The decisions in a request_id's record, which must hold `checks`.
+fn parse_record(record: &str, checks: usize) -> Result<Vec<LimitDecision>, StoreError> {
+    let malformed = || StoreError::Protocol(format!("malformed CheckLimits record {record:?}"));
+    let decisions = record
+        .split('|')
+        .skip(1)
+        .map(|part| {
+            let values: Vec<u64> = part
+                .split(',')
+                .map(|v| v.parse().map_err(|_| malformed()))
+                .collect::<Result<_, _>>()?;
+            match values.as_slice() {
+                &[allowed, remaining, retry_after_us, reset_after_us, blocked] => {
+                    Ok(LimitDecision {
+                        allowed: flag("a CheckLimits record", allowed)?,
+                        remaining,
+                        retry_after: Duration::from_micros(retry_after_us),
+                        reset_after: Duration::from_micros(reset_after_us),
+                        blocked: flag("a CheckLimits record", blocked)?,
+                    })
+                }
+                _ => Err(malformed()),
+            }
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if decisions.len() == checks {
+        Ok(decisions)
+    } else {
+        // Another group sent the same request_id with another first
+        // subject's slot... or other checks: not this group's answer.
+        Err(StoreError::Protocol(format!(
+            "the CheckLimits record {record:?} holds {} answers for {checks} checks",
+            decisions.len()
+        )))
+    }
 }
 
 /// The checks' places grouped by the Cluster slot of their keys, in the

@@ -127,14 +127,21 @@ pub struct CheckRequest<'a> {
 }
 
 /// The answer to a [`CheckRequest`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CheckOutcome {
     /// The rule's limit for the caller's tier.
     pub limit: u64,
-    /// The store's decision, or the rule's failure mode when degraded.
+    /// The store's decision, or the rule's failure mode when degraded; for
+    /// a shadow rule always allowed, the store's other figures kept.
     pub decision: LimitDecision,
     /// The store failed; the decision is the rule's `on_store_error`.
     pub degraded: bool,
+    /// A shadow rule would have denied (the store denied, or, degraded, the
+    /// rule's `on_store_error` is deny); `decision.allowed` is true.
+    pub shadowed: bool,
+    /// The rule's `RateLimit-Policy` item for the caller's tier, built with
+    /// the policy that decided.
+    pub ratelimit_policy: Arc<str>,
 }
 
 /// An IncrementUsage question.
@@ -335,11 +342,13 @@ impl<S: Store> Limiter<S> {
                 }),
             )
             .await;
-        let outcome = match decided {
+        let mut outcome = match decided {
             Ok(decision) => CheckOutcome {
                 limit,
                 decision,
                 degraded: false,
+                shadowed: false,
+                ratelimit_policy: Arc::clone(rule.ratelimit_policy(tier)),
             },
             Err(err) if degrade => {
                 tracing::debug!(error = %err, rule = rule.name(), "store failed; degraded answer");
@@ -358,12 +367,22 @@ impl<S: Store> Limiter<S> {
                         blocked: false,
                     },
                     degraded: true,
+                    shadowed: false,
+                    ratelimit_policy: Arc::clone(rule.ratelimit_policy(tier)),
                 }
             }
             Err(err) => return Err(err.into()),
         };
+        // After the store (and its deny cache) answered, so that a cached
+        // denial of a shadow rule is allowed too; the store's figures stay.
+        if rule.shadow() && !outcome.decision.allowed {
+            outcome.decision.allowed = true;
+            outcome.shadowed = true;
+        }
         let counted_as = if outcome.degraded {
             Outcome::degraded
+        } else if outcome.shadowed {
+            Outcome::shadow_denied
         } else if outcome.decision.blocked {
             Outcome::blocked
         } else if outcome.decision.allowed {

@@ -168,6 +168,16 @@ const BROKEN: &[(&str, &str, &str)] = &[
         "server.tls.cert",
         "cannot read \"/nope.pem\": No such file or directory",
     ),
+    (
+        "bad_envoy_headers.toml",
+        "envoy.headers",
+        "\"draft-10\" is not a header format; known: draft-11, none",
+    ),
+    (
+        "shadow_not_a_bool.toml",
+        "rules.api.shadow",
+        "expected a boolean, got string \"maybe\"",
+    ),
 ];
 
 #[test]

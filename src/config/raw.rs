@@ -11,7 +11,10 @@ use super::{
     Settings, StoreSettings,
 };
 use crate::{
-    rules::{Algorithm, EnvoyMatch, FailureMode, Kind, Policy, Quota, Quotas, Rule, Tier, Tiers},
+    rules::{
+        Algorithm, EnvoyHeaders, EnvoyMatch, FailureMode, Kind, Policy, Quota, Quotas, Rule, Tier,
+        Tiers,
+    },
     store::{breaker::BreakerOptions, memory::DEFAULT_MAX_ENTRIES, redis::mask_url_password},
 };
 
@@ -74,12 +77,14 @@ pub(super) struct RawConfig {
 #[serde(deny_unknown_fields, default)]
 struct RawEnvoy {
     domain: String,
+    headers: String,
 }
 
 impl Default for RawEnvoy {
     fn default() -> Self {
         Self {
             domain: "tollgate".to_owned(),
+            headers: EnvoyHeaders::Draft11.as_str().to_owned(),
         }
     }
 }
@@ -190,6 +195,8 @@ struct RawRule {
     algorithm: Option<String>,
     envoy: Option<RawEnvoyMatch>,
     on_store_error: Option<String>,
+    #[serde(default)]
+    shadow: bool,
 }
 
 /// One number for every tier, or a table of tier = number. `Other` catches
@@ -273,7 +280,7 @@ impl RawConfig {
             rules.insert(name, rule);
         }
         let quotas = self.quotas.validate(&tiers, at)?;
-        let envoy_domain = self.envoy.validate(at)?;
+        let (envoy_domain, envoy_headers) = self.envoy.validate(at)?;
         Ok(Config {
             settings,
             policy: Policy {
@@ -281,6 +288,7 @@ impl RawConfig {
                 rules,
                 quotas,
                 envoy_domain,
+                envoy_headers,
             },
         })
     }
@@ -582,6 +590,10 @@ impl RawRule {
             .envoy
             .map(|raw| raw.validate(&key("envoy"), at))
             .transpose()?;
+        let ratelimit_policy = limits
+            .iter()
+            .map(|&limit| crate::headers::policy_item(name, limit, window).into())
+            .collect();
         Ok(Rule {
             name: name.to_owned(),
             window,
@@ -589,6 +601,8 @@ impl RawRule {
             block_for,
             algorithm,
             envoy,
+            shadow: self.shadow,
+            ratelimit_policy,
             // Lockout rules guard against brute force: fail closed unless
             // the operator says otherwise.
             on_store_error: failure_mode(
@@ -605,7 +619,7 @@ impl RawRule {
 }
 
 impl RawEnvoy {
-    fn validate(self, at: At<'_>) -> Result<String, ConfigError> {
+    fn validate(self, at: At<'_>) -> Result<(String, EnvoyHeaders), ConfigError> {
         if self.domain.is_empty() {
             return Err(at(
                 "envoy.domain",
@@ -613,7 +627,17 @@ impl RawEnvoy {
                     .to_owned(),
             ));
         }
-        Ok(self.domain)
+        let headers = match self.headers.as_str() {
+            "draft-11" => EnvoyHeaders::Draft11,
+            "none" => EnvoyHeaders::None,
+            other => {
+                return Err(at(
+                    "envoy.headers",
+                    format!("{other:?} is not a header format; known: draft-11, none"),
+                ));
+            }
+        };
+        Ok((self.domain, headers))
     }
 }
 

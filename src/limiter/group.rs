@@ -1,7 +1,7 @@
 //! CheckLimits: several rate limits decided together, all or nothing (see
 //! [`crate::store::group`] for what the stores promise).
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use super::{
     CheckOutcome, CheckRequest, DEGRADED_RETRY_AFTER, Error, Limiter, join, resolve_tier,
@@ -124,50 +124,94 @@ impl<S: Store> Limiter<S> {
                 dry_run: request.dry_run,
             })
             .collect();
-        let decided = self
-            .metrics
-            .store_call(
-                Operation::check_limits,
-                self.store
-                    .check_limits(&checks, (!request_id.is_empty()).then_some(request_id)),
-            )
-            .await
-            .and_then(|group| {
-                if group.decisions.len() == checks.len() {
-                    Ok(group)
-                } else {
-                    Err(StoreError::Protocol(format!(
-                        "{} decisions for {} checks",
-                        group.decisions.len(),
-                        checks.len()
-                    )))
+        // Shadow rules never deny, so they must not decide whether the
+        // others are counted: the group proper is the enforced checks. A
+        // shadow check is then decided on its own, as its CheckLimit would
+        // be: counted if it fits and the group went ahead, else a dry run.
+        let (enforced, shadow): (Vec<usize>, Vec<usize>) =
+            (0..checks.len()).partition(|&i| !resolved[i].rule.shadow());
+        let mut decided: Vec<Option<(LimitDecision, bool)>> = vec![None; checks.len()];
+        let mut replayed = false;
+        if !enforced.is_empty() {
+            let group: Vec<LimitCheck<'_>> = enforced.iter().map(|&i| checks[i]).collect();
+            let answer = self
+                .metrics
+                .store_call(
+                    Operation::check_limits,
+                    self.store
+                        .check_limits(&group, (!request_id.is_empty()).then_some(request_id)),
+                )
+                .await
+                .and_then(|answer| {
+                    if answer.decisions.len() == group.len() {
+                        Ok(answer)
+                    } else {
+                        Err(StoreError::Protocol(format!(
+                            "{} decisions for {} checks",
+                            answer.decisions.len(),
+                            group.len()
+                        )))
+                    }
+                });
+            match answer {
+                Ok(answer) => {
+                    replayed = answer.replayed;
+                    for (&i, decision) in enforced.iter().zip(answer.decisions) {
+                        decided[i] = Some((decision, false));
+                    }
+                }
+                Err(err) => {
+                    tracing::debug!(error = %err, "store failed; degraded answers");
+                    for &i in &enforced {
+                        decided[i] = Some((degraded(&resolved[i]), true));
+                    }
+                }
+            }
+        }
+        let went_ahead = !replayed
+            && enforced
+                .iter()
+                .all(|&i| decided[i].is_some_and(|(d, _)| d.allowed));
+        for &i in &shadow {
+            let check = LimitCheck {
+                dry_run: checks[i].dry_run || !went_ahead,
+                ..checks[i]
+            };
+            let answer = self
+                .metrics
+                .store_call(Operation::check_limit, self.store.check_limit(&check))
+                .await;
+            decided[i] = Some(match answer {
+                Ok(decision) => (decision, false),
+                Err(err) => {
+                    tracing::debug!(error = %err, rule = check.rule, "store failed; degraded answer");
+                    (degraded(&resolved[i]), true)
                 }
             });
-        let mut replayed = false;
-        let outcomes: Vec<CheckOutcome> = match decided {
-            Ok(group) => {
-                replayed = group.replayed;
-                group
-                    .decisions
-                    .into_iter()
-                    .zip(&resolved)
-                    .map(|(decision, resolved)| CheckOutcome {
-                        limit: resolved.limit,
-                        decision,
-                        degraded: false,
-                    })
-                    .collect()
-            }
-            Err(err) => {
-                tracing::debug!(error = %err, "store failed; degraded answers");
-                resolved.iter().map(degraded).collect()
-            }
-        };
+        }
+
+        let mut outcomes = Vec::with_capacity(checks.len());
+        for (answer, resolved) in decided.into_iter().zip(&resolved) {
+            let (mut decision, degraded) = answer.ok_or_else(|| {
+                StoreError::Protocol("a check of a group got no answer".to_owned())
+            })?;
+            let shadowed = resolved.rule.shadow() && !decision.allowed;
+            decision.allowed |= shadowed;
+            outcomes.push(CheckOutcome {
+                limit: resolved.limit,
+                decision,
+                degraded,
+                shadowed,
+                ratelimit_policy: Arc::clone(resolved.rule.ratelimit_policy(resolved.tier)),
+            });
+        }
         let decisions: Vec<LimitDecision> = outcomes.iter().map(|o| o.decision).collect();
         // An answer given again is no new decision.
         for (outcome, resolved) in outcomes.iter().zip(&resolved).filter(|_| !replayed) {
             let counted_as = if outcome.degraded {
                 Outcome::degraded
+            } else if outcome.shadowed {
+                Outcome::shadow_denied
             } else if outcome.decision.blocked {
                 Outcome::blocked
             } else if outcome.decision.allowed {
@@ -188,21 +232,17 @@ impl<S: Store> Limiter<S> {
 }
 
 /// A check's answer without the store: its rule's `on_store_error`.
-fn degraded(resolved: &Resolved<'_>) -> CheckOutcome {
+fn degraded(resolved: &Resolved<'_>) -> LimitDecision {
     let allowed = resolved.rule.on_store_error() == FailureMode::Allow;
-    CheckOutcome {
-        limit: resolved.limit,
-        decision: LimitDecision {
-            allowed,
-            remaining: 0,
-            retry_after: if allowed {
-                Duration::ZERO
-            } else {
-                DEGRADED_RETRY_AFTER
-            },
-            reset_after: Duration::ZERO,
-            blocked: false,
+    LimitDecision {
+        allowed,
+        remaining: 0,
+        retry_after: if allowed {
+            Duration::ZERO
+        } else {
+            DEGRADED_RETRY_AFTER
         },
-        degraded: true,
+        reset_after: Duration::ZERO,
+        blocked: false,
     }
 }

@@ -37,6 +37,9 @@
 #   (f) (a) on the memory store
 #   (g) cost-heavy: CheckLimit on Redis, rule tokens (sliding_log,
 #       100,000,000 per minute), costs drawn from 1 to 100,000
+#   (h) CheckLimits on Redis, a group of 3 checks of one subject (api_log,
+#       api_sliding_counter, api_counter's premium tier: room), compared
+#       per call with (a)
 # Baselines on the same Redis: redis-benchmark -P 1 with tollgate's own
 # sliding_log script by EVALSHA over 10,000 keys, and a plain INCR.
 set -euo pipefail
@@ -63,10 +66,10 @@ CORES=$(nproc)
 TOLLGATE_THREADS=${TOLLGATE_THREADS:-$((CORES > 1 ? CORES - 1 : 1))}
 SKIP_BUILD=${SKIP_BUILD:-0}
 KEEP=${KEEP:-0}
-# 14 scenarios of DURATION (plus set-up, which takes seconds on a busy
+# 15 scenarios of DURATION (plus set-up, which takes seconds on a busy
 # machine) per run, the memory measurements and start-up; a build is
 # bounded on its own.
-MAX_SECONDS=${MAX_SECONDS:-$((180 + RUNS * 15 * (DURATION + WARMUP + 8)))}
+MAX_SECONDS=${MAX_SECONDS:-$((180 + RUNS * 16 * (DURATION + WARMUP + 8)))}
 CONFIG=bench/tollgate-bench.toml
 TOLLGATE=target/release/tollgate
 BENCH=target/release/tollgate-bench
@@ -341,6 +344,8 @@ for run in $(seq "$RUNS"); do
     scenario "$run" f_200 "(f) CheckLimit, memory store" memory --rule api_log --subjects "$SUBJECTS" -c 200
     scenario "$run" g_50 "(g) CheckLimit, Redis, costs 1..100,000" redis --rule tokens --cost 1 --cost-max 100000 \
         --subjects "$SUBJECTS" -c 50
+    scenario "$run" h_50 "(h) CheckLimits, Redis, 3 checks" redis --call check-limits \
+        --rule api_log,api_sliding_counter,api_counter --tier premium --subjects "$SUBJECTS" -c 50
 done
 
 read -r STEAL1 TOTAL1 < <(cpu_steal)
@@ -412,6 +417,10 @@ checks = [
     ("(f) c=50 tollgate CPU µs/decision", med("f_50", "tg"), "<= 30", lambda v: v <= 30),
     ("(g) / (a) c=50 Redis CPU µs/decision", None if med("g_50", "rd") is None or med("a_50", "rd") is None
      else med("g_50", "rd") / med("a_50", "rd"), "<= 1.5", lambda v: v <= 1.5),
+    ("(h) / (a) c=50 tollgate CPU µs/call", None if med("h_50", "tg") is None or med("a_50", "tg") is None
+     else med("h_50", "tg") / med("a_50", "tg"), "<= 1.5", lambda v: v <= 1.5),
+    ("(h) / (a) c=50 Redis CPU µs/call", None if med("h_50", "rd") is None or med("a_50", "rd") is None
+     else med("h_50", "rd") / med("a_50", "rd"), "<= 3", lambda v: v <= 3),
 ]
 print("| target | measured | goal | met |")
 print("|---|---:|---:|---|")

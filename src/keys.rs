@@ -111,6 +111,20 @@ impl KeyBuilder {
         format!("{}admin:resets", self.prefix)
     }
 
+    /// The record of a CheckLimits group's answer under `request_id`, in
+    /// the slot of its first check's `subject`. `}#` (never `}:`) follows
+    /// the tag, so no rule's counter can share the key.
+    pub fn group_request(&self, subject: &str, request_id: &str) -> String {
+        let mut key =
+            String::with_capacity(self.prefix.len() + subject.len() + request_id.len() + 16);
+        key.push_str(&self.prefix);
+        key.push_str("{rl:");
+        encode_into(&mut key, subject);
+        key.push_str("}#group:");
+        encode_into(&mut key, request_id);
+        key
+    }
+
     /// The keys of `user_id`'s usage quotas.
     pub fn usage(&self, user_id: &str) -> UsageKeys {
         let mut tag = String::with_capacity(self.prefix.len() + user_id.len() + 11);
@@ -180,6 +194,15 @@ mod tests {
             ]
         );
         assert_eq!(b.reset_channel(), "aim:admin:resets");
+    }
+
+    #[test]
+    fn group_request_keys_are_pinned() {
+        let keys = KeyBuilder::new("aim:");
+        assert_eq!(
+            keys.group_request("user-42", "req:1"),
+            "aim:{rl:user-42}#group:req%3A1"
+        );
     }
 
     #[test]

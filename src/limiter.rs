@@ -10,6 +10,10 @@ use std::{borrow::Cow, fmt::Write as _, sync::Arc, time::Duration};
 use arc_swap::ArcSwap;
 use sha2::{Digest as _, Sha256};
 
+mod group;
+
+pub use group::{GroupOutcome, MAX_GROUP_REQUEST_ID_BYTES};
+
 use crate::{
     metrics::{Metrics, Operation, Outcome, PolicyCounters},
     rules::{FailureMode, Policy, Quota, Tier},
@@ -98,6 +102,16 @@ pub enum Error {
     /// The store failed; the request may be retried.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// One check of a CheckLimits group is malformed: its own error, with
+    /// the field named `checks[<index>].<field>`.
+    #[error("checks[{index}].{error}")]
+    InCheck {
+        /// The check's place in the group, from 0.
+        index: usize,
+        /// What is wrong with it: an [`Error::InvalidArgument`] or
+        /// [`Error::Unknown`].
+        error: Box<Error>,
+    },
 }
 
 /// A validated CheckLimit question, before tier and rule are resolved.

@@ -61,6 +61,8 @@ pub enum Outcome {
 pub enum Operation {
     /// A rate-limit decision.
     check_limit,
+    /// Several rate-limit decisions together (CheckLimits).
+    check_limits,
     /// A quota check-and-count.
     increment_usage,
     /// Reading one conversation.

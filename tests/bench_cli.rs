@@ -8,8 +8,8 @@ use tokio::{net::TcpListener, process::Command, sync::oneshot, task::JoinHandle}
 use tollgate::{
     limiter::Limiter,
     store::{
-        ConversationCounters, LimitCheck, LimitDecision, LimitInspect, LimitUsage, Store,
-        StoreError, UsageDecision, UsageIncrement, memory::MemoryStore,
+        ConversationCounters, GroupDecision, LimitCheck, LimitDecision, LimitInspect, LimitUsage,
+        Store, StoreError, UsageDecision, UsageIncrement, memory::MemoryStore,
     },
 };
 
@@ -79,6 +79,14 @@ impl Down {
 
 impl Store for Down {
     async fn check_limit(&self, _: &LimitCheck<'_>) -> Result<LimitDecision, StoreError> {
+        Err(Self::error())
+    }
+
+    async fn check_limits(
+        &self,
+        _: &[LimitCheck<'_>],
+        _: Option<&str>,
+    ) -> Result<GroupDecision, StoreError> {
         Err(Self::error())
     }
 
@@ -238,6 +246,38 @@ async fn should_rate_limit_counts_are_exact() {
     assert_eq!(field(&json, "errors"), 0, "{json}");
     assert_eq!(field(&json, "allowed"), 100, "{json}");
     assert_eq!(field(&json, "denied"), 200, "{json}");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_limits_counts_are_exact() {
+    let server = Server::start().await;
+    // Groups of messaging (10 per minute) and ai (20 per 5 minutes) at cost
+    // 4 for one subject: messaging binds, at 2 groups per subject; 200
+    // groups over 10 subjects give each 20, so exactly 20 pass (and ai,
+    // never counted for a denied group, is never what denies).
+    let json = bench_json(&[
+        "--addr",
+        &server.addr,
+        "--call",
+        "check-limits",
+        "--rule",
+        "messaging,ai",
+        "--cost",
+        "4",
+        "-n",
+        "200",
+        "--concurrency",
+        "10",
+        "--subjects",
+        "10",
+        "--json",
+    ])
+    .await;
+    assert_eq!(field(&json, "count"), 200, "{json}");
+    assert_eq!(field(&json, "errors"), 0, "{json}");
+    assert_eq!(field(&json, "allowed"), 20, "{json}");
+    assert!(json.contains("\"call\":\"check-limits\""), "{json}");
     server.stop().await;
 }
 

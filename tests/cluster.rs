@@ -975,3 +975,133 @@ async fn a_cluster_with_a_node_that_does_not_answer_stops_start_up() {
         "names the URL: {message}"
     );
 }
+
+// ---- Several limits in one call, across slots ----------------------------
+
+/// 200 concurrent groups of two checks whose subjects are in different
+/// slots (so counted slot by slot, and taken back when the second denies),
+/// through two stores: no limit is exceeded, and each counter holds exactly
+/// what the allowed groups spent, whichever algorithm.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn check_limits_across_slots_never_over_admit() {
+    let cluster = RedisCluster::start(0);
+    let prefix = "groups:";
+    let stores = [
+        connect(cluster.url(), prefix).await,
+        connect(cluster.url(), prefix).await,
+    ];
+    let keys = KeyBuilder::new(prefix);
+    // Subjects in two different slots.
+    let (first, second) = ("left-0", "right-0");
+    assert_ne!(
+        cluster.key_slot(&keys.limit(RULE, Algorithm::SlidingLog, first).counter),
+        cluster.key_slot(&keys.limit(RULE, Algorithm::SlidingLog, second).counter),
+    );
+    for algorithm in ALGORITHMS {
+        let mut tasks = JoinSet::new();
+        for i in 0..200 {
+            let store = stores[i % 2].clone();
+            tasks.spawn(async move {
+                let checks = [
+                    check(algorithm, first, 10, ms(60_000)),
+                    LimitCheck {
+                        cost: 3,
+                        ..check(algorithm, second, 20, ms(60_000))
+                    },
+                ];
+                let group = store
+                    .check_limits(&checks, None)
+                    .await
+                    .expect("check_limits answers");
+                group.decisions.iter().all(|d| d.allowed)
+            });
+        }
+        let allowed = tasks.join_all().await.into_iter().filter(|a| *a).count() as u64;
+        let left = |subject: &'static str, limit: u64| {
+            let store = stores[0].clone();
+            async move {
+                let d = store
+                    .check_limit(&LimitCheck {
+                        dry_run: true,
+                        ..check(algorithm, subject, limit, ms(60_000))
+                    })
+                    .await
+                    .expect("check_limit answers");
+                if d.allowed {
+                    d.remaining + 1
+                } else {
+                    d.remaining
+                }
+            }
+        };
+        let log = cluster.cli(
+            cluster.owner_of(cluster.key_slot(&keys.limit(RULE, algorithm, first).counter)),
+            &[
+                "ZRANGE",
+                &keys.limit(RULE, algorithm, first).counter,
+                "0",
+                "-1",
+                "WITHSCORES",
+            ],
+        );
+        assert!((1..=6).contains(&allowed), "{algorithm}: {allowed} allowed");
+        assert_eq!(left(first, 10).await, 10 - allowed, "{algorithm}: {log}");
+        assert_eq!(left(second, 20).await, 20 - 3 * allowed, "{algorithm}");
+    }
+}
+
+/// A group over two slots with a request_id: 20 duplicates at once, through
+/// two stores, are decided once (the record is claimed in the first
+/// subject's slot), and every duplicate gets the same answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn check_limits_request_id_across_slots_decides_once() {
+    let cluster = RedisCluster::start(0);
+    let prefix = "group-ids:";
+    let stores = [
+        connect(cluster.url(), prefix).await,
+        connect(cluster.url(), prefix).await,
+    ];
+    let keys = KeyBuilder::new(prefix);
+    let (first, second) = ("left-0", "right-0");
+    assert_ne!(
+        cluster.key_slot(&keys.limit(RULE, Algorithm::SlidingLog, first).counter),
+        cluster.key_slot(&keys.limit(RULE, Algorithm::SlidingLog, second).counter),
+    );
+    let mut tasks = JoinSet::new();
+    for i in 0..20 {
+        let store = stores[i % 2].clone();
+        tasks.spawn(async move {
+            let checks = [
+                check(Algorithm::SlidingLog, first, 10, ms(60_000)),
+                check(Algorithm::SlidingCounter, second, 10, ms(60_000)),
+            ];
+            store
+                .check_limits(&checks, Some("retry-me"))
+                .await
+                .expect("check_limits answers")
+        });
+    }
+    let groups = tasks.join_all().await;
+    assert_eq!(
+        groups.iter().filter(|g| !g.replayed).count(),
+        1,
+        "decided once"
+    );
+    assert!(
+        groups.iter().all(|g| g.decisions == groups[0].decisions),
+        "every duplicate has the same answer"
+    );
+    for (algorithm, subject) in [
+        (Algorithm::SlidingLog, first),
+        (Algorithm::SlidingCounter, second),
+    ] {
+        let d = stores[0]
+            .check_limit(&LimitCheck {
+                dry_run: true,
+                ..check(algorithm, subject, 10, ms(60_000))
+            })
+            .await
+            .expect("check_limit answers");
+        assert_eq!(d.remaining, 8, "{algorithm}: counted once");
+    }
+}

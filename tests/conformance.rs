@@ -19,8 +19,9 @@ use std::time::{Duration, Instant};
 use common::server::{Backend, StoreKind, TestServer, shipped_config};
 use tokio::{sync::Barrier, task::JoinSet, time::sleep_until};
 use tollgate::proto::{
-    CheckLimitRequest, CheckLimitResponse, ConversationUsage, GetUsageRequest,
-    IncrementUsageRequest, IncrementUsageResponse, ListUsageRequest, UsageCounter,
+    CheckLimitRequest, CheckLimitResponse, CheckLimitsRequest, CheckLimitsResponse,
+    ConversationUsage, GetUsageRequest, IncrementUsageRequest, IncrementUsageResponse,
+    ListUsageRequest, UsageCounter,
 };
 use tonic::{Code, Status};
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -74,6 +75,12 @@ conformance!(
     health_and_reflection_are_served,
     concurrent_checks_allow_exactly_the_limit,
     concurrent_increments_allow_exactly_the_quota,
+    check_limits_counts_all_or_nothing,
+    check_limits_reports_each_checks_own_answer,
+    check_limits_validation_names_the_check,
+    concurrent_check_limits_never_exceed_any_limit,
+    check_limits_request_id_replays_the_first_answer,
+    check_limits_shadow_rules_never_hold_the_group_back,
 );
 
 // ---- Helpers -----------------------------------------------------------------
@@ -1511,6 +1518,555 @@ async fn concurrent_increments_allow_exactly_the_quota(backend: Backend) {
         let counters = get_usage(server, get_req("crowd", "luna", "")).await;
         assert_eq!(counter(&counters, "text").used, 30, "used ends at 30");
     }
+}
+
+// ---- Several limits in one call ----------------------------------------------
+
+fn group(checks: Vec<CheckLimitRequest>) -> CheckLimitsRequest {
+    CheckLimitsRequest {
+        checks,
+        request_id: String::new(),
+    }
+}
+
+fn costly(rule: &str, subject: &str, cost: u32) -> CheckLimitRequest {
+    CheckLimitRequest {
+        cost,
+        ..check_req(rule, subject)
+    }
+}
+
+async fn try_check_limits(
+    server: &TestServer,
+    request: CheckLimitsRequest,
+) -> Result<CheckLimitsResponse, Status> {
+    let mut client = server.rate.clone();
+    client.check_limits(request).await.map(|r| r.into_inner())
+}
+
+/// CheckLimits, which must succeed with one answer per check, each from the
+/// store.
+async fn check_limits(server: &TestServer, request: CheckLimitsRequest) -> CheckLimitsResponse {
+    let call = request.clone();
+    let r = ok(try_check_limits(server, request).await, &call);
+    assert_eq!(
+        r.results.len(),
+        call.checks.len(),
+        "one answer per check: {r:?}"
+    );
+    assert!(
+        r.results.iter().all(|r| !r.degraded),
+        "{call:?} was answered without the store: {r:?}"
+    );
+    assert_eq!(
+        r.allowed,
+        r.results.iter().all(|r| r.allowed),
+        "allowed means every check allowed: {r:?}"
+    );
+    r
+}
+
+/// Hits left for `subject` under `rule`, read with a dry run.
+async fn left(server: &TestServer, rule: &str, subject: &str) -> u64 {
+    let r = check(
+        server,
+        CheckLimitRequest {
+            dry_run: true,
+            ..check_req(rule, subject)
+        },
+    )
+    .await;
+    // A dry run of one hit reports what would be left after it.
+    if r.allowed {
+        r.remaining + 1
+    } else {
+        r.remaining
+    }
+}
+
+/// Asserts that exactly `expected` hits are left for `subject` under
+/// `rule`: a dry run of that many fits, one more does not. Unlike [`left`]
+/// this asks with costs other than the crowd's, whose denials a deny cache
+/// may hold from a moment when a group on a cluster held hits it then took
+/// back.
+async fn assert_hits_left(server: &TestServer, rule: &str, subject: &str, expected: u64) {
+    let dry = |cost| CheckLimitRequest {
+        dry_run: true,
+        cost,
+        ..check_req(rule, subject)
+    };
+    let cost = u32::try_from(expected).expect("a small test limit");
+    if expected > 0 {
+        let r = check(server, dry(cost)).await;
+        assert!(
+            r.allowed && r.remaining == 0,
+            "{rule} {subject}: {expected} fit: {r:?}"
+        );
+    }
+    let r = check(server, dry(cost + 1)).await;
+    assert!(
+        !r.allowed,
+        "{rule} {subject}: {} do not fit: {r:?}",
+        expected + 1
+    );
+}
+
+/// An allowed group counts every check; a group with one denied check
+/// counts none of them, whichever place the denied check has and whatever
+/// subjects (on a cluster: slots) the others are in.
+async fn check_limits_counts_all_or_nothing(backend: Backend) {
+    let server = backend.serve_toml(SHORT_TOML).await;
+    // plain: 3/min (log); one: 1/min (log); three: 1/min (counter).
+    let r = check_limits(
+        &server,
+        group(vec![
+            check_req("one", "g-a"),
+            check_req("three", "g-a"),
+            costly("plain", "g-b", 2),
+        ]),
+    )
+    .await;
+    assert!(r.allowed, "a group within every limit: {r:?}");
+    assert_allowed(&r.results[0], 1, 0, "one");
+    assert_allowed(&r.results[1], 1, 0, "three");
+    assert_allowed(&r.results[2], 3, 1, "plain");
+    assert_eq!(left(&server, "plain", "g-b").await, 1, "plain counted 2");
+    assert_eq!(left(&server, "one", "g-a").await, 0, "one counted");
+
+    // The denied check first, last, or between, on its own subject or
+    // sharing one: nothing counted anywhere.
+    for (place, checks) in [
+        (
+            0,
+            vec![
+                check_req("one", "g-a"),
+                check_req("plain", "g-c"),
+                check_req("three", "g-d"),
+            ],
+        ),
+        (
+            2,
+            vec![
+                check_req("plain", "g-c"),
+                check_req("three", "g-d"),
+                check_req("one", "g-a"),
+            ],
+        ),
+        (
+            1,
+            vec![
+                check_req("three", "g-d"),
+                check_req("one", "g-a"),
+                check_req("plain", "g-a"),
+            ],
+        ),
+    ] {
+        let r = check_limits(&server, group(checks)).await;
+        assert!(!r.allowed, "one exhausted: {r:?}");
+        for (i, result) in r.results.iter().enumerate() {
+            assert_eq!(result.allowed, i != place, "check {i}: {r:?}");
+        }
+        assert_eq!(
+            left(&server, "plain", "g-c").await,
+            3,
+            "plain g-c uncounted"
+        );
+        assert_eq!(
+            left(&server, "three", "g-d").await,
+            1,
+            "three g-d uncounted"
+        );
+        assert_eq!(
+            left(&server, "plain", "g-a").await,
+            3,
+            "plain g-a uncounted"
+        );
+    }
+    // After a partly counted-then-taken-back group, the counters still
+    // allow exactly their limits.
+    let r = check_limits(
+        &server,
+        group(vec![costly("plain", "g-c", 3), check_req("three", "g-d")]),
+    )
+    .await;
+    assert!(r.allowed, "the whole limits are still there: {r:?}");
+    assert_eq!(left(&server, "plain", "g-c").await, 0);
+    assert_eq!(left(&server, "three", "g-d").await, 0);
+}
+
+/// Each check reports its own answer, in order: remaining, limit, retry
+/// and lock-outs as CheckLimit would, and a dry run within a group counts
+/// nothing. A denial in a group starts no block.
+async fn check_limits_reports_each_checks_own_answer(backend: Backend) {
+    let server = backend.serve_toml(SHORT_TOML).await;
+    // lockout: 3 per 1 s, then blocked for 2 s.
+    for _ in 0..3 {
+        check(&server, check_req("lockout", "o-a")).await;
+    }
+    let r = check_limits(
+        &server,
+        group(vec![check_req("plain", "o-b"), check_req("lockout", "o-a")]),
+    )
+    .await;
+    assert!(!r.allowed, "lockout exhausted: {r:?}");
+    assert_allowed(&r.results[0], 3, 2, "plain, in a denied group");
+    let retry = assert_denied(&r.results[1], 0, false, "lockout, no block started");
+    assert!(
+        retry <= Duration::from_secs(1),
+        "the window's retry, not a block's: {r:?}"
+    );
+    assert_eq!(left(&server, "plain", "o-b").await, 3, "plain uncounted");
+
+    // The subject's own CheckLimit starts the block; a group then reports it.
+    let single = check(&server, check_req("lockout", "o-a")).await;
+    assert_denied(&single, 0, true, "single CheckLimit blocks");
+    let r = check_limits(
+        &server,
+        group(vec![check_req("lockout", "o-a"), check_req("plain", "o-b")]),
+    )
+    .await;
+    assert!(!r.allowed);
+    let retry = assert_denied(&r.results[0], 0, true, "blocked, in a group");
+    assert!(retry > Duration::from_secs(1), "the block's retry: {r:?}");
+
+    // A dry run in a group: answered, not counted; the others counted.
+    let r = check_limits(
+        &server,
+        group(vec![
+            CheckLimitRequest {
+                dry_run: true,
+                ..check_req("one", "o-c")
+            },
+            check_req("two", "o-c"),
+            CheckLimitRequest {
+                tier: "premium".to_owned(),
+                ..check_req("burst", "o-d")
+            },
+        ]),
+    )
+    .await;
+    assert!(r.allowed, "{r:?}");
+    assert_allowed(&r.results[0], 1, 0, "one, dry run");
+    assert_allowed(&r.results[1], 1, 0, "two");
+    assert_allowed(&r.results[2], 4, 3, "burst");
+    assert_eq!(
+        left(&server, "one", "o-c").await,
+        1,
+        "the dry run counted nothing"
+    );
+    assert_eq!(left(&server, "two", "o-c").await, 0, "two counted");
+    assert_eq!(left(&server, "burst", "o-d").await, 3, "burst counted");
+}
+
+/// A bad group is INVALID_ARGUMENT naming `checks`, a bad check naming its
+/// index and field; nothing is counted.
+async fn check_limits_validation_names_the_check(backend: Backend) {
+    let server = backend.serve_shipped().await;
+    assert_invalid(
+        try_check_limits(&server, group(vec![])).await,
+        "checks",
+        &["1 to 16", "got 0"],
+        "no checks",
+    );
+    let seventeen = (0..17)
+        .map(|i| check_req("api", &format!("v{i}")))
+        .collect();
+    assert_invalid(
+        try_check_limits(&server, group(seventeen)).await,
+        "checks",
+        &["1 to 16", "got 17"],
+        "17 checks",
+    );
+    let sixteen = (0..16)
+        .map(|i| check_req("api", &format!("v{i}")))
+        .collect();
+    let r = check_limits(&server, group(sixteen)).await;
+    assert!(r.allowed, "16 checks are fine: {r:?}");
+
+    let good = || check_req("api", "v-good");
+    assert_invalid(
+        try_check_limits(
+            &server,
+            group(vec![good(), check_req("ai", "v-good"), check_req("x", "s")]),
+        )
+        .await,
+        "checks[2].rule",
+        &["unknown rule \"x\"", "known: ", "messaging"],
+        "unknown rule",
+    );
+    assert_invalid(
+        try_check_limits(&server, group(vec![good(), check_req("api", "")])).await,
+        "checks[1].subject",
+        &["empty"],
+        "empty subject",
+    );
+    assert_invalid(
+        try_check_limits(
+            &server,
+            group(vec![CheckLimitRequest {
+                tier: "gold".to_owned(),
+                ..check_req("api", "v-t")
+            }]),
+        )
+        .await,
+        "checks[0].tier",
+        &["unknown tier \"gold\"", "premium"],
+        "unknown tier",
+    );
+    assert_invalid(
+        try_check_limits(
+            &server,
+            group(vec![
+                check_req("ai", "v-r"),
+                CheckLimitRequest {
+                    request_id: "r1".to_owned(),
+                    ..check_req("api", "v-r")
+                },
+            ]),
+        )
+        .await,
+        "checks[1].request_id",
+        &["empty"],
+        "a check's own request_id",
+    );
+    assert_invalid(
+        try_check_limits(
+            &server,
+            group(vec![
+                check_req("ai", "v-d"),
+                check_req("api", "v-d"),
+                costly("ai", "v-d", 2),
+            ]),
+        )
+        .await,
+        "checks[2].subject",
+        &["checks[0]"],
+        "the same counter twice",
+    );
+    assert_invalid(
+        try_check_limits(
+            &server,
+            CheckLimitsRequest {
+                checks: vec![good()],
+                request_id: "r".repeat(129),
+            },
+        )
+        .await,
+        "request_id",
+        &["128"],
+        "an over-long group request_id",
+    );
+    assert_eq!(left(&server, "api", "v-good").await, 100, "nothing counted");
+    assert_eq!(left(&server, "ai", "v-d").await, 20, "nothing counted");
+}
+
+/// 200 simultaneous groups, each of two checks on two subjects (the
+/// shipped messaging rule, 10 per minute, and ai, 20 per 5 minutes at cost
+/// 3), across two instances on one Redis (or cluster, where the subjects
+/// are in different slots): no limit is ever exceeded, and the counters
+/// hold exactly what the allowed groups spent. On one store ai allows
+/// exactly 6; on a cluster a group that is taken back may briefly hold
+/// hits, so fewer may be allowed, never more.
+async fn concurrent_check_limits_never_exceed_any_limit(backend: Backend) {
+    let servers = instances(&backend).await;
+    let barrier = std::sync::Arc::new(Barrier::new(CALLS));
+    let mut calls = JoinSet::new();
+    for i in 0..CALLS {
+        let mut client = servers[i % servers.len()].rate.clone();
+        let barrier = barrier.clone();
+        calls.spawn(async move {
+            barrier.wait().await;
+            client
+                .check_limits(group(vec![
+                    check_req("messaging", "crowd-m"),
+                    costly("ai", "crowd-a", 3),
+                ]))
+                .await
+                .map(|r| r.into_inner())
+        });
+    }
+    let started = Instant::now();
+    let mut ai_remaining = Vec::new();
+    while let Some(joined) = calls.join_next().await {
+        let r = ok(
+            joined.expect("a call task does not panic"),
+            "concurrent CheckLimits",
+        );
+        assert!(
+            r.results.iter().all(|r| !r.degraded),
+            "answered by the store under load: {r:?}"
+        );
+        if r.allowed {
+            ai_remaining.push(r.results[1].remaining);
+        }
+    }
+    eprintln!(
+        "{CALLS} CheckLimits calls on {} instance(s) took {:?}",
+        servers.len(),
+        started.elapsed()
+    );
+    let allowed = ai_remaining.len() as u64;
+    ai_remaining.sort_unstable();
+    ai_remaining.dedup();
+    assert_eq!(
+        ai_remaining.len() as u64,
+        allowed,
+        "each allowed group saw its own remaining"
+    );
+    match backend.kind() {
+        StoreKind::Memory | StoreKind::Redis => {
+            assert_eq!(allowed, 6, "exactly floor(20 / 3) groups allowed")
+        }
+        StoreKind::Cluster => assert!((1..=6).contains(&allowed), "{allowed} allowed"),
+    }
+    // Exactly the allowed groups' hits are held.
+    for server in &servers {
+        assert_hits_left(server, "messaging", "crowd-m", 10 - allowed).await;
+        assert_hits_left(server, "ai", "crowd-a", 20 - 3 * allowed).await;
+    }
+}
+
+fn with_id(request_id: &str, checks: Vec<CheckLimitRequest>) -> CheckLimitsRequest {
+    CheckLimitsRequest {
+        checks,
+        request_id: request_id.to_owned(),
+    }
+}
+
+/// The parts of an answer a replay repeats, without `replayed`.
+fn answer_of(r: &CheckLimitsResponse) -> Vec<(bool, u64, u64, Duration, Duration, bool)> {
+    r.results
+        .iter()
+        .map(|r| {
+            (
+                r.allowed,
+                r.limit,
+                r.remaining,
+                dur(r.retry_after),
+                dur(r.reset_after),
+                r.blocked,
+            )
+        })
+        .collect()
+}
+
+/// A group retried with its request_id gets its first answer again,
+/// marked replayed, and counts nothing, allowed or denied; another id, or
+/// another first subject, is decided afresh; duplicates sent at once are
+/// decided once.
+async fn check_limits_request_id_replays_the_first_answer(backend: Backend) {
+    let server = backend.serve_toml(SHORT_TOML).await;
+    // plain: 3/min (log); three: 1/min (counter); two subjects, so on a
+    // cluster (usually) two slots.
+    let checks = || vec![check_req("plain", "r-a"), check_req("three", "r-b")];
+    let first = check_limits(&server, with_id("req-1", checks())).await;
+    assert!(first.allowed, "{first:?}");
+    assert!(first.results.iter().all(|r| !r.replayed), "{first:?}");
+    for _ in 0..3 {
+        let again = check_limits(&server, with_id("req-1", checks())).await;
+        assert!(again.results.iter().all(|r| r.replayed), "{again:?}");
+        assert_eq!(
+            answer_of(&again),
+            answer_of(&first),
+            "the first answer again"
+        );
+    }
+    assert_eq!(left(&server, "plain", "r-a").await, 2, "counted once");
+    assert_eq!(left(&server, "three", "r-b").await, 0, "counted once");
+
+    // Another id: decided afresh (three is spent), and the denial is what
+    // a retry of it gets, though room has come back meanwhile elsewhere.
+    let denied = check_limits(&server, with_id("req-2", checks())).await;
+    assert!(!denied.allowed && denied.results.iter().all(|r| !r.replayed));
+    let again = check_limits(&server, with_id("req-2", checks())).await;
+    assert!(!again.allowed && again.results.iter().all(|r| r.replayed));
+    assert_eq!(answer_of(&again), answer_of(&denied));
+    assert_eq!(left(&server, "plain", "r-a").await, 2, "nothing counted");
+
+    // The same id with another first subject is another group.
+    let other = check_limits(&server, with_id("req-1", vec![check_req("plain", "r-c")])).await;
+    assert!(other.allowed && !other.results[0].replayed, "{other:?}");
+
+    // Twenty duplicates at once: one decides, the rest get its answer.
+    let mut calls = JoinSet::new();
+    for _ in 0..20 {
+        let mut client = server.rate.clone();
+        calls.spawn(async move {
+            client
+                .check_limits(with_id(
+                    "req-3",
+                    vec![check_req("plain", "r-d"), check_req("plain", "r-e")],
+                ))
+                .await
+                .map(|r| r.into_inner())
+        });
+    }
+    let mut decided = 0;
+    while let Some(joined) = calls.join_next().await {
+        let r = ok(
+            joined.expect("a call task does not panic"),
+            "duplicate CheckLimits",
+        );
+        assert!(r.allowed, "{r:?}");
+        if !r.results[0].replayed {
+            decided += 1;
+        }
+    }
+    assert_eq!(decided, 1, "exactly one duplicate decided");
+    assert_eq!(left(&server, "plain", "r-d").await, 2, "counted once");
+    assert_eq!(left(&server, "plain", "r-e").await, 2, "counted once");
+}
+
+/// A shadow rule in a group: a would-be denial is allowed and says
+/// shadowed, and does not keep the enforced checks from being counted; the
+/// shadow rule itself is counted as its own CheckLimit would be.
+async fn check_limits_shadow_rules_never_hold_the_group_back(backend: Backend) {
+    let server = backend
+        .serve_toml(
+            r#"
+[tiers]
+names = ["free"]
+
+[rules.real]
+window = "1m"
+limit = 3
+
+[rules.trial]
+window = "1m"
+limit = 1
+shadow = true
+
+[quotas]
+period = "1h"
+"#,
+        )
+        .await;
+    let checks = || vec![check_req("real", "s-a"), check_req("trial", "s-a")];
+    let r = check_limits(&server, group(checks())).await;
+    assert!(r.allowed && !r.results[1].shadowed, "within both: {r:?}");
+    let r = check_limits(&server, group(checks())).await;
+    assert!(r.allowed, "a shadow rule never denies: {r:?}");
+    assert!(r.results[1].allowed && r.results[1].shadowed, "{r:?}");
+    assert_eq!(left(&server, "real", "s-a").await, 1, "real counted twice");
+    // The enforced rule still denies the group, and then nothing is counted.
+    let r = check_limits(
+        &server,
+        group(vec![costly("real", "s-a", 2), check_req("trial", "s-b")]),
+    )
+    .await;
+    assert!(!r.allowed && !r.results[0].allowed, "{r:?}");
+    let peek = check(
+        &server,
+        CheckLimitRequest {
+            dry_run: true,
+            ..check_req("trial", "s-b")
+        },
+    )
+    .await;
+    assert!(
+        !peek.shadowed && peek.remaining == 0,
+        "the shadow check uncounted: {peek:?}"
+    );
 }
 
 // ---- RateLimit headers and shadow rules (issue 11, parts 4 and 5) -----------

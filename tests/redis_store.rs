@@ -1022,3 +1022,66 @@ async fn a_silent_server_times_out() {
     assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
     drop(listener);
 }
+
+/// `check_limits_undo.lua` as its header documents it: the worked
+/// example, an undo of a call that an earlier undo rewrote, an entry
+/// already gone, and a sliding counter in its own and the next window.
+#[tokio::test]
+async fn check_limits_undo_takes_back_exactly_one_call() {
+    let server = RedisServer::start();
+    let undo = include_str!("../lua/check_limits_undo.lua");
+    // Four calls of costs 1, 2, 1, 2: "<time>:<total before>" -> total after.
+    server.cli(&[
+        "ZADD", "{t}log", "1", "100:0", "3", "200:1", "4", "300:3", "6", "400:4",
+    ]);
+    // Take back the cost-2 call at 200, then the cost-1 call at 300, as its
+    // group recorded it before the first undo rewrote it.
+    let reply = server.cli(&[
+        "EVAL",
+        undo,
+        "2",
+        "{t}log",
+        "{t}log",
+        "sliding_log",
+        "200:1",
+        "3",
+        "sliding_log",
+        "300:3",
+        "4",
+    ]);
+    assert_eq!(reply.trim(), "2", "both taken back");
+    assert_eq!(
+        server
+            .cli(&["ZRANGE", "{t}log", "0", "-1", "WITHSCORES"])
+            .split_whitespace()
+            .collect::<Vec<_>>(),
+        ["100:0", "1", "400:1", "3"],
+        "the calls at 100 (cost 1) and 400 (cost 2) remain, totals exact"
+    );
+    // A call no longer in the log (it left the window) counts nothing.
+    let reply = server.cli(&["EVAL", undo, "1", "{t}log", "sliding_log", "50:0", "1"]);
+    assert_eq!(reply.trim(), "0");
+    assert_eq!(cli_int(&server, &["ZCARD", "{t}log"]), 2);
+
+    // A sliding counter: cost 3 taken back from c in its own window, from p
+    // once the window has moved on, never below 0, and not at all later.
+    server.cli(&["HSET", "{t}ctr", "w", "7", "c", "5", "p", "2"]);
+    server.cli(&["EVAL", undo, "1", "{t}ctr", "sliding_counter", "7", "3"]);
+    assert_eq!(
+        server
+            .cli(&["HMGET", "{t}ctr", "c", "p"])
+            .split_whitespace()
+            .collect::<Vec<_>>(),
+        ["2", "2"]
+    );
+    server.cli(&["EVAL", undo, "1", "{t}ctr", "sliding_counter", "6", "3"]);
+    assert_eq!(
+        server
+            .cli(&["HMGET", "{t}ctr", "c", "p"])
+            .split_whitespace()
+            .collect::<Vec<_>>(),
+        ["2", "0"]
+    );
+    let reply = server.cli(&["EVAL", undo, "1", "{t}ctr", "sliding_counter", "5", "3"]);
+    assert_eq!(reply.trim(), "0", "two windows back: already gone");
+}

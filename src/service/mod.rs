@@ -20,9 +20,9 @@ pub use usage_quota::UsageQuotaService;
 impl From<limiter::Error> for Status {
     fn from(err: limiter::Error) -> Self {
         match &err {
-            limiter::Error::InvalidArgument { .. } | limiter::Error::Unknown { .. } => {
-                Status::invalid_argument(err.to_string())
-            }
+            limiter::Error::InvalidArgument { .. }
+            | limiter::Error::Unknown { .. }
+            | limiter::Error::InCheck { .. } => Status::invalid_argument(err.to_string()),
             // The store could not be reached in time: the caller may retry,
             // and gateways know UNAVAILABLE as "try again", not "allowed".
             limiter::Error::Store(

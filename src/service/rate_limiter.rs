@@ -57,12 +57,56 @@ impl<S: Store> RateLimiter for RateLimiterService<S> {
         Ok(Response::new(check_response(&request.rule, &outcome)))
     }
 
-    // Placeholder until the multi-limit call lands (issue 11, part 1).
+    #[instrument(
+        name = "CheckLimits",
+        skip_all,
+        fields(checks = request.get_ref().checks.len(), allowed)
+    )]
     async fn check_limits(
         &self,
-        _request: Request<CheckLimitsRequest>,
+        request: Request<CheckLimitsRequest>,
     ) -> Result<Response<CheckLimitsResponse>, Status> {
-        Err(Status::unimplemented("CheckLimits is not implemented yet"))
+        let request = request.get_ref();
+        // A group has one request_id: the group's. Checked before the
+        // limiter's own validation, as it is a wire-level rule.
+        if let Some(index) = request
+            .checks
+            .iter()
+            .position(|check| !check.request_id.is_empty())
+        {
+            return Err(Status::invalid_argument(format!(
+                "checks[{index}].request_id: must be empty in a group; \
+                 set the group's request_id instead"
+            )));
+        }
+        let checks: Vec<CheckRequest<'_>> = request
+            .checks
+            .iter()
+            .map(|check| CheckRequest {
+                rule: &check.rule,
+                subject: &check.subject,
+                tier: &check.tier,
+                cost: check.cost,
+                dry_run: check.dry_run,
+            })
+            .collect();
+        let outcome = self
+            .limiter
+            .check_limits(&checks, &request.request_id)
+            .await?;
+        Span::current().record("allowed", outcome.allowed);
+        Ok(Response::new(CheckLimitsResponse {
+            allowed: outcome.allowed,
+            results: outcome
+                .checks
+                .iter()
+                .zip(&request.checks)
+                .map(|(check, sent)| CheckLimitResponse {
+                    replayed: outcome.replayed,
+                    ..check_response(&sent.rule, check)
+                })
+                .collect(),
+        }))
     }
 
     // Placeholder until pay-after-use lands (issue 11, part 3).

@@ -24,8 +24,8 @@ use std::{
 use tokio::time::Instant;
 
 use super::{
-    ConversationCounters, LimitCheck, LimitDecision, LimitInspect, LimitUsage, ResetListener,
-    Store, StoreError, UsageDecision, UsageIncrement,
+    ConversationCounters, GroupDecision, LimitCheck, LimitDecision, LimitInspect, LimitUsage,
+    ResetListener, Store, StoreError, UsageDecision, UsageIncrement,
 };
 
 /// When the breaker opens and for how long.
@@ -194,6 +194,14 @@ impl<S: Store> Store for CircuitBreaker<S> {
         self.call(self.inner.check_limit(check)).await
     }
 
+    async fn check_limits(
+        &self,
+        checks: &[LimitCheck<'_>],
+        request_id: Option<&str>,
+    ) -> Result<GroupDecision, StoreError> {
+        self.call(self.inner.check_limits(checks, request_id)).await
+    }
+
     async fn increment_usage(
         &self,
         increment: &UsageIncrement<'_>,
@@ -262,6 +270,13 @@ mod tests {
 
     impl Store for Arc<Switch> {
         async fn check_limit(&self, _: &LimitCheck<'_>) -> Result<LimitDecision, StoreError> {
+            unreachable!("not used by these tests")
+        }
+        async fn check_limits(
+            &self,
+            _: &[LimitCheck<'_>],
+            _: Option<&str>,
+        ) -> Result<GroupDecision, StoreError> {
             unreachable!("not used by these tests")
         }
         async fn increment_usage(

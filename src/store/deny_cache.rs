@@ -33,6 +33,13 @@
 //! counts one, the key's cached denial is dropped, since the new hits can
 //! make its `retry_after` later.
 //!
+//! One exception to "never take one back": on a Redis Cluster, a
+//! CheckLimits group over several slots that loses a race takes back the
+//! hits its earlier slots counted (see [`super::group`]). A denial seen in
+//! that moment is cached like any other, so this instance may deny that
+//! key until the denial's `retry_after` though the store would allow
+//! again. It never admits anything the store would deny.
+//!
 //! Two denials are not cached: a dry run's, when the rule has `block_for`
 //! (a real request would start a block, which only the store can do), and
 //! one with no `retry_after`.
@@ -85,8 +92,8 @@ use std::{
 use tokio::time::Instant;
 
 use super::{
-    ConversationCounters, LimitCheck, LimitDecision, LimitInspect, LimitUsage, ResetListener,
-    ResetNotice, Store, StoreError, UsageDecision, UsageIncrement,
+    ConversationCounters, GroupDecision, LimitCheck, LimitDecision, LimitInspect, LimitUsage,
+    ResetListener, ResetNotice, Store, StoreError, UsageDecision, UsageIncrement,
 };
 use crate::rules::Algorithm;
 
@@ -472,6 +479,50 @@ impl<S: Store> Store for DenyCache<S> {
         }
     }
 
+    /// A group always goes to the store: a cached denial knows one check's
+    /// answer, never the others' that the group must report. The store's
+    /// answers teach the cache as single checks do: a counted group drops
+    /// its counters' cached denials, and a denied check is learnt as the
+    /// dry run it was (nothing was counted, no block started).
+    async fn check_limits(
+        &self,
+        checks: &[LimitCheck<'_>],
+        request_id: Option<&str>,
+    ) -> Result<GroupDecision, StoreError> {
+        // Read before the store is asked, as for one check: a reset heard
+        // while the group was in flight keeps its denials out of the cache.
+        let sent = Sent {
+            resets: self.shared.resets.load(Ordering::SeqCst),
+            at_us: self.shared.now_us(),
+        };
+        match self.inner.check_limits(checks, request_id).await {
+            // An answer given again is as old as the first: nothing to learn.
+            Ok(group) if group.replayed => Ok(group),
+            Ok(group) => {
+                let decisions = &group.decisions;
+                let counted = super::group::all_allowed(decisions);
+                for (check, decision) in checks.iter().zip(decisions) {
+                    if decision.allowed && !counted {
+                        // Allowed but not counted: nothing to learn.
+                        continue;
+                    }
+                    let as_decided = LimitCheck {
+                        dry_run: check.dry_run || !decision.allowed,
+                        ..*check
+                    };
+                    self.shared.record(&as_decided, sent, decision);
+                }
+                Ok(group)
+            }
+            Err(err) => {
+                if matches!(err, StoreError::Unavailable(_)) {
+                    self.shared.clear();
+                }
+                Err(err)
+            }
+        }
+    }
+
     async fn increment_usage(
         &self,
         increment: &UsageIncrement<'_>,
@@ -557,6 +608,17 @@ mod tests {
                 return Err(StoreError::Unavailable("switched off".to_owned()));
             }
             self.store.check_limit(check).await
+        }
+        async fn check_limits(
+            &self,
+            checks: &[LimitCheck<'_>],
+            request_id: Option<&str>,
+        ) -> Result<GroupDecision, StoreError> {
+            self.checks.fetch_add(1, Ordering::SeqCst);
+            if self.down.load(Ordering::SeqCst) {
+                return Err(StoreError::Unavailable("switched off".to_owned()));
+            }
+            self.store.check_limits(checks, request_id).await
         }
         async fn increment_usage(
             &self,
@@ -673,6 +735,58 @@ mod tests {
         advance(&[&clock], Duration::from_micros(1)).await;
         assert!(cache.check_limit(&api).await.expect("memory").allowed);
         assert_eq!(store.checks(), 5);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn groups_go_to_the_store_and_teach_the_cache() {
+        let (cache, store, _clock) = cached(DEFAULT_CAPACITY);
+        let full = check("api", "u1", 1, 1);
+        let other = check("auth", "u1", 5, 1);
+        let locking = LimitCheck {
+            block_for: Some(Duration::from_secs(60)),
+            ..check("login", "u1", 1, 1)
+        };
+        assert!(cache.check_limit(&full).await.expect("memory").allowed);
+        assert!(cache.check_limit(&locking).await.expect("memory").allowed);
+        // A denied group: learnt as the dry runs they were. The plain
+        // denial is cached; the lock-out's is not (its own CheckLimit
+        // would start a block, which only the store can do).
+        let decisions = cache
+            .check_limits(&[other, full, locking], None)
+            .await
+            .expect("memory")
+            .decisions;
+        assert_eq!(
+            decisions.iter().map(|d| d.allowed).collect::<Vec<_>>(),
+            [true, false, false]
+        );
+        assert_eq!(cache.len(), 1);
+        assert_eq!(store.checks(), 3);
+        assert!(!cache.check_limit(&full).await.expect("cached").allowed);
+        assert_eq!(store.checks(), 3, "answered from the cache");
+        assert!(cache.check_limit(&locking).await.expect("memory").blocked);
+        assert_eq!(store.checks(), 4);
+        assert_eq!(cache.len(), 2, "api's denial and login's block");
+
+        // Groups always reach the store, even with a cached denial in them.
+        let decisions = cache
+            .check_limits(&[full], None)
+            .await
+            .expect("memory")
+            .decisions;
+        assert!(!decisions[0].allowed);
+        assert_eq!(store.checks(), 5);
+
+        // A counted group drops its counters' cached denials.
+        let roomy = check("api", "u1", 5, 1);
+        assert_eq!(cache.len(), 2, "api's denial and login's block");
+        let decisions = cache
+            .check_limits(&[roomy, other], None)
+            .await
+            .expect("memory")
+            .decisions;
+        assert!(decisions.iter().all(|d| d.allowed));
+        assert_eq!(cache.len(), 1, "only login's block is left");
     }
 
     #[tokio::test(start_paused = true)]

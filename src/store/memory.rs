@@ -32,8 +32,8 @@ use hashlink::LinkedHashMap;
 use prometheus_client::metrics::counter::Counter as EvictionCounter;
 
 use super::{
-    ConversationCounters, LimitCheck, LimitDecision, LimitInspect, LimitUsage, Store, StoreError,
-    UsageDecision, UsageIncrement,
+    ConversationCounters, GroupDecision, LimitCheck, LimitDecision, LimitInspect, LimitUsage,
+    Store, StoreError, UsageDecision, UsageIncrement,
 };
 use crate::rules::Algorithm;
 
@@ -53,6 +53,8 @@ pub const DEFAULT_MAX_ENTRIES: usize = 4_000_000;
 const PASS_OVER_BLOCKED: usize = 8;
 
 const SHARDS: usize = 64;
+
+mod group;
 
 /// How the memory store bounds itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,6 +84,8 @@ struct Inner {
     hasher: RandomState,
     limits: Box<[Mutex<Shard<LimitState>>]>,
     usage: Box<[Mutex<Shard<UserUsage>>]>,
+    /// CheckLimits answers remembered by request_id.
+    groups: Mutex<group::GroupRecords>,
     budget: Arc<Budget>,
 }
 
@@ -271,6 +275,7 @@ impl MemoryStore {
                 hasher: RandomState::new(),
                 limits: Shard::many(shards, &budget),
                 usage: Shard::many(shards, &budget),
+                groups: Mutex::default(),
                 budget,
             }),
         }
@@ -289,13 +294,20 @@ impl MemoryStore {
     }
 
     fn shard<'a, T>(&self, shards: &'a [Mutex<Shard<T>>], key: &str) -> MutexGuard<'a, Shard<T>> {
-        let index = (self.inner.hasher.hash_one(key) as usize) % shards.len();
-        // A poisoned shard only means another thread panicked mid-update of
-        // plain counters; the data is still usable, so carry on.
-        shards[index]
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock_shard(&shards[self.shard_index(shards, key)])
     }
+
+    fn shard_index<T>(&self, shards: &[Mutex<Shard<T>>], key: &str) -> usize {
+        (self.inner.hasher.hash_one(key) as usize) % shards.len()
+    }
+}
+
+/// A poisoned shard only means another thread panicked mid-update of plain
+/// counters; the data is still usable, so carry on.
+fn lock_shard<T>(shard: &Mutex<Shard<T>>) -> MutexGuard<'_, Shard<T>> {
+    shard
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn manual_clock() -> (Clock, ManualClock) {
@@ -326,6 +338,14 @@ impl Store for MemoryStore {
             shard.entries.insert(key, state);
         }
         Ok(decision)
+    }
+
+    async fn check_limits(
+        &self,
+        checks: &[LimitCheck<'_>],
+        request_id: Option<&str>,
+    ) -> Result<GroupDecision, StoreError> {
+        Ok(self.decide_group(checks, request_id))
     }
 
     async fn increment_usage(

@@ -10,13 +10,17 @@
 //! - [`redis`]: Redis through Lua scripts, shared by every instance.
 //! - [`breaker`]: a circuit breaker that wraps either.
 //! - [`deny_cache`]: answers surely-denied checks locally; wraps any store.
+//! - [`group`]: what deciding several limits at once promises.
 
 use std::{future::Future, sync::Arc, time::Duration};
 
 use crate::rules::Algorithm;
 
+pub use group::{GroupDecision, MAX_GROUP_CHECKS};
+
 pub mod breaker;
 pub mod deny_cache;
+pub mod group;
 pub mod memory;
 pub mod redis;
 
@@ -183,6 +187,23 @@ pub trait Store: Send + Sync + 'static {
         &self,
         check: &LimitCheck<'_>,
     ) -> impl Future<Output = Result<LimitDecision, StoreError>> + Send;
+
+    /// Decides several rate limits together, all or nothing: when every
+    /// check is allowed, each is counted (unless its own dry run) and every
+    /// decision says allowed; otherwise nothing at all is counted (no hit,
+    /// no block started) and each decision is the check's own answer as a
+    /// dry run would give it. Decisions come back one per check, in order.
+    ///
+    /// The limiter sends 1 to [`MAX_GROUP_CHECKS`] checks, no two on the
+    /// same counter (rule and subject). With a `request_id`, a group whose
+    /// id was already answered for the same first subject, within the
+    /// longest of its checks' windows, gets that answer again, `replayed`,
+    /// and counts nothing. See [`group`] for the contract.
+    fn check_limits(
+        &self,
+        checks: &[LimitCheck<'_>],
+        request_id: Option<&str>,
+    ) -> impl Future<Output = Result<GroupDecision, StoreError>> + Send;
 
     /// Checks a usage quota and, when within it, counts the messages.
     fn increment_usage(

@@ -91,13 +91,15 @@ use redis::{
 use tokio::time::{Instant, timeout_at};
 
 use super::{
-    ConversationCounters, LimitCheck, LimitDecision, LimitInspect, LimitUsage, ResetListener,
-    ResetNotice, Store, StoreError, UsageDecision, UsageIncrement,
+    ConversationCounters, GroupDecision, LimitCheck, LimitDecision, LimitInspect, LimitUsage,
+    ResetListener, ResetNotice, Store, StoreError, UsageDecision, UsageIncrement,
 };
 use crate::{
     keys::{KeyBuilder, UsageKeys},
     rules::Algorithm,
 };
+
+mod group;
 
 /// A Lua script under `lua/`: its source, for `EVAL`, and its SHA1, for
 /// `EVALSHA`.
@@ -776,15 +778,16 @@ impl RedisStore {
     async fn load_scripts(&self) -> Result<(), StoreError> {
         let deadline = self.deadline();
         let mut conn = self.checkout(deadline).await?;
-        for script in [
-            &SLIDING_LOG,
-            &SLIDING_COUNTER,
-            &USAGE_INCREMENT,
-            &USAGE_LIST,
-            &LIMIT_INSPECT,
-            &LIMIT_RESET,
-            &USAGE_RESET,
-        ] {
+        let scripts = [
+            &*SLIDING_LOG,
+            &*SLIDING_COUNTER,
+            &*USAGE_INCREMENT,
+            &*USAGE_LIST,
+            &*LIMIT_INSPECT,
+            &*LIMIT_RESET,
+            &*USAGE_RESET,
+        ];
+        for script in scripts.into_iter().chain(group::scripts()) {
             let hash: String = self
                 .call(
                     deadline,
@@ -1134,6 +1137,14 @@ impl Store for RedisStore {
             reset_after: Duration::from_micros(reset_after_us),
             blocked: flag(what, blocked)?,
         })
+    }
+
+    async fn check_limits(
+        &self,
+        checks: &[LimitCheck<'_>],
+        request_id: Option<&str>,
+    ) -> Result<GroupDecision, StoreError> {
+        self.decide_group(checks, request_id).await
     }
 
     async fn increment_usage(

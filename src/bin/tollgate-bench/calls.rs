@@ -14,8 +14,8 @@ use envoy_types::pb::envoy::{
     },
 };
 use tollgate::proto::{
-    CheckLimitRequest, IncrementUsageRequest, rate_limiter_client::RateLimiterClient,
-    usage_quota_client::UsageQuotaClient,
+    CheckLimitRequest, CheckLimitsRequest, IncrementUsageRequest,
+    rate_limiter_client::RateLimiterClient, usage_quota_client::UsageQuotaClient,
 };
 use tonic::{Status, transport::Channel};
 
@@ -98,6 +98,55 @@ impl Caller for CheckLimit {
         Ok(Answer {
             allowed: response.allowed,
             degraded: response.degraded,
+        })
+    }
+}
+
+/// tollgate.v1.RateLimiter/CheckLimits: one check per rule of the plan's
+/// comma-separated `rule`, all for the request's subject, at the plan's
+/// cost; allowed when the whole group is.
+#[derive(Debug, Clone)]
+pub(crate) struct CheckLimits {
+    client: RateLimiterClient<Channel>,
+    rules: Vec<String>,
+    tier: String,
+    cost: u32,
+}
+
+impl Caller for CheckLimits {
+    fn new(channel: Channel, plan: &Plan) -> Self {
+        Self {
+            client: RateLimiterClient::new(channel),
+            rules: plan.rule.split(',').map(str::to_owned).collect(),
+            tier: plan.tier.clone(),
+            cost: plan.cost,
+        }
+    }
+
+    async fn send(&mut self, subject: &str) -> Result<Answer, Status> {
+        let checks = self
+            .rules
+            .iter()
+            .map(|rule| CheckLimitRequest {
+                rule: rule.clone(),
+                subject: subject.to_owned(),
+                tier: self.tier.clone(),
+                cost: self.cost,
+                dry_run: false,
+                request_id: String::new(),
+            })
+            .collect();
+        let response = self
+            .client
+            .check_limits(CheckLimitsRequest {
+                checks,
+                request_id: String::new(),
+            })
+            .await?
+            .into_inner();
+        Ok(Answer {
+            allowed: response.allowed,
+            degraded: response.results.iter().any(|r| r.degraded),
         })
     }
 }

@@ -45,7 +45,8 @@ pub(crate) struct Cli {
     /// The RPC to call.
     #[arg(long, value_enum, default_value_t = Call::CheckLimit)]
     call: Call,
-    /// The rule, for check-limit.
+    /// The rule, for check-limit; for check-limits, the group's rules,
+    /// comma-separated.
     #[arg(long, default_value = "api")]
     rule: String,
     /// The message kind, for increment-usage.
@@ -107,6 +108,10 @@ pub(crate) struct Cli {
 pub(crate) enum Call {
     /// tollgate.v1.RateLimiter/CheckLimit.
     CheckLimit,
+    /// tollgate.v1.RateLimiter/CheckLimits: one check per rule of --rule
+    /// (comma-separated, e.g. `api_log,api_sliding_counter,api_counter`),
+    /// all for the request's subject.
+    CheckLimits,
     /// tollgate.v1.UsageQuota/IncrementUsage.
     IncrementUsage,
     /// envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit, one
@@ -119,6 +124,7 @@ impl Call {
     pub(crate) fn name(self) -> &'static str {
         match self {
             Self::CheckLimit => "check-limit",
+            Self::CheckLimits => "check-limits",
             Self::IncrementUsage => "increment-usage",
             Self::ShouldRateLimit => "should-rate-limit",
         }
@@ -128,6 +134,7 @@ impl Call {
     pub(crate) fn rpc(self) -> &'static str {
         match self {
             Self::CheckLimit => "tollgate.v1.RateLimiter/CheckLimit",
+            Self::CheckLimits => "tollgate.v1.RateLimiter/CheckLimits",
             Self::IncrementUsage => "tollgate.v1.UsageQuota/IncrementUsage",
             Self::ShouldRateLimit => "envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit",
         }

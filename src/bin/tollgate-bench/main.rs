@@ -16,7 +16,7 @@ use clap::Parser;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::{
-    calls::{Caller, CheckLimit, IncrementUsage, ShouldRateLimit},
+    calls::{Caller, CheckLimit, CheckLimits, IncrementUsage, ShouldRateLimit},
     cli::{Bounds, Call, Cli, MAX_REQUESTS, Plan},
     driver::{Phase, Stop},
     report::{Report, Warmup},
@@ -60,6 +60,7 @@ fn main() -> ExitCode {
 async fn run(plan: &Plan) -> Result<Report, String> {
     match plan.call {
         Call::CheckLimit => drive::<CheckLimit>(plan).await,
+        Call::CheckLimits => drive::<CheckLimits>(plan).await,
         Call::IncrementUsage => drive::<IncrementUsage>(plan).await,
         Call::ShouldRateLimit => drive::<ShouldRateLimit>(plan).await,
     }

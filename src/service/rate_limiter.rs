@@ -7,7 +7,7 @@ use tracing::{Span, instrument};
 
 use super::wire_duration;
 use crate::{
-    limiter::{CheckRequest, Limiter},
+    limiter::{CheckRequest, Limiter, SettleRequest},
     proto::{
         CheckLimitRequest, CheckLimitResponse, CheckLimitsRequest, CheckLimitsResponse,
         SettleLimitRequest, SettleLimitResponse, rate_limiter_server::RateLimiter,
@@ -48,6 +48,7 @@ impl<S: Store> RateLimiter for RateLimiterService<S> {
                 tier: &request.tier,
                 cost: request.cost,
                 dry_run: request.dry_run,
+                request_id: &request.request_id,
             })
             .await?;
         let decision = outcome.decision;
@@ -62,6 +63,7 @@ impl<S: Store> RateLimiter for RateLimiterService<S> {
             reset_after: wire_duration(decision.reset_after),
             blocked: decision.blocked,
             degraded: outcome.degraded,
+            replayed: outcome.replayed,
             ..CheckLimitResponse::default()
         }))
     }
@@ -74,11 +76,31 @@ impl<S: Store> RateLimiter for RateLimiterService<S> {
         Err(Status::unimplemented("CheckLimits is not implemented yet"))
     }
 
-    // Placeholder until pay-after-use lands (issue 11, part 3).
+    #[instrument(
+        name = "SettleLimit",
+        skip_all,
+        fields(rule = %request.get_ref().rule, actual_cost = request.get_ref().actual_cost, found, remaining)
+    )]
     async fn settle_limit(
         &self,
-        _request: Request<SettleLimitRequest>,
+        request: Request<SettleLimitRequest>,
     ) -> Result<Response<SettleLimitResponse>, Status> {
-        Err(Status::unimplemented("SettleLimit is not implemented yet"))
+        let request = request.get_ref();
+        let settled = self
+            .limiter
+            .settle_limit(SettleRequest {
+                rule: &request.rule,
+                subject: &request.subject,
+                request_id: &request.request_id,
+                actual_cost: request.actual_cost,
+            })
+            .await?;
+        Span::current()
+            .record("found", settled.is_some())
+            .record("remaining", settled.unwrap_or(0));
+        Ok(Response::new(SettleLimitResponse {
+            found: settled.is_some(),
+            remaining: settled.unwrap_or(0),
+        }))
     }
 }

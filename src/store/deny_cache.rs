@@ -33,6 +33,16 @@
 //! counts one, the key's cached denial is dropped, since the new hits can
 //! make its `retry_after` later.
 //!
+//! A call with a request id is never answered here: a retry of it must get
+//! its first answer again (an allowed one, say), which only the store
+//! remembers. Its fresh answers are learnt from as any other's; a replayed
+//! one, being old, is not. A settle makes this instance forget the
+//! subject's cached denial, since a refund takes hits back and a settle up
+//! can make a `retry_after` later. A settle made through another instance
+//! is not seen here: a refund there leaves this instance's cached denials in
+//! force until their `retry_after` (callers are denied a little longer than
+//! needed, never admitted wrongly).
+//!
 //! Two denials are not cached: a dry run's, when the rule has `block_for`
 //! (a real request would start a block, which only the store can do), and
 //! one with no `retry_after`.
@@ -73,8 +83,8 @@ use std::{
 use tokio::time::Instant;
 
 use super::{
-    ConversationCounters, LimitCheck, LimitDecision, Store, StoreError, UsageDecision,
-    UsageIncrement,
+    ConversationCounters, LimitCheck, LimitDecision, LimitSettle, Once, Store, StoreError,
+    UsageDecision, UsageIncrement, UsageSettle,
 };
 use crate::rules::Algorithm;
 
@@ -396,6 +406,58 @@ impl<S: Store> Store for DenyCache<S> {
         self.inner.increment_usage(increment).await
     }
 
+    async fn check_limit_once(
+        &self,
+        check: &LimitCheck<'_>,
+        request_id: &str,
+    ) -> Result<Once<LimitDecision>, StoreError> {
+        let sent_us = self.shared.now_us();
+        match self.inner.check_limit_once(check, request_id).await {
+            Ok(once) => {
+                if !once.replayed {
+                    self.shared.record(check, sent_us, &once.decision);
+                }
+                Ok(once)
+            }
+            Err(err) => {
+                if matches!(err, StoreError::Unavailable(_)) {
+                    self.shared.clear();
+                }
+                Err(err)
+            }
+        }
+    }
+
+    async fn settle_limit(&self, settle: &LimitSettle<'_>) -> Result<Option<u64>, StoreError> {
+        let settled = self.inner.settle_limit(settle).await?;
+        if settled.is_some() {
+            // Only the key matters to `forget`; the rest is any valid shape.
+            self.shared.forget(&LimitCheck {
+                rule: settle.rule,
+                subject: settle.subject,
+                algorithm: settle.algorithm,
+                limit: 0,
+                window: settle.window,
+                block_for: None,
+                cost: 1,
+                dry_run: false,
+            });
+        }
+        Ok(settled)
+    }
+
+    async fn increment_usage_once(
+        &self,
+        increment: &UsageIncrement<'_>,
+        request_id: &str,
+    ) -> Result<Once<UsageDecision>, StoreError> {
+        self.inner.increment_usage_once(increment, request_id).await
+    }
+
+    async fn settle_usage(&self, settle: &UsageSettle<'_>) -> Result<Option<u64>, StoreError> {
+        self.inner.settle_usage(settle).await
+    }
+
     async fn get_usage(
         &self,
         user_id: &str,
@@ -456,6 +518,27 @@ mod tests {
             increment: &UsageIncrement<'_>,
         ) -> Result<UsageDecision, StoreError> {
             self.store.increment_usage(increment).await
+        }
+        async fn check_limit_once(
+            &self,
+            check: &LimitCheck<'_>,
+            request_id: &str,
+        ) -> Result<Once<LimitDecision>, StoreError> {
+            self.checks.fetch_add(1, Ordering::SeqCst);
+            self.store.check_limit_once(check, request_id).await
+        }
+        async fn settle_limit(&self, settle: &LimitSettle<'_>) -> Result<Option<u64>, StoreError> {
+            self.store.settle_limit(settle).await
+        }
+        async fn increment_usage_once(
+            &self,
+            increment: &UsageIncrement<'_>,
+            request_id: &str,
+        ) -> Result<Once<UsageDecision>, StoreError> {
+            self.store.increment_usage_once(increment, request_id).await
+        }
+        async fn settle_usage(&self, settle: &UsageSettle<'_>) -> Result<Option<u64>, StoreError> {
+            self.store.settle_usage(settle).await
         }
         async fn get_usage(
             &self,

@@ -878,7 +878,10 @@ async fn an_index_without_its_by_id_set_is_rebuilt() {
 async fn scripts_assert_their_argument_counts() {
     let server = RedisServer::start();
     for (source, expected) in [
-        (include_str!("../lua/sliding_log.lua"), "expected 5 or 6 ARGV"),
+        (
+            include_str!("../lua/sliding_log.lua"),
+            "expected 5 or 6 ARGV",
+        ),
         (
             include_str!("../lua/sliding_counter.lua"),
             "expected 5 or 6 ARGV",

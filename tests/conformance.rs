@@ -2038,7 +2038,7 @@ async fn usage_settles_and_replays(backend: Backend) {
         again,
         IncrementUsageResponse {
             replayed: true,
-            ..first.clone()
+            ..first
         },
         "replay"
     );

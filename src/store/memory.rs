@@ -1511,6 +1511,89 @@ mod tests {
         }
     }
 
+    /// Settles up and down, within the rewrite bound, keep every answer
+    /// (count, retry_after, reset_after, trimming) exactly as a log that
+    /// stores each call's cost and sums them.
+    #[test]
+    fn settled_logs_answer_exactly_as_the_summing_one() {
+        let mut random = Random(0x2545_f491_4f6c_dd1d);
+        for round in 0..200 {
+            let window = 1 + random.below(5_000);
+            let mut log = Log {
+                trimmed: if round % 2 == 0 { 0 } else { u64::MAX - 20 },
+                ..Log::default()
+            };
+            let mut reference: VecDeque<(u64, u64)> = VecDeque::new();
+            // Entries ever pushed to the reference: the ones it still
+            // holds are the last `reference.len()` of them.
+            let mut ref_pushed = 0_u64;
+            // Per counted call: its log entry, its reference entry, what
+            // it counts now.
+            let mut calls: Vec<(u64, u64, u64)> = Vec::new();
+            let mut now = 1_000_000;
+            for step in 0..300 {
+                now += match random.below(4) {
+                    0 => 0,
+                    1 => random.below(5),
+                    _ => random.below(window / 2 + 1),
+                };
+                if random.below(3) == 0 && !calls.is_empty() {
+                    // Settle one of the last 20 calls: at most 20 entries
+                    // after it, well within the bound.
+                    let pick = calls.len() - 1 - random.below(calls.len().min(20) as u64) as usize;
+                    let (entry, ref_index, counted) = calls[pick];
+                    let actual = random.below(8);
+                    if let Some(cutoff) = now.checked_sub(window) {
+                        log.trim(cutoff);
+                        while reference.front().is_some_and(|&(at, _)| at <= cutoff) {
+                            reference.pop_front();
+                        }
+                    }
+                    let delta = actual as i64 - counted as i64;
+                    let settled = if delta == 0 {
+                        entry
+                            .checked_sub(log.popped)
+                            .map(|pos| pos < log.hits.len() as u64)
+                    } else {
+                        log.settle(entry, delta)
+                    };
+                    let in_reference = ref_index
+                        .checked_sub(ref_pushed - reference.len() as u64)
+                        .and_then(|pos| reference.get_mut(pos as usize));
+                    match (settled, in_reference) {
+                        (Some(applied), Some(hit)) => {
+                            assert!(applied, "round {round}, step {step}: within the bound");
+                            hit.1 = actual;
+                            calls[pick].2 = actual;
+                        }
+                        (None, None) => {}
+                        other => panic!("round {round}, step {step}: found {other:?}"),
+                    }
+                    let count: u64 = reference.iter().map(|&(_, n)| n).sum();
+                    assert_eq!(log.count(), count, "round {round}, step {step}: count");
+                    continue;
+                }
+                let check = LimitCheck {
+                    limit: 1 + random.below(12),
+                    cost: 1 + random.below(4),
+                    dry_run: random.below(5) == 0,
+                    ..check(Algorithm::SlidingLog, 0, 1)
+                };
+                let decided = decide_log(&mut log, &check, window, now);
+                assert_eq!(
+                    decided,
+                    reference_log(&mut reference, &check, window, now),
+                    "round {round}, step {step}"
+                );
+                if decided.allowed && !check.dry_run {
+                    ref_pushed += 1;
+                    let entry = log.newest_index().expect("a counted call has an entry");
+                    calls.push((entry, ref_pushed - 1, check.cost));
+                }
+            }
+        }
+    }
+
     #[test]
     fn the_running_total_log_answers_exactly_as_the_summing_one() {
         let mut random = Random(0x9e37_79b9_7f4a_7c15);

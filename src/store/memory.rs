@@ -1940,4 +1940,57 @@ mod tests {
             (after - before) / N as u64
         );
     }
+
+    /// Resident memory per remembered request id (a 36-byte UUID, 100 per
+    /// subject on 1000 subjects), beyond the counters themselves, for
+    /// README's figure: `cargo test --lib
+    /// store::memory::tests::bytes_per_request_id -- --ignored --nocapture`,
+    /// alone, as RSS is the whole process's.
+    #[tokio::test]
+    #[ignore = "a measurement, not a test"]
+    async fn bytes_per_request_id() {
+        fn rss() -> u64 {
+            let statm = std::fs::read_to_string("/proc/self/statm").expect("Linux");
+            let pages: u64 = statm
+                .split_whitespace()
+                .nth(1)
+                .and_then(|n| n.parse().ok())
+                .expect("statm's resident pages");
+            pages * 4096
+        }
+        const N: usize = 100_000;
+        let store = MemoryStore::new();
+        let subjects: Vec<String> = (0..1000).map(|i| format!("user-{i}")).collect();
+        let ids: Vec<String> = (0..N)
+            .map(|i| format!("{:08x}-7a4d-4e2b-9c1a-{:012x}", i, i * 7919))
+            .collect();
+        let tokens = |subject| LimitCheck {
+            rule: "tokens",
+            subject,
+            algorithm: Algorithm::SlidingLog,
+            limit: u64::MAX,
+            window: Duration::from_secs(60),
+            block_for: None,
+            cost: 1,
+            dry_run: false,
+        };
+        // The counters first, with one call each, so that only the ids
+        // (and their calls' log entries, 16 bytes each) are measured.
+        for subject in &subjects {
+            store.check_limit(&tokens(subject)).await.expect("memory");
+        }
+        let before = rss();
+        for (i, id) in ids.iter().enumerate() {
+            store
+                .check_limit_once(&tokens(&subjects[i % 1000]), id)
+                .await
+                .expect("memory");
+        }
+        let after = rss();
+        println!(
+            "{N} request ids: {} bytes resident, {} bytes each",
+            after - before,
+            (after - before) / N as u64
+        );
+    }
 }

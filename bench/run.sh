@@ -37,6 +37,10 @@
 #   (f) (a) on the memory store
 #   (g) cost-heavy: CheckLimit on Redis, rule tokens (sliding_log,
 #       100,000,000 per minute), costs drawn from 1 to 100,000
+#   (rid) (a) with a request_id of its own on every request (each is
+#       remembered for the window, as retries are)
+#   (settle) pay after use on Redis, rule tokens: each request reserves
+#       1000 under a fresh request_id and settles it to 500 (two RPCs)
 # Baselines on the same Redis: redis-benchmark -P 1 with tollgate's own
 # sliding_log script by EVALSHA over 10,000 keys, and a plain INCR.
 set -euo pipefail
@@ -63,10 +67,10 @@ CORES=$(nproc)
 TOLLGATE_THREADS=${TOLLGATE_THREADS:-$((CORES > 1 ? CORES - 1 : 1))}
 SKIP_BUILD=${SKIP_BUILD:-0}
 KEEP=${KEEP:-0}
-# 14 scenarios of DURATION (plus set-up, which takes seconds on a busy
+# 16 scenarios of DURATION (plus set-up, which takes seconds on a busy
 # machine) per run, the memory measurements and start-up; a build is
 # bounded on its own.
-MAX_SECONDS=${MAX_SECONDS:-$((180 + RUNS * 15 * (DURATION + WARMUP + 8)))}
+MAX_SECONDS=${MAX_SECONDS:-$((180 + RUNS * 17 * (DURATION + WARMUP + 8)))}
 CONFIG=bench/tollgate-bench.toml
 TOLLGATE=target/release/tollgate
 BENCH=target/release/tollgate-bench
@@ -341,6 +345,10 @@ for run in $(seq "$RUNS"); do
     scenario "$run" f_200 "(f) CheckLimit, memory store" memory --rule api_log --subjects "$SUBJECTS" -c 200
     scenario "$run" g_50 "(g) CheckLimit, Redis, costs 1..100,000" redis --rule tokens --cost 1 --cost-max 100000 \
         --subjects "$SUBJECTS" -c 50
+    scenario "$run" rid_50 "(rid) CheckLimit with a request_id, Redis, sliding_log" redis --rule api_log \
+        --request-ids --subjects "$SUBJECTS" -c 50
+    scenario "$run" settle_50 "(settle) reserve + SettleLimit pairs, Redis, sliding_log" redis \
+        --call settle-limit --rule tokens --cost 1000 --subjects "$SUBJECTS" -c 50
 done
 
 read -r STEAL1 TOTAL1 < <(cpu_steal)
@@ -412,6 +420,9 @@ checks = [
     ("(f) c=50 tollgate CPU µs/decision", med("f_50", "tg"), "<= 30", lambda v: v <= 30),
     ("(g) / (a) c=50 Redis CPU µs/decision", None if med("g_50", "rd") is None or med("a_50", "rd") is None
      else med("g_50", "rd") / med("a_50", "rd"), "<= 1.5", lambda v: v <= 1.5),
+    ("(rid) / (a) c=50 req/s", ratio("rid_50", "a_50"), ">= 0.9", lambda v: v >= 0.9),
+    ("(rid) / (a) c=50 tollgate CPU µs/decision", None if med("rid_50", "tg") is None or med("a_50", "tg") is None
+     else med("rid_50", "tg") / med("a_50", "tg"), "<= 1.1", lambda v: v <= 1.1),
 ]
 print("| target | measured | goal | met |")
 print("|---|---:|---:|---|")

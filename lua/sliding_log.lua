@@ -176,16 +176,24 @@ end
 
 -- Trim the calls that left the window, oldest first, a batch at a time,
 -- from rank 1 (rank 0 is the base): the newest of them becomes the base.
+-- The first batch is read with the base and the scores, so that the base's
+-- score costs no command of its own.
 local BATCH = 16
 local cutoff = now - window
+local base = nil
 while true do
-  local oldest = redis.call('ZRANGE', log_key, 1, BATCH)
+  local oldest = redis.call('ZRANGE', log_key, 0, BATCH, 'WITHSCORES')
+  if oldest[1] == nil then
+    break
+  end
+  base = tonumber(oldest[2])
   local gone = 0
-  for i = 1, #oldest do
+  for i = 3, #oldest, 2 do
     if time_of(oldest[i]) > cutoff then
       break
     end
-    gone = i
+    gone = gone + 1
+    base = tonumber(oldest[i + 1])
   end
   if gone > 0 then
     redis.call('ZREMRANGEBYRANK', log_key, 0, gone - 1)
@@ -195,12 +203,10 @@ while true do
   end
 end
 
-local first = redis.call('ZRANGE', log_key, 0, 0, 'WITHSCORES')
-local base = tonumber(first[2])
 local newest_at, total = newest()
 if base == nil then
   -- The log is empty: its running total starts again from 0.
-  base, total = nil, 0
+  total = 0
 end
 local count = total - (base or 0)
 
@@ -214,9 +220,10 @@ if count + cost <= limit then
   local at = math.max(now, newest_at or now)
   local member = int(at) .. ':' .. int(total)
   local n = 0
-  while redis.call('ZSCORE', log_key, member) do
-    -- Taken only after a settle brought the total back down within one
-    -- microsecond: rare, and each round is one ZSCORE.
+  -- Only a member of the newest call's microsecond can hold the name, and
+  -- only after a settle brought the total back down: rare, and each round
+  -- is one ZSCORE.
+  while at == newest_at and redis.call('ZSCORE', log_key, member) do
     n = n + 1
     member = int(at) .. ':' .. int(total) .. '.' .. n
   end

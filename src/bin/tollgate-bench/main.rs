@@ -16,7 +16,7 @@ use clap::Parser;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::{
-    calls::{Caller, CheckLimit, IncrementUsage, ShouldRateLimit},
+    calls::{Caller, CheckLimit, IncrementUsage, SettleLimit, ShouldRateLimit},
     cli::{Bounds, Call, Cli, MAX_REQUESTS, Plan},
     driver::{Phase, Stop},
     report::{Report, Warmup},
@@ -62,6 +62,7 @@ async fn run(plan: &Plan) -> Result<Report, String> {
         Call::CheckLimit => drive::<CheckLimit>(plan).await,
         Call::IncrementUsage => drive::<IncrementUsage>(plan).await,
         Call::ShouldRateLimit => drive::<ShouldRateLimit>(plan).await,
+        Call::SettleLimit => drive::<SettleLimit>(plan).await,
     }
 }
 

@@ -77,8 +77,10 @@ and is trimmed once, by the first call after it leaves the window; every
 other step is O(log n) in the calls in the window (ZRANGE by rank at either
 end, one ZRANGEBYSCORE LIMIT 0 1, one GET and SET of the record). So a call
 costs amortised O(log n) Redis work and one member of memory (plus the
-base, one per log), never work or memory in proportion to its cost, and n
-is at most `limit` plus the calls settled to 0 in the window.
+base, one per log), never work or memory in proportion to its cost. n is
+at most `limit` while nothing is refunded (every counted call spends at
+least one hit); a refund (lua/settle_log.lua) lets more calls in, each a
+request of its own paying for its one member, as it pays for its record.
 
 Running totals are Lua doubles, exact to 2^53: they restart at 0 whenever
 the log empties, and move by at most `limit` (plus settled hits) per window

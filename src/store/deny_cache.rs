@@ -636,6 +636,44 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn request_ids_pass_the_cache_and_a_settle_forgets_the_subject() {
+        let (cache, store, _clock) = cached(DEFAULT_CAPACITY);
+        let api = check("api", "u1", 3, 1);
+        let reserved = cache
+            .check_limit_once(&LimitCheck { cost: 3, ..api }, "r1")
+            .await
+            .expect("memory");
+        assert!(reserved.decision.allowed && !reserved.replayed);
+        assert!(!cache.check_limit(&api).await.expect("memory").allowed);
+        assert_eq!(cache.len(), 1, "the denial is cached");
+        // A retry of the allowed call is the store's replay, never the
+        // cached denial.
+        let retried = cache
+            .check_limit_once(&LimitCheck { cost: 3, ..api }, "r1")
+            .await
+            .expect("memory");
+        assert_eq!(retried.decision, reserved.decision);
+        assert!(retried.replayed);
+        assert_eq!(store.checks(), 3);
+        // A refund makes this instance forget the denial at once.
+        let settled = cache
+            .settle_limit(&LimitSettle {
+                rule: "api",
+                subject: "u1",
+                algorithm: Algorithm::SlidingLog,
+                window: api.window,
+                request_id: "r1",
+                actual: 1,
+            })
+            .await
+            .expect("memory");
+        assert_eq!(settled, Some(2));
+        assert!(cache.is_empty());
+        assert!(cache.check_limit(&api).await.expect("memory").allowed);
+        assert_eq!(store.checks(), 4);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn smaller_costs_other_limits_and_other_keys_go_to_the_store() {
         let (cache, store, _clock) = cached(DEFAULT_CAPACITY);
         assert!(

@@ -23,7 +23,7 @@ use tollgate::{
     keys::KeyBuilder,
     rules::Algorithm,
     store::{
-        LimitCheck, LimitDecision, Store, StoreError, UsageIncrement,
+        LimitCheck, LimitDecision, LimitSettle, Store, StoreError, UsageIncrement,
         redis::{RedisOptions, RedisStore},
     },
 };
@@ -1029,4 +1029,76 @@ async fn a_silent_server_times_out() {
     assert!(start.elapsed() < ms(600), "took {:?}", start.elapsed());
     assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
     drop(listener);
+}
+
+/// The counts of each command Redis ran since the last CONFIG RESETSTAT.
+fn command_calls(server: &RedisServer, command: &str) -> u64 {
+    let stats = server.cli(&["INFO", "commandstats"]);
+    stats
+        .lines()
+        .find_map(|line| line.strip_prefix(&format!("cmdstat_{command}:calls=")))
+        .and_then(|rest| rest.split(',').next())
+        .map_or(0, |calls| calls.parse().expect("a count"))
+}
+
+/// A settle's work is bounded whatever the log holds: it shifts the scores
+/// on the smaller side of the call, at most 64, and past that adds to the
+/// newest call (up) or refunds nothing (down), never rewriting the log.
+#[tokio::test]
+async fn a_settle_rewrites_at_most_64_scores() {
+    let server = RedisServer::start();
+    let store = connect(&server).await;
+    let rule = check(Algorithm::SlidingLog, "deep", 1_000_000, ms(60_000));
+    let keys = KeyBuilder::new(PREFIX).limit(RULE, Algorithm::SlidingLog, "deep");
+    for i in 0..300 {
+        let once = store
+            .check_limit_once(&LimitCheck { cost: 10, ..rule }, &format!("c{i}"))
+            .await
+            .expect("redis");
+        assert!(once.decision.allowed && !once.replayed);
+    }
+    let settle = |id: &'static str, actual| LimitSettle {
+        rule: RULE,
+        subject: "deep",
+        algorithm: Algorithm::SlidingLog,
+        window: ms(60_000),
+        request_id: id,
+        actual,
+    };
+    server.cli(&["CONFIG", "RESETSTAT"]);
+    // 49 calls after c250: it and they are shifted.
+    assert_eq!(
+        store.settle_limit(&settle("c250", 4)).await.expect("redis"),
+        Some(1_000_000 - 2994)
+    );
+    assert_eq!(command_calls(&server, "zadd"), 50);
+    // 3 calls and the base before c2: those are shifted instead.
+    assert_eq!(
+        store.settle_limit(&settle("c2", 0)).await.expect("redis"),
+        Some(1_000_000 - 2984)
+    );
+    assert_eq!(command_calls(&server, "zadd"), 53);
+    // 150 on each side of c150: up goes onto the newest call, down is not
+    // refunded; neither touches another score.
+    assert_eq!(
+        store
+            .settle_limit(&settle("c150", 25))
+            .await
+            .expect("redis"),
+        Some(1_000_000 - 2999)
+    );
+    assert_eq!(
+        store
+            .settle_limit(&settle("c150", 10))
+            .await
+            .expect("redis"),
+        Some(1_000_000 - 2999)
+    );
+    assert_eq!(command_calls(&server, "zadd"), 53);
+    assert_eq!(command_calls(&server, "zincrby"), 1);
+    // The log's counts are the calls' own: the newest holds c150's extra 15.
+    let scores = log_calls(&server, &keys.counter);
+    assert_eq!(scores.len(), 300);
+    assert_eq!(scores[299] - scores[298], 25);
+    assert_eq!(scores[250] - scores[249], 4);
 }

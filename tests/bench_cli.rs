@@ -8,8 +8,8 @@ use tokio::{net::TcpListener, process::Command, sync::oneshot, task::JoinHandle}
 use tollgate::{
     limiter::Limiter,
     store::{
-        ConversationCounters, LimitCheck, LimitDecision, LimitSettle, Once, Store, StoreError,
-        UsageDecision, UsageIncrement, UsageSettle, memory::MemoryStore,
+        ConversationCounters, LimitCheck, LimitDecision, LimitInspect, LimitSettle, LimitUsage,
+        Once, Store, StoreError, UsageDecision, UsageIncrement, UsageSettle, memory::MemoryStore,
     },
 };
 
@@ -119,6 +119,18 @@ impl Store for Down {
         _: &str,
         _: usize,
     ) -> Result<Vec<(String, ConversationCounters)>, StoreError> {
+        Err(Self::error())
+    }
+
+    async fn inspect_limit(&self, _: &LimitInspect<'_>) -> Result<LimitUsage, StoreError> {
+        Err(Self::error())
+    }
+
+    async fn reset_limit(&self, _: &str, _: &str) -> Result<bool, StoreError> {
+        Err(Self::error())
+    }
+
+    async fn reset_usage(&self, _: &str, _: Option<&str>) -> Result<u32, StoreError> {
         Err(Self::error())
     }
 

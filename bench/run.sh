@@ -40,6 +40,10 @@
 #   (h) CheckLimits on Redis, a group of 3 checks of one subject (api_log,
 #       api_sliding_counter, api_counter's premium tier: room), compared
 #       per call with (a)
+#   (rid) (a) with a request_id of its own on every request (each is
+#       remembered for the window, as retries are)
+#   (settle) pay after use on Redis, rule tokens: each request reserves
+#       1000 under a fresh request_id and settles it to 500 (two RPCs)
 # Baselines on the same Redis: redis-benchmark -P 1 with tollgate's own
 # sliding_log script by EVALSHA over 10,000 keys, and a plain INCR.
 set -euo pipefail
@@ -66,10 +70,10 @@ CORES=$(nproc)
 TOLLGATE_THREADS=${TOLLGATE_THREADS:-$((CORES > 1 ? CORES - 1 : 1))}
 SKIP_BUILD=${SKIP_BUILD:-0}
 KEEP=${KEEP:-0}
-# 15 scenarios of DURATION (plus set-up, which takes seconds on a busy
+# 17 scenarios of DURATION (plus set-up, which takes seconds on a busy
 # machine) per run, the memory measurements and start-up; a build is
 # bounded on its own.
-MAX_SECONDS=${MAX_SECONDS:-$((180 + RUNS * 16 * (DURATION + WARMUP + 8)))}
+MAX_SECONDS=${MAX_SECONDS:-$((180 + RUNS * 18 * (DURATION + WARMUP + 8)))}
 CONFIG=bench/tollgate-bench.toml
 TOLLGATE=target/release/tollgate
 BENCH=target/release/tollgate-bench
@@ -346,6 +350,10 @@ for run in $(seq "$RUNS"); do
         --subjects "$SUBJECTS" -c 50
     scenario "$run" h_50 "(h) CheckLimits, Redis, 3 checks" redis --call check-limits \
         --rule api_log,api_sliding_counter,api_counter --tier premium --subjects "$SUBJECTS" -c 50
+    scenario "$run" rid_50 "(rid) CheckLimit with a request_id, Redis, sliding_log" redis --rule api_log \
+        --request-ids --subjects "$SUBJECTS" -c 50
+    scenario "$run" settle_50 "(settle) reserve + SettleLimit pairs, Redis, sliding_log" redis \
+        --call settle-limit --rule tokens --cost 1000 --subjects "$SUBJECTS" -c 50
 done
 
 read -r STEAL1 TOTAL1 < <(cpu_steal)
@@ -421,6 +429,9 @@ checks = [
      else med("h_50", "tg") / med("a_50", "tg"), "<= 1.5", lambda v: v <= 1.5),
     ("(h) / (a) c=50 Redis CPU µs/call", None if med("h_50", "rd") is None or med("a_50", "rd") is None
      else med("h_50", "rd") / med("a_50", "rd"), "<= 3", lambda v: v <= 3),
+    ("(rid) / (a) c=50 req/s", ratio("rid_50", "a_50"), ">= 0.9", lambda v: v >= 0.9),
+    ("(rid) / (a) c=50 tollgate CPU µs/decision", None if med("rid_50", "tg") is None or med("a_50", "tg") is None
+     else med("rid_50", "tg") / med("a_50", "tg"), "<= 1.1", lambda v: v <= 1.1),
 ]
 print("| target | measured | goal | met |")
 print("|---|---:|---:|---|")

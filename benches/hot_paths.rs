@@ -97,6 +97,7 @@ fn limiter(c: &mut Criterion) {
                 tier: "premium",
                 cost: 1,
                 dry_run: false,
+                request_id: "",
             };
             black_box(rt.block_on(limiter.check_limit(black_box(request))))
         })

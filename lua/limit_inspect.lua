@@ -19,9 +19,9 @@ Semantics (the memory store implements the same; keep them in step, and
 with sliding_log.lua and sliding_counter.lua):
 - now = Redis's TIME in microseconds.
 - sliding_log: used = the hits of the calls with time > now - window (the
-  newest score minus the "total before" of the oldest such call), read
-  without trimming the calls that left; reset_after = newest + window - now,
-  or 0.
+  newest score minus the score of the member ranked just before the oldest
+  such call: the base, or a call that left), read without trimming the
+  calls that left; reset_after = newest + window - now, or 0.
 - sliding_counter: used = ceil(estimate), the estimate of sliding_counter.lua
   computed in the same float expression, so that limit - used is the
   remaining a check would report before spending anything; reset_after as
@@ -29,9 +29,10 @@ with sliding_log.lua and sliding_counter.lua):
 - blocked = 1 and block_remaining_us = the block's PTTL when KEYS[2] is
   given and exists; else 0 and 0.
 
-Worked example: a log {"0:0" -> 2, "1500000:2" -> 4} (times relative),
-window 2 s, inspected at t = 2.2 s: the first call has left, so used =
-4 - 2 = 2 and reset_after = 1.5 + 2 - 2.2 s: {2, 1300000, 0, 0}.
+Worked example: a log {"0:0" -> 0, "0:0" -> 2, "1500000:2" -> 4} (times
+relative; the first member is the base), window 2 s, inspected at t = 2.2
+s: the first call has left, so used = 4 - 2 = 2 and reset_after = 1.5 + 2 -
+2.2 s: {2, 1300000, 0, 0}.
 
 Bounded work: O(log^2 n) for a log of n calls (a binary search by rank over
 calls in time order, each probe an O(log n) ZRANGE); O(1) for a counter.
@@ -49,32 +50,33 @@ local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
 
 local used, reset_after = 0, 0
 if algorithm == 'sliding_log' then
-  local function parse(member)
-    local at, before = string.match(member, '^(%d+):(%d+)$')
+  local function time_of(member)
+    local at = string.match(member, '^(%d+):')
     assert(at, 'limit_inspect.lua: unexpected member ' .. tostring(member) .. ' in ' .. counter_key)
-    return tonumber(at), tonumber(before)
+    return tonumber(at)
   end
   local n = redis.call('ZCARD', counter_key)
   if n > 0 then
-    -- Calls are in time order by rank: find the first still in the window.
+    -- Calls are in time order by rank, from rank 1 (rank 0 is the base):
+    -- find the first still in the window.
     local cutoff = now - window
-    local lo, hi = 0, n
+    local lo, hi = 1, n
     while lo < hi do
       local mid = math.floor((lo + hi) / 2)
-      local at = parse(redis.call('ZRANGE', counter_key, mid, mid)[1])
-      if at > cutoff then
+      if time_of(redis.call('ZRANGE', counter_key, mid, mid)[1]) > cutoff then
         hi = mid
       else
         lo = mid + 1
       end
     end
     local last = redis.call('ZRANGE', counter_key, -1, -1, 'WITHSCORES')
-    local newest_at = parse(last[1])
     if lo < n then
-      local _, before = parse(redis.call('ZRANGE', counter_key, lo, lo)[1])
-      used = tonumber(last[2]) - before
+      -- Its hits and the later ones: the newest score less the score of
+      -- the member ranked just before it.
+      local before = redis.call('ZRANGE', counter_key, lo - 1, lo - 1, 'WITHSCORES')
+      used = tonumber(last[2]) - tonumber(before[2])
     end
-    reset_after = math.max(newest_at + window - now, 0)
+    reset_after = math.max(time_of(last[1]) + window - now, 0)
   end
 elseif algorithm == 'sliding_counter' then
   local w = math.floor(now / window)

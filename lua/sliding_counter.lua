@@ -1,6 +1,6 @@
 --[[
 sliding_counter.lua: an approximate sliding-window rate limit in constant
-memory, with optional lock-out.
+memory, with optional lock-out and optional request-id records.
 
 KEYS[1]  the counter: a hash with three short fields, kept small so that it
          stays listpack-encoded (under 200 bytes per subject):
@@ -9,20 +9,31 @@ KEYS[1]  the counter: a hash with three short fields, kept small so that it
            p  hits counted in window w - 1
 KEYS[2]  the block key: present while the subject is locked out. Passed
          only when ARGV[5] block_us > 0 (and then required): a rule without
-         a lock-out sends one key. Both keys share one hash tag, so the
-         script runs on one Cluster slot.
+         a lock-out sends one key.
+KEYS[#KEYS]  the request record, when ARGV[6] = 1: "<allowed> <remaining>
+         <retry_after_us> <reset_after_us> <blocked> <limit> <cost> <w>",
+         w the window index the call was counted in (-1 for a denial),
+         expiring one window (PX rounded up to whole ms) after the decision.
+         lua/settle_counter.lua reads it. Every key shares one hash tag, so
+         the script runs on one Cluster slot.
 
 ARGV[1]  limit      hits allowed per window (>= 0)
 ARGV[2]  window_us  the window, in microseconds (>= 1000)
 ARGV[3]  cost       hits this call spends (>= 1)
 ARGV[4]  dry_run    1: decide without writing anything; 0: count if allowed
 ARGV[5]  block_us   lock the subject out this long after a denial; 0: never
+ARGV[6]  record     optional; 1: the last key is the request's record (never
+                    with a dry run)
 
 Returns {allowed, remaining, retry_after_us, reset_after_us, blocked}, all
-integers; allowed and blocked are 0 or 1.
+integers; allowed and blocked are 0 or 1; with ARGV[6] = 1 a sixth,
+replayed (0 or 1).
 
 Semantics (the memory store implements the same, in f64 and in this order
 of operations so that both round alike; keep them in step):
+- With a record key: if the record exists, its answer is returned as it
+  was first given, with replayed = 1, and nothing else is read or written;
+  otherwise the answer below is also written to the record.
 - now = Redis's TIME in microseconds; w = floor(now / window);
   elapsed = now - w * window.
 - Stored index w: keep c and p; w - 1: p = c, c = 0; anything else (or no
@@ -54,10 +65,10 @@ estimate 7.5 + 4 > 10, remaining floor(2.5) = 2, and at 30 s into the window
 6 * 30 / 60 + 3 + 4 = 10 fits, so {0, 2, 15000000, 105000000, 0}.
 
 Bounded work: O(1) whatever the cost or the traffic: three hash fields and
-the block key, never more.
+the block key (and the record), never more.
 ]]
 
-assert(#ARGV == 5, 'sliding_counter.lua: expected 5 ARGV (limit, window_us, cost, dry_run, block_us), got ' .. #ARGV)
+assert(#ARGV == 5 or #ARGV == 6, 'sliding_counter.lua: expected 5 or 6 ARGV (limit, window_us, cost, dry_run, block_us[, record]), got ' .. #ARGV)
 
 local function int_arg(i, name)
   local value = tonumber(ARGV[i])
@@ -69,20 +80,46 @@ local window = int_arg(2, 'window_us')
 local cost = int_arg(3, 'cost')
 local dry_run = ARGV[4] == '1'
 local block_us = int_arg(5, 'block_us')
+local recorded = ARGV[6] == '1'
+assert(not (recorded and dry_run), 'sliding_counter.lua: a dry run keeps no record')
 
 -- The block key comes only with a lock-out. On a slot that is migrating, a
 -- script whose keys are only partly on the source node gets TRYAGAIN, and
 -- the block key rarely exists: with it, every hit on an existing log would
 -- wait out the migration.
-local want_keys = block_us > 0 and 2 or 1
-assert(#KEYS == want_keys, 'sliding_counter.lua: expected ' .. want_keys .. ' KEYS (counter' .. (block_us > 0 and ', block' or '') .. ') for block_us ' .. block_us .. ', got ' .. #KEYS)
+local want_keys = 1 + (block_us > 0 and 1 or 0) + (recorded and 1 or 0)
+assert(#KEYS == want_keys, 'sliding_counter.lua: expected ' .. want_keys .. ' KEYS (counter' .. (block_us > 0 and ', block' or '') .. (recorded and ', record' or '') .. ') for block_us ' .. block_us .. ', got ' .. #KEYS)
 local counter_key, block_key = KEYS[1], KEYS[2]
+local record_key = recorded and KEYS[#KEYS] or nil
 assert(window > 0, 'sliding_counter.lua: window_us must be positive')
 
 -- Lua numbers are doubles and print as 1.7e+15 past 14 digits; every number
 -- sent to Redis goes through int() so it is an exact integer string.
 local function int(x)
   return string.format('%d', x)
+end
+
+if recorded then
+  local seen = redis.call('GET', record_key)
+  if seen then
+    local a, r, retry, reset, b = string.match(seen, '^(%d+) (%d+) (%d+) (%d+) (%d+) ')
+    assert(a, 'sliding_counter.lua: unexpected record in ' .. record_key)
+    return {tonumber(a), tonumber(r), tonumber(retry), tonumber(reset), tonumber(b), 1}
+  end
+end
+
+-- Returns the answer, remembering it first when the call has a record;
+-- counted_in is the window index the call was counted in, or -1.
+local function answer(allowed, remaining, retry_after, reset_after, blocked, counted_in)
+  local reply = {allowed, remaining, retry_after, reset_after, blocked}
+  if recorded then
+    redis.call('SET', record_key,
+      table.concat({int(allowed), int(remaining), int(retry_after), int(reset_after), int(blocked),
+        int(limit), int(cost), int(counted_in or -1)}, ' '),
+      'PX', int(math.ceil(window / 1000)))
+    reply[6] = 0
+  end
+  return reply
 end
 
 local time = redis.call('TIME')
@@ -112,7 +149,7 @@ local estimate = prev * (window - elapsed) / window + cur
 
 if block_us > 0 and redis.call('EXISTS', block_key) == 1 then
   local block_ms = math.max(redis.call('PTTL', block_key), 0)
-  return {0, 0, block_ms * 1000, until_empty(), 1}
+  return answer(0, 0, block_ms * 1000, until_empty(), 1)
 end
 
 if estimate + cost <= limit then
@@ -122,7 +159,10 @@ if estimate + cost <= limit then
     redis.call('HSET', counter_key, 'w', int(w), 'c', int(cur), 'p', int(prev))
     redis.call('PEXPIRE', counter_key, int(math.ceil(2 * window / 1000)))
   end
-  return {1, remaining, 0, until_empty(), 0}
+  if dry_run then
+    return {1, remaining, 0, until_empty(), 0}
+  end
+  return answer(1, remaining, 0, until_empty(), 0, w)
 end
 
 local remaining = math.max(math.floor(limit - estimate), 0)
@@ -143,4 +183,4 @@ if block_us > 0 and not dry_run then
   blocked = 1
   retry_after = block_us
 end
-return {0, remaining, retry_after, reset_after, blocked}
+return answer(0, remaining, retry_after, reset_after, blocked)

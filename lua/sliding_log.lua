@@ -1,34 +1,49 @@
 --[[
-sliding_log.lua: an exact sliding-window rate limit, with optional lock-out.
+sliding_log.lua: an exact sliding-window rate limit, with optional lock-out
+and optional request-id records (retries are not charged twice).
 
 KEYS[1]  the log: a sorted set with one member per counted call, whatever
-         its cost. Its score is the running total of hits counted in this
-         log up to and including the call ("total after"); its member is
-         "<time_us>:<total before>", the call's time in microseconds
-         (Redis's clock) and the running total before it. So a call's cost
-         is score - total before, and hits in the window =
-         newest score - oldest total before.
+         its cost, plus one base member at rank 0. Its score is the running
+         total of hits counted in this log up to and including the call
+         ("total after"); its member is "<time_us>:<tag>", the call's time
+         in microseconds (Redis's clock) and a tag that keeps members of one
+         microsecond apart (the running total before the call when it was
+         added, with ".<n>" should that name be taken). A call's cost is its
+         score minus the score of the member ranked just before it, so a
+         settle (lua/settle_log.lua) can change one call's cost by shifting
+         the scores on one side of it, never renaming a member.
+         Rank 0 is the base: the newest call that has left the window (or
+         "0:0", scored 0, when the log is made), never a live call; hits in
+         the window = newest score - base score.
 KEYS[2]  the block key: present while the subject is locked out. Passed
          only when ARGV[5] block_us > 0 (and then required): a rule without
-         a lock-out sends one key. Both keys share one hash tag, so the
-         script runs on one Cluster slot.
+         a lock-out sends one key.
+KEYS[#KEYS]  the request record, when ARGV[6] = 1: a string holding this
+         call's answer, the limit, its cost and its member (see Records).
+         Every key shares one hash tag, so the script runs on one Cluster
+         slot.
 
 ARGV[1]  limit      hits allowed per window (>= 0)
 ARGV[2]  window_us  the window, in microseconds (>= 1000)
 ARGV[3]  cost       hits this call spends (>= 1)
 ARGV[4]  dry_run    1: decide without writing anything; 0: count if allowed
 ARGV[5]  block_us   lock the subject out this long after a denial; 0: never
+ARGV[6]  record     optional; 1: the last key is the request's record (never
+                    with a dry run)
 
 Returns {allowed, remaining, retry_after_us, reset_after_us, blocked}, all
-integers; allowed and blocked are 0 or 1.
+integers; allowed and blocked are 0 or 1; with ARGV[6] = 1 a sixth,
+replayed (0 or 1).
 
 Semantics (the memory store implements the same; keep them in step):
 - The clock is Redis's own TIME, so every tollgate instance agrees.
+- With a record key: if the record exists, its answer is returned as it
+  was first given, with replayed = 1, and nothing else is read or written.
 - If block_us > 0 and the block key exists: denied, blocked, remaining 0,
   retry_after = the block's PTTL, reset_after = time until the log is empty
-  (newest + window - now, or 0). Nothing is written.
-- Otherwise calls with time <= now - window are trimmed, oldest first, and
-  count = the hits of the calls left.
+  (newest + window - now, or 0). Nothing is written but the record.
+- Otherwise calls with time <= now - window are trimmed, oldest first (the
+  newest of them stays as the base), and count = the hits of the calls left.
 - count + cost <= limit: allowed. Unless a dry run, one member for the call
   is added and the log expires one window after it.
   remaining = limit - count - cost, retry_after = 0, reset_after = window if
@@ -41,31 +56,43 @@ Semantics (the memory store implements the same; keep them in step):
   of block_us (PX rounded up to whole ms): blocked = 1 and retry_after =
   block_us.
 
+Records: "<allowed> <remaining> <retry_after_us> <reset_after_us> <blocked>
+<limit> <cost> <member>" (member "-" when denied), expiring one window
+(PX rounded up to whole ms) after the decision: the window in which the
+call's hits count. A denial is remembered too: a retry of a denied call
+gets the same denial until its record expires.
+
 Worked example: limit 4, window 2 s, block 0. Calls at t = 0 s (cost 2) and
-t = 1.5 s (cost 2) fill the log: {"0:0" -> 2, "1500000:2" -> 4} (times
-relative). At t = 1.5 s a fifth hit is denied: {0, 0, 500000, 2000000, 0},
-since the hits from t = 0 leave at t = 2 s and the newest at t = 3.5 s; a
-cost of 3 is denied with {0, 0, 2000000, 2000000, 0}, since the third-oldest
-hit is in the call at t = 1.5 s. At t = 2.2 s the first call has left: two
-more hits are allowed ({1, 1, 0, 2000000, 0} then {1, 0, 0, 2000000, 0}) and
-a third is denied ({0, 0, 1300000, 2000000, 0}: the t = 1.5 s call leaves at
-3.5 s).
+t = 1.5 s (cost 2) fill the log: {"0:0" -> 0, "0:0" -> 2, "1500000:2" -> 4}
+(times relative; the first is the base). At t = 1.5 s a fifth hit is
+denied: {0, 0, 500000, 2000000, 0}, since the hits from t = 0 leave at
+t = 2 s and the newest at t = 3.5 s; a cost of 3 is denied with {0, 0,
+2000000, 2000000, 0}, since the third-oldest hit is in the call at t = 1.5
+s. At t = 2.2 s the first call has left (it is the base now): two more hits
+are allowed ({1, 1, 0, 2000000, 0} then {1, 0, 0, 2000000, 0}) and a third
+is denied ({0, 0, 1300000, 2000000, 0}: the t = 1.5 s call leaves at 3.5 s).
 
 Bounded work: a call that is counted adds one member, whatever its cost,
 and is trimmed once, by the first call after it leaves the window; every
 other step is O(log n) in the calls in the window (ZRANGE by rank at either
-end, one ZRANGEBYSCORE LIMIT 0 1). So a call costs amortised O(log n) Redis
-work and one member of memory, never work or memory in proportion to its
-cost, and n is at most `limit` (every counted call spends at least one hit).
+end, one ZRANGEBYSCORE LIMIT 0 1, one GET and SET of the record). So a call
+costs amortised O(log n) Redis work and one member of memory (plus the
+base, one per log), never work or memory in proportion to its cost. n is
+at most `limit` while nothing is refunded (every counted call spends at
+least one hit); a refund (lua/settle_log.lua) lets more calls in, each a
+request of its own paying for its one member, as it pays for its record.
 
 Running totals are Lua doubles, exact to 2^53: they restart at 0 whenever
-the log empties, and grow by at most `limit` per window while it does not.
+the log empties, and move by at most `limit` (plus settled hits) per window
+while it does not.
 A call's time is never before the newest member's, so the log stays in
 time order even if Redis's clock steps back (a failover to a node whose
-clock is behind): such calls are held a little longer, never less.
+clock is behind): such calls are held a little longer, never less. Members
+of equal score (calls settled to 0) are ordered by name, which is time
+order: every time has 16 digits (until the year 2286), and "0:0" sorts first.
 ]]
 
-assert(#ARGV == 5, 'sliding_log.lua: expected 5 ARGV (limit, window_us, cost, dry_run, block_us), got ' .. #ARGV)
+assert(#ARGV == 5 or #ARGV == 6, 'sliding_log.lua: expected 5 or 6 ARGV (limit, window_us, cost, dry_run, block_us[, record]), got ' .. #ARGV)
 
 local function int_arg(i, name)
   local value = tonumber(ARGV[i])
@@ -77,14 +104,17 @@ local window = int_arg(2, 'window_us')
 local cost = int_arg(3, 'cost')
 local dry_run = ARGV[4] == '1'
 local block_us = int_arg(5, 'block_us')
+local recorded = ARGV[6] == '1'
+assert(not (recorded and dry_run), 'sliding_log.lua: a dry run keeps no record')
 
 -- The block key comes only with a lock-out. On a slot that is migrating, a
 -- script whose keys are only partly on the source node gets TRYAGAIN, and
 -- the block key rarely exists: with it, every hit on an existing log would
 -- wait out the migration.
-local want_keys = block_us > 0 and 2 or 1
-assert(#KEYS == want_keys, 'sliding_log.lua: expected ' .. want_keys .. ' KEYS (log' .. (block_us > 0 and ', block' or '') .. ') for block_us ' .. block_us .. ', got ' .. #KEYS)
+local want_keys = 1 + (block_us > 0 and 1 or 0) + (recorded and 1 or 0)
+assert(#KEYS == want_keys, 'sliding_log.lua: expected ' .. want_keys .. ' KEYS (log' .. (block_us > 0 and ', block' or '') .. (recorded and ', record' or '') .. ') for block_us ' .. block_us .. ', got ' .. #KEYS)
 local log_key, block_key = KEYS[1], KEYS[2]
+local record_key = recorded and KEYS[#KEYS] or nil
 
 -- Lua numbers are doubles and print as 1.7e+15 past 14 digits; every number
 -- sent to Redis goes through int() so it is an exact integer string.
@@ -92,24 +122,45 @@ local function int(x)
   return string.format('%d', x)
 end
 
--- A member "<time_us>:<total before>" as two numbers.
-local function parse(member)
-  local at, before = string.match(member, '^(%d+):(%d+)$')
+if recorded then
+  local seen = redis.call('GET', record_key)
+  if seen then
+    local a, r, retry, reset, b = string.match(seen, '^(%d+) (%d+) (%d+) (%d+) (%d+) ')
+    assert(a, 'sliding_log.lua: unexpected record in ' .. record_key)
+    return {tonumber(a), tonumber(r), tonumber(retry), tonumber(reset), tonumber(b), 1}
+  end
+end
+
+-- Returns the answer, remembering it first when the call has a record.
+local function answer(allowed, remaining, retry_after, reset_after, blocked, member)
+  local reply = {allowed, remaining, retry_after, reset_after, blocked}
+  if recorded then
+    redis.call('SET', record_key,
+      table.concat({int(allowed), int(remaining), int(retry_after), int(reset_after), int(blocked),
+        int(limit), int(cost), member or '-'}, ' '),
+      'PX', int(math.ceil(window / 1000)))
+    reply[6] = 0
+  end
+  return reply
+end
+
+-- A member's time.
+local function time_of(member)
+  local at = string.match(member, '^(%d+):')
   assert(at, 'sliding_log.lua: unexpected member ' .. tostring(member) .. ' in ' .. log_key)
-  return tonumber(at), tonumber(before)
+  return tonumber(at)
 end
 
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
 
--- The newest call: its time and the running total after it, or nil.
+-- The newest member: its time and score, or nil and 0.
 local function newest()
   local last = redis.call('ZRANGE', log_key, -1, -1, 'WITHSCORES')
   if last[1] == nil then
     return nil, 0
   end
-  local at = parse(last[1])
-  return at, tonumber(last[2])
+  return time_of(last[1]), tonumber(last[2])
 end
 
 -- Time until the newest call leaves the window, i.e. the log is empty.
@@ -122,29 +173,34 @@ end
 
 if block_us > 0 and redis.call('EXISTS', block_key) == 1 then
   local block_ms = math.max(redis.call('PTTL', block_key), 0)
-  return {0, 0, block_ms * 1000, until_empty((newest())), 1}
+  return answer(0, 0, block_ms * 1000, until_empty((newest())), 1)
 end
 
--- Trim the calls that left the window, oldest first, a batch at a time; the
--- first call still in it gives the running total before the window.
+-- Trim the calls that left the window, oldest first, a batch at a time,
+-- from rank 1 (rank 0 is the base): the newest of them becomes the base.
+-- The first batch is read with the base and the scores, so that the base's
+-- score costs no command of its own.
 local BATCH = 16
 local cutoff = now - window
 local base = nil
-while base == nil do
-  local oldest = redis.call('ZRANGE', log_key, 0, BATCH - 1)
+while true do
+  local oldest = redis.call('ZRANGE', log_key, 0, BATCH, 'WITHSCORES')
+  if oldest[1] == nil then
+    break
+  end
+  base = tonumber(oldest[2])
   local gone = 0
-  for i = 1, #oldest do
-    local at, before = parse(oldest[i])
-    if at > cutoff then
-      base = before
+  for i = 3, #oldest, 2 do
+    if time_of(oldest[i]) > cutoff then
       break
     end
-    gone = i
+    gone = gone + 1
+    base = tonumber(oldest[i + 1])
   end
   if gone > 0 then
     redis.call('ZREMRANGEBYRANK', log_key, 0, gone - 1)
   end
-  if #oldest < BATCH and base == nil then
+  if gone < BATCH then
     break
   end
 end
@@ -152,18 +208,30 @@ end
 local newest_at, total = newest()
 if base == nil then
   -- The log is empty: its running total starts again from 0.
-  base, total = 0, 0
+  total = 0
 end
-local count = total - base
+local count = total - (base or 0)
 
 if count + cost <= limit then
   if dry_run then
     return {1, limit - count - cost, 0, until_empty(newest_at), 0}
   end
+  if base == nil then
+    redis.call('ZADD', log_key, 0, '0:0')
+  end
   local at = math.max(now, newest_at or now)
-  redis.call('ZADD', log_key, int(total + cost), int(at) .. ':' .. int(total))
+  local member = int(at) .. ':' .. int(total)
+  local n = 0
+  -- Only a member of the newest call's microsecond can hold the name, and
+  -- only after a settle brought the total back down: rare, and each round
+  -- is one ZSCORE.
+  while at == newest_at and redis.call('ZSCORE', log_key, member) do
+    n = n + 1
+    member = int(at) .. ':' .. int(total) .. '.' .. n
+  end
+  redis.call('ZADD', log_key, int(total + cost), member)
   redis.call('PEXPIRE', log_key, int(math.ceil(until_empty(at) / 1000)))
-  return {1, limit - count - cost, 0, until_empty(at), 0}
+  return answer(1, limit - count - cost, 0, until_empty(at), 0, member)
 end
 
 local reset_after = until_empty(newest_at)
@@ -172,9 +240,8 @@ if cost <= limit then
   -- The call whose running total first reaches base + need holds the
   -- need-th oldest hit: once it leaves, cost more hits fit.
   local need = count + cost - limit
-  local call = redis.call('ZRANGEBYSCORE', log_key, int(base + need), '+inf', 'LIMIT', 0, 1)
-  local at = parse(call[1])
-  retry_after = math.max(at + window - now, 0)
+  local call = redis.call('ZRANGEBYSCORE', log_key, int((base or 0) + need), '+inf', 'LIMIT', 0, 1)
+  retry_after = math.max(time_of(call[1]) + window - now, 0)
 end
 
 local blocked = 0
@@ -183,4 +250,4 @@ if block_us > 0 and not dry_run then
   blocked = 1
   retry_after = block_us
 end
-return {0, math.max(limit - count, 0), retry_after, reset_after, blocked}
+return answer(0, math.max(limit - count, 0), retry_after, reset_after, blocked)

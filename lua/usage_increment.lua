@@ -9,6 +9,9 @@ KEYS[2]  the user's index: a sorted set of character id -> the time (ms,
          it instead of scanning the keyspace.
 KEYS[3]  the same character ids, all scored 0, so that Redis keeps them in
          byte order and ListUsage reads the first ones by rank.
+KEYS[4]  optional, with ARGV[6] = 1: the request's record, "<allowed>
+         <used> <resets_after_ms> <amount>", expiring with the conversation
+         (PX = its PTTL after this call); lua/usage_settle.lua reads it.
          All keys share the user's hash tag, so the script runs on one
          Cluster slot.
 
@@ -17,12 +20,18 @@ ARGV[2]  amount        messages to count (>= 1)
 ARGV[3]  limit         the quota for the kind, or -1 for unlimited
 ARGV[4]  period_ms     how long counters live after the first message (>= 1)
 ARGV[5]  character_id  the index member (raw; only the keys are encoded)
+ARGV[6]  record        optional; 1: KEYS[4] is the request's record
 
 Returns {allowed, used, resets_after_ms}: allowed is 0 or 1, used is the
 kind's count after this call, resets_after_ms the conversation's PTTL (0 if
-it has no counters).
+it has no counters); with ARGV[6] = 1 a fourth, replayed (0 or 1).
 
 Semantics (the memory store implements the same; keep them in step):
+- With a record key: if the record exists, its answer is returned as first
+  given, with replayed = 1, and nothing is written. Otherwise the answer
+  below is remembered for as long as the conversation's counters live; a
+  denial when the conversation has none (a quota of 0) is not remembered,
+  as there is nothing for its record to live with (a retry is denied alike).
 - used = HGET kind, or 0.
 - limit >= 0 and used + amount > limit: denied; nothing is written.
 - Otherwise HINCRBY kind amount. A conversation without a TTL is new: it
@@ -43,8 +52,9 @@ Worked example: limit 3, period 1 day, empty conversation. amount 2:
 {0, 3, 86399000}. With limit -1 every call is counted.
 ]]
 
-assert(#KEYS == 3, 'usage_increment.lua: expected 3 KEYS (conversation, index, by id), got ' .. #KEYS)
-assert(#ARGV == 5, 'usage_increment.lua: expected 5 ARGV (kind, amount, limit, period_ms, character_id), got ' .. #ARGV)
+local recorded = ARGV[6] == '1'
+assert(#KEYS == (recorded and 4 or 3), 'usage_increment.lua: expected 3 KEYS (conversation, index, by id) and the record when ARGV[6] = 1, got ' .. #KEYS)
+assert(#ARGV == 5 or #ARGV == 6, 'usage_increment.lua: expected 5 or 6 ARGV (kind, amount, limit, period_ms, character_id[, record]), got ' .. #ARGV)
 
 local conversation_key, index_key, by_id_key = KEYS[1], KEYS[2], KEYS[3]
 local kind = ARGV[1]
@@ -62,9 +72,32 @@ local function int(x)
   return string.format('%d', x)
 end
 
+local record_key = KEYS[4]
+if recorded then
+  local seen = redis.call('GET', record_key)
+  if seen then
+    local a, u, r = string.match(seen, '^(%d+) (%d+) (%d+) ')
+    assert(a, 'usage_increment.lua: unexpected record in ' .. record_key)
+    return {tonumber(a), tonumber(u), tonumber(r), 1}
+  end
+end
+
+-- Returns the answer, remembering it first when the call has a record.
+local function answer(allowed, used_after, resets_after)
+  if not recorded then
+    return {allowed, used_after, resets_after}
+  end
+  if resets_after > 0 then
+    redis.call('SET', record_key,
+      table.concat({int(allowed), int(used_after), int(resets_after), int(amount)}, ' '),
+      'PX', int(resets_after))
+  end
+  return {allowed, used_after, resets_after, 0}
+end
+
 local used = tonumber(redis.call('HGET', conversation_key, kind)) or 0
 if limit >= 0 and used + amount > limit then
-  return {0, used, math.max(redis.call('PTTL', conversation_key), 0)}
+  return answer(0, used, math.max(redis.call('PTTL', conversation_key), 0))
 end
 
 used = redis.call('HINCRBY', conversation_key, kind, int(amount))
@@ -87,4 +120,4 @@ if resets_after < 0 then
   end
   resets_after = period
 end
-return {1, used, resets_after}
+return answer(1, used, resets_after)

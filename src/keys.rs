@@ -30,6 +30,20 @@ pub struct LimitKeys {
     pub block: String,
 }
 
+impl LimitKeys {
+    /// The record of one request id of this counter: the first answer and
+    /// what a settle needs. It extends the counter's key, so it shares its
+    /// hash tag (one Cluster slot) and names the algorithm, and the
+    /// request id is [`encode`]d, so no crafted id reaches another key.
+    pub fn request(&self, request_id: &str) -> String {
+        let mut key = String::with_capacity(self.counter.len() + request_id.len() + 4);
+        key.push_str(&self.counter);
+        key.push_str(":id:");
+        encode_into(&mut key, request_id);
+        key
+    }
+}
+
 /// The keys of one user's usage quotas.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UsageKeys {
@@ -50,6 +64,18 @@ impl UsageKeys {
     pub fn conversation(&self, character_id: &str) -> String {
         let mut key = self.conversation_stem.clone();
         encode_into(&mut key, character_id);
+        key
+    }
+
+    /// The record of one request id counting `kind` in one conversation:
+    /// the conversation's key (whose encoded character id holds no `:`),
+    /// the kind (config names are `[a-z0-9_-]`), then the encoded id.
+    pub fn request(&self, character_id: &str, kind: &str, request_id: &str) -> String {
+        let mut key = self.conversation(character_id);
+        key.push(':');
+        key.push_str(kind);
+        key.push_str(":id:");
+        encode_into(&mut key, request_id);
         key
     }
 }
@@ -180,6 +206,23 @@ mod tests {
         assert_eq!(keys.block, "aim:{rl:user-42}:auth:block");
         let keys = KeyBuilder::new("aim:").limit("api", Algorithm::SlidingCounter, "10.0.0.1");
         assert_eq!(keys.counter, "aim:{rl:10.0.0.1}:api:ctr");
+        assert_eq!(keys.request("r-1"), "aim:{rl:10.0.0.1}:api:ctr:id:r-1");
+    }
+
+    #[test]
+    fn request_id_keys_are_pinned_and_encoded() {
+        let keys = KeyBuilder::new("aim:").limit("auth", Algorithm::SlidingLog, "u");
+        assert_eq!(keys.request("a:b}"), "aim:{rl:u}:auth:calls:id:a%3Ab%7D");
+        let usage = KeyBuilder::new("aim:").usage("u1");
+        assert_eq!(
+            usage.request("luna", "text", "{x}"),
+            "aim:{uq:u1}:c:luna:text:id:%7Bx%7D"
+        );
+        // A crafted character id cannot spell another conversation's record.
+        assert_ne!(
+            usage.request("luna:text:id:r", "text", "r"),
+            usage.request("luna", "text", "r")
+        );
     }
 
     #[test]
@@ -243,11 +286,13 @@ mod tests {
         }
         let limit = KeyBuilder::new("p:").limit("auth", Algorithm::SlidingLog, "{evil}");
         assert_eq!(tag(&limit.counter), tag(&limit.block));
+        assert_eq!(tag(&limit.counter), tag(&limit.request("{r}")));
         // Every rule of one subject shares the tag, so one script can
         // decide several of them.
         let other = KeyBuilder::new("p:").limit("api", Algorithm::SlidingCounter, "{evil}");
         assert_eq!(tag(&limit.counter), tag(&other.counter));
         let usage = KeyBuilder::new("p:").usage("{evil}");
         assert_eq!(tag(&usage.index), tag(&usage.conversation("{c}")));
+        assert_eq!(tag(&usage.index), tag(&usage.request("{c}", "text", "{r}")));
     }
 }

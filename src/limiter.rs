@@ -18,13 +18,16 @@ use crate::{
     metrics::{Metrics, Operation, Outcome, PolicyCounters},
     rules::{FailureMode, Policy, Quota, Tier},
     store::{
-        ConversationCounters, LimitCheck, LimitDecision, LimitInspect, LimitUsage, Store,
-        StoreError, UsageIncrement,
+        ConversationCounters, LimitCheck, LimitDecision, LimitInspect, LimitSettle, LimitUsage,
+        Once, Store, StoreError, UsageIncrement, UsageSettle,
     },
 };
 
 /// The longest subject, user id or character id accepted, in bytes.
 pub const MAX_ID_BYTES: usize = 256;
+
+/// The longest request id accepted, in bytes.
+pub const MAX_REQUEST_ID_BYTES: usize = 128;
 
 /// Sits between the head of an over-long subject and the hex SHA-256 of the
 /// whole value in its digested form (see [`untrusted_subject`]).
@@ -127,6 +130,10 @@ pub struct CheckRequest<'a> {
     pub cost: u32,
     /// Decide without counting.
     pub dry_run: bool,
+    /// Retries with the same id within the window get the first answer
+    /// again and count nothing; empty: none. Ignored by a dry run, which
+    /// counts nothing to protect.
+    pub request_id: &'a str,
 }
 
 /// The answer to a [`CheckRequest`].
@@ -139,6 +146,8 @@ pub struct CheckOutcome {
     pub decision: LimitDecision,
     /// The store failed; the decision is the rule's `on_store_error`.
     pub degraded: bool,
+    /// The request id was already decided: this is the first answer again.
+    pub replayed: bool,
     /// A shadow rule would have denied (the store denied, or, degraded, the
     /// rule's `on_store_error` is deny); `decision.allowed` is true.
     pub shadowed: bool,
@@ -160,6 +169,9 @@ pub struct IncrementRequest<'a> {
     pub tier: &'a str,
     /// Messages to count; 0 means 1.
     pub amount: u32,
+    /// Retries with the same id, while the conversation's counters live,
+    /// get the first answer again and count nothing; empty: none.
+    pub request_id: &'a str,
 }
 
 /// The answer to an [`IncrementRequest`].
@@ -176,6 +188,38 @@ pub struct IncrementOutcome {
     pub resets_after: Duration,
     /// The store failed; `allowed` is the quotas' `on_store_error`.
     pub degraded: bool,
+    /// The request id was already decided: this is the first answer again.
+    pub replayed: bool,
+}
+
+/// A SettleLimit question: the call counted with `request_id` now costs
+/// `actual_cost`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SettleRequest<'a> {
+    /// The rule's name.
+    pub rule: &'a str,
+    /// Whose counter.
+    pub subject: &'a str,
+    /// The id the call was counted with.
+    pub request_id: &'a str,
+    /// What it costs from now on; 0 refunds it.
+    pub actual_cost: u32,
+}
+
+/// A SettleUsage question: the messages counted with `request_id` now
+/// count `actual_amount`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct UsageSettleRequest<'a> {
+    /// The user.
+    pub user_id: &'a str,
+    /// The character.
+    pub character_id: &'a str,
+    /// The message kind's name.
+    pub kind: &'a str,
+    /// The id the messages were counted with.
+    pub request_id: &'a str,
+    /// What they count from now on; 0 refunds them.
+    pub actual_amount: u32,
 }
 
 /// A rate-limit counter as InspectLimit reports it.
@@ -344,28 +388,36 @@ impl<S: Store> Limiter<S> {
                     .unwrap_or_else(|| tiers.default_tier())
             }
         };
+        let request_id = validate_request_id(request.request_id, request.dry_run)?;
         let limit = rule.limit(tier);
+        let check = LimitCheck {
+            rule: rule.name(),
+            subject: &subject,
+            algorithm: rule.algorithm(),
+            limit,
+            window: rule.window(),
+            block_for: rule.block_for(),
+            cost: u64::from(request.cost.max(1)),
+            dry_run: request.dry_run,
+        };
         let decided = self
             .metrics
-            .store_call(
-                Operation::check_limit,
-                self.store.check_limit(&LimitCheck {
-                    rule: rule.name(),
-                    subject: &subject,
-                    algorithm: rule.algorithm(),
-                    limit,
-                    window: rule.window(),
-                    block_for: rule.block_for(),
-                    cost: u64::from(request.cost.max(1)),
-                    dry_run: request.dry_run,
-                }),
-            )
+            .store_call(Operation::check_limit, async {
+                match request_id {
+                    Some(id) => self.store.check_limit_once(&check, id).await,
+                    None => self.store.check_limit(&check).await.map(|decision| Once {
+                        decision,
+                        replayed: false,
+                    }),
+                }
+            })
             .await;
         let mut outcome = match decided {
-            Ok(decision) => CheckOutcome {
+            Ok(Once { decision, replayed }) => CheckOutcome {
                 limit,
                 decision,
                 degraded: false,
+                replayed,
                 shadowed: false,
                 ratelimit_policy: Arc::clone(rule.ratelimit_policy(tier)),
             },
@@ -386,6 +438,7 @@ impl<S: Store> Limiter<S> {
                         blocked: false,
                     },
                     degraded: true,
+                    replayed: false,
                     shadowed: false,
                     ratelimit_policy: Arc::clone(rule.ratelimit_policy(tier)),
                 }
@@ -433,28 +486,40 @@ impl<S: Store> Limiter<S> {
             name: request.kind.to_owned(),
             known: join(quotas.kinds().iter().map(|k| k.name())),
         })?;
+        let request_id = validate_request_id(request.request_id, false)?;
         let quota = kind.quota(tier);
+        let increment = UsageIncrement {
+            user_id: request.user_id,
+            character_id: request.character_id,
+            kind: kind.name(),
+            amount: u64::from(request.amount.max(1)),
+            limit: quota.limit(),
+            period: quotas.period(),
+        };
         let decided = self
             .metrics
-            .store_call(
-                Operation::increment_usage,
-                self.store.increment_usage(&UsageIncrement {
-                    user_id: request.user_id,
-                    character_id: request.character_id,
-                    kind: kind.name(),
-                    amount: u64::from(request.amount.max(1)),
-                    limit: quota.limit(),
-                    period: quotas.period(),
-                }),
-            )
+            .store_call(Operation::increment_usage, async {
+                match request_id {
+                    Some(id) => self.store.increment_usage_once(&increment, id).await,
+                    None => self
+                        .store
+                        .increment_usage(&increment)
+                        .await
+                        .map(|decision| Once {
+                            decision,
+                            replayed: false,
+                        }),
+                }
+            })
             .await;
         let outcome = match decided {
-            Ok(decision) => IncrementOutcome {
+            Ok(Once { decision, replayed }) => IncrementOutcome {
                 allowed: decision.allowed,
                 quota,
                 used: decision.used,
                 resets_after: decision.resets_after,
                 degraded: false,
+                replayed,
             },
             Err(err) => {
                 tracing::debug!(error = %err, "store failed; degraded answer");
@@ -464,6 +529,7 @@ impl<S: Store> Limiter<S> {
                     used: 0,
                     resets_after: Duration::ZERO,
                     degraded: true,
+                    replayed: false,
                 }
             }
         };
@@ -474,6 +540,73 @@ impl<S: Store> Limiter<S> {
         };
         in_force.counters.increment(kind.name(), counted_as);
         Ok(outcome)
+    }
+
+    /// Pay after use: the call counted with `request.request_id` now costs
+    /// `actual_cost`. The hits left in its window (under the limit it was
+    /// counted with), or `None` when the id is unknown, expired or was
+    /// denied. A store failure is an error: there is no answer to degrade to.
+    pub async fn settle_limit(&self, request: SettleRequest<'_>) -> Result<Option<u64>, Error> {
+        let _in_flight = self.metrics.in_flight();
+        let in_force = self.in_force.load();
+        let policy = &in_force.policy;
+        validate_id("subject", request.subject)?;
+        let rule = policy.rule(request.rule).ok_or_else(|| Error::Unknown {
+            field: "rule",
+            what: "rule",
+            name: request.rule.to_owned(),
+            known: join(policy.rules().map(|r| r.name())),
+        })?;
+        let request_id = required_request_id(request.request_id)?;
+        Ok(self
+            .metrics
+            .store_call(
+                Operation::settle_limit,
+                self.store.settle_limit(&LimitSettle {
+                    rule: rule.name(),
+                    subject: request.subject,
+                    algorithm: rule.algorithm(),
+                    window: rule.window(),
+                    request_id,
+                    actual: u64::from(request.actual_cost),
+                }),
+            )
+            .await?)
+    }
+
+    /// Pay after use on a quota: the messages counted with
+    /// `request.request_id` now count `actual_amount`. The kind's count
+    /// after it, or `None` when the id is unknown, expired or was denied.
+    pub async fn settle_usage(
+        &self,
+        request: UsageSettleRequest<'_>,
+    ) -> Result<Option<u64>, Error> {
+        let _in_flight = self.metrics.in_flight();
+        let in_force = self.in_force.load();
+        let policy = &in_force.policy;
+        validate_id("user_id", request.user_id)?;
+        validate_id("character_id", request.character_id)?;
+        let quotas = policy.quotas();
+        let kind = quotas.kind(request.kind).ok_or_else(|| Error::Unknown {
+            field: "kind",
+            what: "kind",
+            name: request.kind.to_owned(),
+            known: join(quotas.kinds().iter().map(|k| k.name())),
+        })?;
+        let request_id = required_request_id(request.request_id)?;
+        Ok(self
+            .metrics
+            .store_call(
+                Operation::settle_usage,
+                self.store.settle_usage(&UsageSettle {
+                    user_id: request.user_id,
+                    character_id: request.character_id,
+                    kind: kind.name(),
+                    request_id,
+                    actual: u64::from(request.actual_amount),
+                }),
+            )
+            .await?)
     }
 
     /// Every configured kind's counter in one conversation.
@@ -636,6 +769,29 @@ fn validate_id(field: &'static str, id: &str) -> Result<(), Error> {
         return Ok(());
     };
     Err(Error::InvalidArgument { field, problem })
+}
+
+/// A request id to remember, if any: at most [`MAX_REQUEST_ID_BYTES`];
+/// empty, or with a dry run (which counts nothing to protect), none.
+fn validate_request_id(id: &str, dry_run: bool) -> Result<Option<&str>, Error> {
+    if id.len() > MAX_REQUEST_ID_BYTES {
+        return Err(Error::InvalidArgument {
+            field: "request_id",
+            problem: format!(
+                "must be at most {MAX_REQUEST_ID_BYTES} bytes, got {}",
+                id.len()
+            ),
+        });
+    }
+    Ok((!id.is_empty() && !dry_run).then_some(id))
+}
+
+/// The request id a settle names: required.
+fn required_request_id(id: &str) -> Result<&str, Error> {
+    validate_request_id(id, false)?.ok_or_else(|| Error::InvalidArgument {
+        field: "request_id",
+        problem: "must not be empty: a settle names the call it settles".to_owned(),
+    })
 }
 
 fn join<'a>(names: impl Iterator<Item = &'a str>) -> String {

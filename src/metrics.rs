@@ -69,6 +69,10 @@ pub enum Operation {
     get_usage,
     /// Listing a user's conversations.
     list_usage,
+    /// Pay after use on a rate limit.
+    settle_limit,
+    /// Pay after use on a usage quota.
+    settle_usage,
 }
 
 /// Why the Envoy door counted a descriptor value other than as sent,

@@ -942,15 +942,16 @@ mod scripts {
         assert!(reply.contains("unknown algorithm"), "{reply}");
     }
 
-    /// The header's worked example: a log {"0:0" -> 2, "1500000:2" -> 4},
-    /// window 2 s, inspected at t = 2.2 s: {2, 1300000, 0, 0}, and nothing
-    /// trimmed.
+    /// The header's worked example: a log {"0:0" -> 0 (the base), "0:0" ->
+    /// 2, "1500000:2" -> 4}, window 2 s, inspected at t = 2.2 s: {2,
+    /// 1300000, 0, 0}, and nothing trimmed.
     #[test]
     fn limit_inspect_reads_a_log_without_trimming_it() {
         let server = RedisServer::start();
         let before = redis_now_us(&server);
         let t0 = before - 2_200_000;
         let log = "{rl:u1}:auth:calls";
+        server.cli(&["ZADD", log, "0", "0:0"]);
         server.cli(&["ZADD", log, "2", &format!("{t0}:0")]);
         server.cli(&["ZADD", log, "4", &format!("{}:2", t0 + 1_500_000)]);
         let reply = numbers(&server.cli(&["EVAL", INSPECT, "1", log, "sliding_log", "2000000"]));
@@ -962,7 +963,7 @@ mod scripts {
             (newest_leaves - after..=newest_leaves - before).contains(&reply[1]),
             "{reply:?}"
         );
-        assert_eq!(server.cli(&["ZCARD", log]), "2");
+        assert_eq!(server.cli(&["ZCARD", log]), "3");
         // With the block key: reported while it lasts.
         let block = "{rl:u1}:auth:block";
         server.cli(&["SET", block, "1", "PX", "60000"]);

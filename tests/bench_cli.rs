@@ -8,8 +8,9 @@ use tokio::{net::TcpListener, process::Command, sync::oneshot, task::JoinHandle}
 use tollgate::{
     limiter::Limiter,
     store::{
-        ConversationCounters, GroupDecision, LimitCheck, LimitDecision, LimitInspect, LimitUsage,
-        Store, StoreError, UsageDecision, UsageIncrement, memory::MemoryStore,
+        ConversationCounters, GroupDecision, LimitCheck, LimitDecision, LimitInspect, LimitSettle,
+        LimitUsage, Once, Store, StoreError, UsageDecision, UsageIncrement, UsageSettle,
+        memory::MemoryStore,
     },
 };
 
@@ -91,6 +92,30 @@ impl Store for Down {
     }
 
     async fn increment_usage(&self, _: &UsageIncrement<'_>) -> Result<UsageDecision, StoreError> {
+        Err(Self::error())
+    }
+
+    async fn check_limit_once(
+        &self,
+        _: &LimitCheck<'_>,
+        _: &str,
+    ) -> Result<Once<LimitDecision>, StoreError> {
+        Err(Self::error())
+    }
+
+    async fn settle_limit(&self, _: &LimitSettle<'_>) -> Result<Option<u64>, StoreError> {
+        Err(Self::error())
+    }
+
+    async fn increment_usage_once(
+        &self,
+        _: &UsageIncrement<'_>,
+        _: &str,
+    ) -> Result<Once<UsageDecision>, StoreError> {
+        Err(Self::error())
+    }
+
+    async fn settle_usage(&self, _: &UsageSettle<'_>) -> Result<Option<u64>, StoreError> {
         Err(Self::error())
     }
 

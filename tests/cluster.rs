@@ -41,7 +41,8 @@ use tollgate::{
     keys::KeyBuilder,
     rules::Algorithm,
     store::{
-        ConversationCounters, LimitCheck, LimitDecision, Store, StoreError, UsageIncrement,
+        ConversationCounters, LimitCheck, LimitDecision, LimitSettle, Store, StoreError,
+        UsageIncrement, UsageSettle,
         redis::{RedisOptions, RedisStore},
     },
 };
@@ -188,6 +189,7 @@ async fn the_store_behaves_the_same_on_a_cluster() {
             scripts_reload_after_script_flush_on_every_node,
             subjects_spread_over_every_master,
             one_live_seed_node_is_enough,
+            request_ids_live_in_their_counter_s_slot_and_count_once,
         ]
     );
 }
@@ -206,10 +208,11 @@ async fn sliding_log_counts_exactly(env: &Env) {
             blocked: false,
         }
     );
-    // The log lives on the master that owns its slot: one member per call.
+    // The log lives on the master that owns its slot: one member per call,
+    // and the base member (see lua/sliding_log.lua).
     assert_eq!(
         env.on_owner_int(&keys.counter, &["ZCARD", &keys.counter]),
-        1
+        2
     );
 
     let denied = env.decide(&LimitCheck { cost: 3, ..base }).await;
@@ -223,7 +226,7 @@ async fn sliding_log_counts_exactly(env: &Env) {
     assert_eq!((last.allowed, last.remaining), (true, 0));
     assert_eq!(
         env.on_owner_int(&keys.counter, &["ZCARD", &keys.counter]),
-        2
+        3
     );
 }
 
@@ -724,7 +727,8 @@ async fn resharding_a_slot_in_use_loses_and_doubles_no_decision() {
     assert_eq!(allowed + denied, 200);
     assert_eq!(allowed, 50, "no decision lost or doubled");
     assert_eq!(cluster.owner_of(slot), home);
-    assert_eq!(cluster.cli_int(home, &["ZCARD", &keys.counter]), 50);
+    // 50 calls and the log's base member.
+    assert_eq!(cluster.cli_int(home, &["ZCARD", &keys.counter]), 51);
     let slot = slot.to_string();
     assert_eq!(
         cluster.cli_int(away, &["CLUSTER", "COUNTKEYSINSLOT", &slot]),
@@ -1104,4 +1108,93 @@ async fn check_limits_request_id_across_slots_decides_once() {
             .expect("check_limit answers");
         assert_eq!(d.remaining, 8, "{algorithm}: counted once");
     }
+}
+
+/// 50 calls with one request id at once, over two stores on the cluster:
+/// one is counted, every one gets its answer; the record lives on the
+/// counter's node, and settles find it there.
+async fn request_ids_live_in_their_counter_s_slot_and_count_once(env: &Env) {
+    let other = connect(env.cluster.url(), &env.prefix).await;
+    let stores = [env.store.clone(), other];
+    for algorithm in ALGORITHMS {
+        let mut tasks = JoinSet::new();
+        for i in 0..50 {
+            let store = stores[i % 2].clone();
+            tasks.spawn(async move {
+                store
+                    .check_limit_once(
+                        &LimitCheck {
+                            cost: 4,
+                            ..check(algorithm, "dups", 10, ms(60_000))
+                        },
+                        "dup-1",
+                    )
+                    .await
+                    .expect("check_limit_once answers")
+            });
+        }
+        let answers = tasks.join_all().await;
+        assert_eq!(
+            answers.iter().filter(|a| !a.replayed).count(),
+            1,
+            "{algorithm}"
+        );
+        assert!(
+            answers
+                .iter()
+                .all(|a| a.decision.allowed && a.decision.remaining == 6),
+            "{algorithm}: {answers:?}"
+        );
+        let keys = env.keys().limit(RULE, algorithm, "dups");
+        let record = keys.request("dup-1");
+        assert_eq!(
+            env.cluster.key_slot(&record),
+            env.cluster.key_slot(&keys.counter)
+        );
+        assert_eq!(
+            env.on_owner_int(&record, &["EXISTS", &record]),
+            1,
+            "{algorithm}"
+        );
+        let settle = LimitSettle {
+            rule: RULE,
+            subject: "dups",
+            algorithm,
+            window: ms(60_000),
+            request_id: "dup-1",
+            actual: 1,
+        };
+        assert_eq!(
+            env.store.settle_limit(&settle).await.expect("settles"),
+            Some(9),
+            "{algorithm}"
+        );
+        assert_eq!(
+            stores[1].settle_limit(&settle).await.expect("settles"),
+            Some(9),
+            "{algorithm}"
+        );
+    }
+    let increment = usage("payer", "luna", Some(10), ms(60_000));
+    let first = env
+        .store
+        .increment_usage_once(&increment, "m-1")
+        .await
+        .expect("increment_usage_once answers");
+    let again = stores[1]
+        .increment_usage_once(&increment, "m-1")
+        .await
+        .expect("increment_usage_once answers");
+    assert!(!first.replayed && again.replayed && again.decision == first.decision);
+    let settle = UsageSettle {
+        user_id: "payer",
+        character_id: "luna",
+        kind: "text",
+        request_id: "m-1",
+        actual: 3,
+    };
+    assert_eq!(
+        stores[1].settle_usage(&settle).await.expect("settles"),
+        Some(3)
+    );
 }

@@ -21,7 +21,7 @@ use proptest::{
     prelude::*,
     test_runner::{Config as ProptestConfig, TestCaseError, TestRunner},
 };
-use tollgate::proto::{CheckLimitRequest, IncrementUsageRequest};
+use tollgate::proto::{CheckLimitRequest, IncrementUsageRequest, SettleLimitRequest};
 
 const POLICY: &str = r#"
 [tiers]
@@ -350,6 +350,210 @@ fn quotas_agree_with_the_model_on_both_stores() {
     let fixture = runtime.block_on(Fixture::start());
     let result = runner(64).run(&increments(), |increments| {
         runtime.block_on(fixture.run_increments(&increments))
+    });
+    if let Err(err) = result {
+        panic!("{err}");
+    }
+}
+
+// ---- Request ids and settles ---------------------------------------------------
+
+/// One step of a pay-after-use sequence: a CheckLimit, with a request id
+/// from a small set (so that retries happen) or none, or a SettleLimit.
+#[derive(Debug, Clone)]
+enum PayStep {
+    Check {
+        check: Check,
+        id: Option<usize>,
+    },
+    Settle {
+        rule: usize,
+        subject: usize,
+        id: usize,
+        actual: u32,
+    },
+}
+
+fn pay_steps() -> impl Strategy<Value = Vec<PayStep>> {
+    let check = (
+        0..RULES.len(),
+        0..2usize,
+        0..TIERS.len(),
+        0.0..0.6f64,
+        prop::bool::weighted(0.1),
+        prop::option::weighted(0.7, 0..6usize),
+    )
+        .prop_map(
+            |(rule, subject, tier, cost_share, dry_run, id)| PayStep::Check {
+                check: Check {
+                    rule,
+                    subject,
+                    tier,
+                    cost_share,
+                    dry_run,
+                },
+                id,
+            },
+        );
+    let settle = (0..RULES.len(), 0..2usize, 0..6usize, 0..1200u32).prop_map(
+        |(rule, subject, id, actual)| PayStep::Settle {
+            rule,
+            subject,
+            id,
+            actual,
+        },
+    );
+    prop::collection::vec(prop_oneof![3 => check, 2 => settle], 1..50)
+}
+
+/// A remembered request id in the model.
+#[derive(Debug, Clone, Copy)]
+struct Remembered {
+    /// (allowed, remaining, blocked) as first answered.
+    first: (bool, u64, bool),
+    limit: u64,
+    /// What the call counts now; meaningful only when allowed.
+    counts: u64,
+}
+
+/// The contract with request ids and settles, when nothing leaves the
+/// window (every settle is within the rewrite bound: sequences are short).
+#[derive(Default)]
+struct PayModel {
+    limits: LimitModel,
+    /// Calls counted per key, settled to 0 or not: a denial has a time to
+    /// wait for while there is one.
+    entries: HashMap<(usize, usize), u64>,
+    remembered: HashMap<(usize, usize, usize), Remembered>,
+}
+
+impl Fixture {
+    async fn run_pay_steps(&self, steps: &[PayStep]) -> Result<(), TestCaseError> {
+        let sequence = self.next_sequence();
+        let mut model = PayModel::default();
+        for (step, pay) in steps.iter().enumerate() {
+            match pay {
+                PayStep::Check { check, id } => {
+                    let (rule, limits, _) = RULES[check.rule];
+                    let limit = limits[tier_slot(check.tier)];
+                    let cost = (1 + (check.cost_share * (2 * limit) as f64) as u64).min(2 * limit);
+                    let key = (check.rule, check.subject);
+                    let recorded = id.filter(|_| !check.dry_run);
+                    let (expected, replayed) = match recorded
+                        .and_then(|id| model.remembered.get(&(check.rule, check.subject, id)))
+                    {
+                        Some(remembered) => (remembered.first, true),
+                        None => {
+                            let answer = model.limits.decide(check, cost);
+                            if answer.0 && !check.dry_run {
+                                *model.entries.entry(key).or_default() += 1;
+                            }
+                            if let Some(id) = recorded {
+                                model.remembered.insert(
+                                    (check.rule, check.subject, id),
+                                    Remembered {
+                                        first: answer,
+                                        limit,
+                                        counts: cost,
+                                    },
+                                );
+                            }
+                            (answer, false)
+                        }
+                    };
+                    let has_entries = model.entries.get(&key).is_some_and(|&n| n > 0);
+                    for (kind, server) in &self.servers {
+                        let request = CheckLimitRequest {
+                            rule: rule.to_owned(),
+                            subject: format!("p{sequence}-{}", check.subject),
+                            tier: TIERS[check.tier].to_owned(),
+                            cost: u32::try_from(cost).expect("small costs"),
+                            dry_run: check.dry_run,
+                            request_id: id.map(|id| format!("id-{id}")).unwrap_or_default(),
+                        };
+                        let got = server
+                            .check(request)
+                            .await
+                            .map_err(|status| TestCaseError::fail(format!("{kind:?}: {status}")))?;
+                        prop_assert_eq!(
+                            (
+                                got.allowed,
+                                got.remaining,
+                                got.blocked,
+                                got.replayed,
+                                got.degraded
+                            ),
+                            (expected.0, expected.1, expected.2, replayed, false),
+                            "step {} on {:?}: {:?}",
+                            step,
+                            kind,
+                            pay
+                        );
+                        if !replayed {
+                            prop_assert_eq!(
+                                got.retry_after
+                                    .is_some_and(|d| d.seconds > 0 || d.nanos > 0),
+                                !expected.0 && (expected.2 || has_entries),
+                                "step {} on {:?}: retry_after {:?}",
+                                step,
+                                kind,
+                                got.retry_after
+                            );
+                        }
+                    }
+                }
+                PayStep::Settle {
+                    rule,
+                    subject,
+                    id,
+                    actual,
+                } => {
+                    let expected = match model.remembered.get_mut(&(*rule, *subject, *id)) {
+                        Some(remembered) if remembered.first.0 => {
+                            let counted =
+                                model.limits.counted.entry((*rule, *subject)).or_default();
+                            *counted = *counted - remembered.counts + u64::from(*actual);
+                            remembered.counts = u64::from(*actual);
+                            (true, remembered.limit.saturating_sub(*counted))
+                        }
+                        _ => (false, 0),
+                    };
+                    for (kind, server) in &self.servers {
+                        let request = SettleLimitRequest {
+                            rule: RULES[*rule].0.to_owned(),
+                            subject: format!("p{sequence}-{subject}"),
+                            request_id: format!("id-{id}"),
+                            actual_cost: *actual,
+                        };
+                        let got = server
+                            .rate
+                            .clone()
+                            .settle_limit(request)
+                            .await
+                            .map_err(|status| TestCaseError::fail(format!("{kind:?}: {status}")))?
+                            .into_inner();
+                        prop_assert_eq!(
+                            (got.found, got.remaining),
+                            expected,
+                            "step {} on {:?}: {:?}",
+                            step,
+                            kind,
+                            pay
+                        );
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[test]
+fn request_ids_and_settles_agree_with_the_model_on_both_stores() {
+    let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
+    let fixture = runtime.block_on(Fixture::start());
+    let result = runner(64).run(&pay_steps(), |steps| {
+        runtime.block_on(fixture.run_pay_steps(&steps))
     });
     if let Err(err) = result {
         panic!("{err}");

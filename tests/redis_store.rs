@@ -23,7 +23,7 @@ use tollgate::{
     keys::KeyBuilder,
     rules::Algorithm,
     store::{
-        LimitCheck, LimitDecision, Store, StoreError, UsageIncrement,
+        LimitCheck, LimitDecision, LimitSettle, Store, StoreError, UsageIncrement,
         redis::{RedisOptions, RedisStore},
     },
 };
@@ -177,7 +177,8 @@ async fn sliding_log_counts_cost_and_expires_with_its_window() {
 /// The running totals of a sliding log's members, oldest first: one member
 /// per counted call, each scored by the hits counted up to and including it.
 fn log_calls(server: &RedisServer, key: &str) -> Vec<u64> {
-    let reply = server.cli(&["ZRANGE", key, "0", "-1", "WITHSCORES"]);
+    // Rank 0 is the base member (see lua/sliding_log.lua), not a call.
+    let reply = server.cli(&["ZRANGE", key, "1", "-1", "WITHSCORES"]);
     reply
         .lines()
         .skip(1)
@@ -224,14 +225,15 @@ async fn a_huge_cost_is_one_entry_and_bounded_work() {
     assert!(bytes < 1024, "MEMORY USAGE {bytes}");
     // The work, counted in commands rather than timed: one ZADD of one
     // member per counted call (a member per hit took a thousand ZADDs of
-    // a thousand members each for this cost).
+    // a thousand members each for this cost), plus the base member the
+    // first call adds to a new log.
     let stats = server.cli(&["INFO", "commandstats"]);
     let zadd = stats
         .lines()
         .find_map(|line| line.strip_prefix("cmdstat_zadd:calls="))
         .and_then(|rest| rest.split(',').next())
         .unwrap_or_else(|| panic!("no ZADD stats in {stats}"));
-    assert_eq!(zadd, "2", "{stats}");
+    assert_eq!(zadd, "3", "{stats}");
 }
 
 /// retry_after is for the request's own cost: the call that holds the
@@ -876,11 +878,17 @@ async fn an_index_without_its_by_id_set_is_rebuilt() {
 async fn scripts_assert_their_argument_counts() {
     let server = RedisServer::start();
     for (source, expected) in [
-        (include_str!("../lua/sliding_log.lua"), "expected 5 ARGV"),
+        (
+            include_str!("../lua/sliding_log.lua"),
+            "expected 5 or 6 ARGV",
+        ),
         (
             include_str!("../lua/sliding_counter.lua"),
-            "expected 5 ARGV",
+            "expected 5 or 6 ARGV",
         ),
+        (include_str!("../lua/settle_log.lua"), "expected 2 KEYS"),
+        (include_str!("../lua/settle_counter.lua"), "expected 2 KEYS"),
+        (include_str!("../lua/usage_settle.lua"), "expected 2 KEYS"),
         (
             include_str!("../lua/usage_increment.lua"),
             "expected 3 KEYS",
@@ -1030,12 +1038,14 @@ async fn a_silent_server_times_out() {
 async fn check_limits_undo_takes_back_exactly_one_call() {
     let server = RedisServer::start();
     let undo = include_str!("../lua/check_limits_undo.lua");
-    // Four calls of costs 1, 2, 1, 2: "<time>:<total before>" -> total after.
+    // A log as sliding_log.lua keeps it: the base "0:0", then four calls
+    // of costs 1, 2, 1, 2 (a call's cost is its score minus the score
+    // ranked before it).
     server.cli(&[
-        "ZADD", "{t}log", "1", "100:0", "3", "200:1", "4", "300:3", "6", "400:4",
+        "ZADD", "{t}log", "0", "0:0", "1", "100:0", "3", "200:1", "4", "300:3", "6", "400:4",
     ]);
-    // Take back the cost-2 call at 200, then the cost-1 call at 300, as its
-    // group recorded it before the first undo rewrote it.
+    // Take back the cost-2 call at 200, then the cost-1 call at 300: each
+    // has fewer members after it than before, so the later scores come down.
     let reply = server.cli(&[
         "EVAL",
         undo,
@@ -1055,13 +1065,35 @@ async fn check_limits_undo_takes_back_exactly_one_call() {
             .cli(&["ZRANGE", "{t}log", "0", "-1", "WITHSCORES"])
             .split_whitespace()
             .collect::<Vec<_>>(),
-        ["100:0", "1", "400:1", "3"],
+        ["0:0", "0", "100:0", "1", "400:4", "3"],
         "the calls at 100 (cost 1) and 400 (cost 2) remain, totals exact"
     );
-    // A call no longer in the log (it left the window) counts nothing.
+    // A call no longer in the log, or the base (it has left the window),
+    // counts nothing.
     let reply = server.cli(&["EVAL", undo, "1", "{t}log", "sliding_log", "50:0", "1"]);
     assert_eq!(reply.trim(), "0");
-    assert_eq!(cli_int(&server, &["ZCARD", "{t}log"]), 2);
+    let reply = server.cli(&["EVAL", undo, "1", "{t}log", "sliding_log", "0:0", "0"]);
+    assert_eq!(reply.trim(), "0");
+    assert_eq!(cli_int(&server, &["ZCARD", "{t}log"]), 3);
+
+    // More members after the call than before it: the earlier scores (the
+    // base's included) go up instead, and every other call keeps its cost.
+    server.cli(&[
+        "ZADD", "{t}long", "10", "0:0", "11", "100:0", "13", "200:1", "14", "300:3", "16", "400:4",
+        "17", "500:6",
+    ]);
+    let reply = server.cli(&["EVAL", undo, "1", "{t}long", "sliding_log", "200:1", "13"]);
+    assert_eq!(reply.trim(), "1");
+    assert_eq!(
+        server
+            .cli(&["ZRANGE", "{t}long", "0", "-1", "WITHSCORES"])
+            .split_whitespace()
+            .collect::<Vec<_>>(),
+        [
+            "0:0", "12", "100:0", "13", "300:3", "14", "400:4", "16", "500:6", "17"
+        ],
+        "5 hits left of 7, costs 1, 1, 2, 1"
+    );
 
     // A sliding counter: cost 3 taken back from c in its own window, from p
     // once the window has moved on, never below 0, and not at all later.
@@ -1084,4 +1116,76 @@ async fn check_limits_undo_takes_back_exactly_one_call() {
     );
     let reply = server.cli(&["EVAL", undo, "1", "{t}ctr", "sliding_counter", "5", "3"]);
     assert_eq!(reply.trim(), "0", "two windows back: already gone");
+}
+
+/// The counts of each command Redis ran since the last CONFIG RESETSTAT.
+fn command_calls(server: &RedisServer, command: &str) -> u64 {
+    let stats = server.cli(&["INFO", "commandstats"]);
+    stats
+        .lines()
+        .find_map(|line| line.strip_prefix(&format!("cmdstat_{command}:calls=")))
+        .and_then(|rest| rest.split(',').next())
+        .map_or(0, |calls| calls.parse().expect("a count"))
+}
+
+/// A settle's work is bounded whatever the log holds: it shifts the scores
+/// on the smaller side of the call, at most 64, and past that adds to the
+/// newest call (up) or refunds nothing (down), never rewriting the log.
+#[tokio::test]
+async fn a_settle_rewrites_at_most_64_scores() {
+    let server = RedisServer::start();
+    let store = connect(&server).await;
+    let rule = check(Algorithm::SlidingLog, "deep", 1_000_000, ms(60_000));
+    let keys = KeyBuilder::new(PREFIX).limit(RULE, Algorithm::SlidingLog, "deep");
+    for i in 0..300 {
+        let once = store
+            .check_limit_once(&LimitCheck { cost: 10, ..rule }, &format!("c{i}"))
+            .await
+            .expect("redis");
+        assert!(once.decision.allowed && !once.replayed);
+    }
+    let settle = |id: &'static str, actual| LimitSettle {
+        rule: RULE,
+        subject: "deep",
+        algorithm: Algorithm::SlidingLog,
+        window: ms(60_000),
+        request_id: id,
+        actual,
+    };
+    server.cli(&["CONFIG", "RESETSTAT"]);
+    // 49 calls after c250: it and they are shifted.
+    assert_eq!(
+        store.settle_limit(&settle("c250", 4)).await.expect("redis"),
+        Some(1_000_000 - 2994)
+    );
+    assert_eq!(command_calls(&server, "zadd"), 50);
+    // 3 calls and the base before c2: those are shifted instead.
+    assert_eq!(
+        store.settle_limit(&settle("c2", 0)).await.expect("redis"),
+        Some(1_000_000 - 2984)
+    );
+    assert_eq!(command_calls(&server, "zadd"), 53);
+    // 150 on each side of c150: up goes onto the newest call, down is not
+    // refunded; neither touches another score.
+    assert_eq!(
+        store
+            .settle_limit(&settle("c150", 25))
+            .await
+            .expect("redis"),
+        Some(1_000_000 - 2999)
+    );
+    assert_eq!(
+        store
+            .settle_limit(&settle("c150", 10))
+            .await
+            .expect("redis"),
+        Some(1_000_000 - 2999)
+    );
+    assert_eq!(command_calls(&server, "zadd"), 53);
+    assert_eq!(command_calls(&server, "zincrby"), 1);
+    // The log's counts are the calls' own: the newest holds c150's extra 15.
+    let scores = log_calls(&server, &keys.counter);
+    assert_eq!(scores.len(), 300);
+    assert_eq!(scores[299] - scores[298], 25);
+    assert_eq!(scores[250] - scores[249], 4);
 }

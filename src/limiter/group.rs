@@ -201,6 +201,7 @@ impl<S: Store> Limiter<S> {
                 limit: resolved.limit,
                 decision,
                 degraded,
+                replayed,
                 shadowed,
                 ratelimit_policy: Arc::clone(resolved.rule.ratelimit_policy(resolved.tier)),
             });

@@ -310,6 +310,7 @@ impl Mapped<'_> {
             tier: self.tier,
             cost: self.cost,
             dry_run: self.dry_run,
+            request_id: "",
         }
     }
 }

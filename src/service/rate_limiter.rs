@@ -8,7 +8,7 @@ use tracing::{Span, instrument};
 use super::wire_duration;
 use crate::{
     headers,
-    limiter::{CheckOutcome, CheckRequest, Limiter},
+    limiter::{CheckOutcome, CheckRequest, Limiter, SettleRequest},
     proto::{
         CheckLimitRequest, CheckLimitResponse, CheckLimitsRequest, CheckLimitsResponse,
         SettleLimitRequest, SettleLimitResponse, rate_limiter_server::RateLimiter,
@@ -49,6 +49,7 @@ impl<S: Store> RateLimiter for RateLimiterService<S> {
                 tier: &request.tier,
                 cost: request.cost,
                 dry_run: request.dry_run,
+                request_id: &request.request_id,
             })
             .await?;
         Span::current()
@@ -88,6 +89,7 @@ impl<S: Store> RateLimiter for RateLimiterService<S> {
                 tier: &check.tier,
                 cost: check.cost,
                 dry_run: check.dry_run,
+                request_id: "",
             })
             .collect();
         let outcome = self
@@ -101,20 +103,37 @@ impl<S: Store> RateLimiter for RateLimiterService<S> {
                 .checks
                 .iter()
                 .zip(&request.checks)
-                .map(|(check, sent)| CheckLimitResponse {
-                    replayed: outcome.replayed,
-                    ..check_response(&sent.rule, check)
-                })
+                .map(|(check, sent)| check_response(&sent.rule, check))
                 .collect(),
         }))
     }
 
-    // Placeholder until pay-after-use lands (issue 11, part 3).
+    #[instrument(
+        name = "SettleLimit",
+        skip_all,
+        fields(rule = %request.get_ref().rule, actual_cost = request.get_ref().actual_cost, found, remaining)
+    )]
     async fn settle_limit(
         &self,
-        _request: Request<SettleLimitRequest>,
+        request: Request<SettleLimitRequest>,
     ) -> Result<Response<SettleLimitResponse>, Status> {
-        Err(Status::unimplemented("SettleLimit is not implemented yet"))
+        let request = request.get_ref();
+        let settled = self
+            .limiter
+            .settle_limit(SettleRequest {
+                rule: &request.rule,
+                subject: &request.subject,
+                request_id: &request.request_id,
+                actual_cost: request.actual_cost,
+            })
+            .await?;
+        Span::current()
+            .record("found", settled.is_some())
+            .record("remaining", settled.unwrap_or(0));
+        Ok(Response::new(SettleLimitResponse {
+            found: settled.is_some(),
+            remaining: settled.unwrap_or(0),
+        }))
     }
 }
 
@@ -140,6 +159,6 @@ fn check_response(rule: &str, outcome: &CheckOutcome) -> CheckLimitResponse {
         ratelimit_policy: outcome.ratelimit_policy.to_string(),
         ratelimit,
         shadowed: outcome.shadowed,
-        ..CheckLimitResponse::default()
+        replayed: outcome.replayed,
     }
 }

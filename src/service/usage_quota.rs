@@ -7,7 +7,7 @@ use tracing::{Span, instrument};
 
 use super::wire_duration;
 use crate::{
-    limiter::{IncrementRequest, KindUsage, Limiter},
+    limiter::{IncrementRequest, KindUsage, Limiter, UsageSettleRequest},
     proto::{
         ConversationUsage, GetUsageRequest, GetUsageResponse, IncrementUsageRequest,
         IncrementUsageResponse, ListUsageRequest, ListUsageResponse, SettleUsageRequest,
@@ -50,6 +50,7 @@ impl<S: Store> UsageQuota for UsageQuotaService<S> {
                 kind: &request.kind,
                 tier: &request.tier,
                 amount: request.amount,
+                request_id: &request.request_id,
             })
             .await?;
         Span::current()
@@ -67,7 +68,7 @@ impl<S: Store> UsageQuota for UsageQuotaService<S> {
             remaining,
             resets_after: wire_duration(outcome.resets_after),
             degraded: outcome.degraded,
-            ..IncrementUsageResponse::default()
+            replayed: outcome.replayed,
         }))
     }
 
@@ -108,12 +109,33 @@ impl<S: Store> UsageQuota for UsageQuotaService<S> {
         }))
     }
 
-    // Placeholder until pay-after-use lands (issue 11, part 3).
+    #[instrument(
+        name = "SettleUsage",
+        skip_all,
+        fields(kind = %request.get_ref().kind, actual_amount = request.get_ref().actual_amount, found, used)
+    )]
     async fn settle_usage(
         &self,
-        _request: Request<SettleUsageRequest>,
+        request: Request<SettleUsageRequest>,
     ) -> Result<Response<SettleUsageResponse>, Status> {
-        Err(Status::unimplemented("SettleUsage is not implemented yet"))
+        let request = request.get_ref();
+        let settled = self
+            .limiter
+            .settle_usage(UsageSettleRequest {
+                user_id: &request.user_id,
+                character_id: &request.character_id,
+                kind: &request.kind,
+                request_id: &request.request_id,
+                actual_amount: request.actual_amount,
+            })
+            .await?;
+        Span::current()
+            .record("found", settled.is_some())
+            .record("used", settled.unwrap_or(0));
+        Ok(Response::new(SettleUsageResponse {
+            found: settled.is_some(),
+            used: settled.unwrap_or(0),
+        }))
     }
 }
 

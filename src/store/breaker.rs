@@ -24,8 +24,8 @@ use std::{
 use tokio::time::Instant;
 
 use super::{
-    ConversationCounters, GroupDecision, LimitCheck, LimitDecision, LimitInspect, LimitUsage,
-    ResetListener, Store, StoreError, UsageDecision, UsageIncrement,
+    ConversationCounters, GroupDecision, LimitCheck, LimitDecision, LimitInspect, LimitSettle,
+    LimitUsage, Once, ResetListener, Store, StoreError, UsageDecision, UsageIncrement, UsageSettle,
 };
 
 /// When the breaker opens and for how long.
@@ -209,6 +209,32 @@ impl<S: Store> Store for CircuitBreaker<S> {
         self.call(self.inner.increment_usage(increment)).await
     }
 
+    async fn check_limit_once(
+        &self,
+        check: &LimitCheck<'_>,
+        request_id: &str,
+    ) -> Result<Once<LimitDecision>, StoreError> {
+        self.call(self.inner.check_limit_once(check, request_id))
+            .await
+    }
+
+    async fn settle_limit(&self, settle: &LimitSettle<'_>) -> Result<Option<u64>, StoreError> {
+        self.call(self.inner.settle_limit(settle)).await
+    }
+
+    async fn increment_usage_once(
+        &self,
+        increment: &UsageIncrement<'_>,
+        request_id: &str,
+    ) -> Result<Once<UsageDecision>, StoreError> {
+        self.call(self.inner.increment_usage_once(increment, request_id))
+            .await
+    }
+
+    async fn settle_usage(&self, settle: &UsageSettle<'_>) -> Result<Option<u64>, StoreError> {
+        self.call(self.inner.settle_usage(settle)).await
+    }
+
     async fn get_usage(
         &self,
         user_id: &str,
@@ -286,6 +312,26 @@ mod tests {
             unreachable!("not used by these tests")
         }
         async fn get_usage(&self, _: &str, _: &str) -> Result<ConversationCounters, StoreError> {
+            unreachable!("not used by these tests")
+        }
+        async fn check_limit_once(
+            &self,
+            _: &LimitCheck<'_>,
+            _: &str,
+        ) -> Result<Once<LimitDecision>, StoreError> {
+            unreachable!("not used by these tests")
+        }
+        async fn settle_limit(&self, _: &LimitSettle<'_>) -> Result<Option<u64>, StoreError> {
+            unreachable!("not used by these tests")
+        }
+        async fn increment_usage_once(
+            &self,
+            _: &UsageIncrement<'_>,
+            _: &str,
+        ) -> Result<Once<UsageDecision>, StoreError> {
+            unreachable!("not used by these tests")
+        }
+        async fn settle_usage(&self, _: &UsageSettle<'_>) -> Result<Option<u64>, StoreError> {
             unreachable!("not used by these tests")
         }
         async fn list_usage(

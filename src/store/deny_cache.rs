@@ -40,6 +40,16 @@
 //! key until the denial's `retry_after` though the store would allow
 //! again. It never admits anything the store would deny.
 //!
+//! A call with a request id is never answered here: a retry of it must get
+//! its first answer again (an allowed one, say), which only the store
+//! remembers. Its fresh answers are learnt from as any other's; a replayed
+//! one, being old, is not. A settle makes this instance forget the
+//! subject's cached denial, since a refund takes hits back and a settle up
+//! can make a `retry_after` later. A settle made through another instance
+//! is not seen here: a refund there leaves this instance's cached denials in
+//! force until their `retry_after` (callers are denied a little longer than
+//! needed, never admitted wrongly).
+//!
 //! Two denials are not cached: a dry run's, when the rule has `block_for`
 //! (a real request would start a block, which only the store can do), and
 //! one with no `retry_after`.
@@ -92,8 +102,9 @@ use std::{
 use tokio::time::Instant;
 
 use super::{
-    ConversationCounters, GroupDecision, LimitCheck, LimitDecision, LimitInspect, LimitUsage,
-    ResetListener, ResetNotice, Store, StoreError, UsageDecision, UsageIncrement,
+    ConversationCounters, GroupDecision, LimitCheck, LimitDecision, LimitInspect, LimitSettle,
+    LimitUsage, Once, ResetListener, ResetNotice, Store, StoreError, UsageDecision, UsageIncrement,
+    UsageSettle,
 };
 use crate::rules::Algorithm;
 
@@ -530,6 +541,61 @@ impl<S: Store> Store for DenyCache<S> {
         self.inner.increment_usage(increment).await
     }
 
+    async fn check_limit_once(
+        &self,
+        check: &LimitCheck<'_>,
+        request_id: &str,
+    ) -> Result<Once<LimitDecision>, StoreError> {
+        let sent = Sent {
+            resets: self.shared.resets.load(Ordering::SeqCst),
+            at_us: self.shared.now_us(),
+        };
+        match self.inner.check_limit_once(check, request_id).await {
+            Ok(once) => {
+                if !once.replayed {
+                    self.shared.record(check, sent, &once.decision);
+                }
+                Ok(once)
+            }
+            Err(err) => {
+                if matches!(err, StoreError::Unavailable(_)) {
+                    self.shared.clear();
+                }
+                Err(err)
+            }
+        }
+    }
+
+    async fn settle_limit(&self, settle: &LimitSettle<'_>) -> Result<Option<u64>, StoreError> {
+        let settled = self.inner.settle_limit(settle).await?;
+        if settled.is_some() {
+            // Only the key matters to `forget`; the rest is any valid shape.
+            self.shared.forget(&LimitCheck {
+                rule: settle.rule,
+                subject: settle.subject,
+                algorithm: settle.algorithm,
+                limit: 0,
+                window: settle.window,
+                block_for: None,
+                cost: 1,
+                dry_run: false,
+            });
+        }
+        Ok(settled)
+    }
+
+    async fn increment_usage_once(
+        &self,
+        increment: &UsageIncrement<'_>,
+        request_id: &str,
+    ) -> Result<Once<UsageDecision>, StoreError> {
+        self.inner.increment_usage_once(increment, request_id).await
+    }
+
+    async fn settle_usage(&self, settle: &UsageSettle<'_>) -> Result<Option<u64>, StoreError> {
+        self.inner.settle_usage(settle).await
+    }
+
     async fn get_usage(
         &self,
         user_id: &str,
@@ -625,6 +691,27 @@ mod tests {
             increment: &UsageIncrement<'_>,
         ) -> Result<UsageDecision, StoreError> {
             self.store.increment_usage(increment).await
+        }
+        async fn check_limit_once(
+            &self,
+            check: &LimitCheck<'_>,
+            request_id: &str,
+        ) -> Result<Once<LimitDecision>, StoreError> {
+            self.checks.fetch_add(1, Ordering::SeqCst);
+            self.store.check_limit_once(check, request_id).await
+        }
+        async fn settle_limit(&self, settle: &LimitSettle<'_>) -> Result<Option<u64>, StoreError> {
+            self.store.settle_limit(settle).await
+        }
+        async fn increment_usage_once(
+            &self,
+            increment: &UsageIncrement<'_>,
+            request_id: &str,
+        ) -> Result<Once<UsageDecision>, StoreError> {
+            self.store.increment_usage_once(increment, request_id).await
+        }
+        async fn settle_usage(&self, settle: &UsageSettle<'_>) -> Result<Option<u64>, StoreError> {
+            self.store.settle_usage(settle).await
         }
         async fn get_usage(
             &self,
@@ -787,6 +874,44 @@ mod tests {
             .decisions;
         assert!(decisions.iter().all(|d| d.allowed));
         assert_eq!(cache.len(), 1, "only login's block is left");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn request_ids_pass_the_cache_and_a_settle_forgets_the_subject() {
+        let (cache, store, _clock) = cached(DEFAULT_CAPACITY);
+        let api = check("api", "u1", 3, 1);
+        let reserved = cache
+            .check_limit_once(&LimitCheck { cost: 3, ..api }, "r1")
+            .await
+            .expect("memory");
+        assert!(reserved.decision.allowed && !reserved.replayed);
+        assert!(!cache.check_limit(&api).await.expect("memory").allowed);
+        assert_eq!(cache.len(), 1, "the denial is cached");
+        // A retry of the allowed call is the store's replay, never the
+        // cached denial.
+        let retried = cache
+            .check_limit_once(&LimitCheck { cost: 3, ..api }, "r1")
+            .await
+            .expect("memory");
+        assert_eq!(retried.decision, reserved.decision);
+        assert!(retried.replayed);
+        assert_eq!(store.checks(), 3);
+        // A refund makes this instance forget the denial at once.
+        let settled = cache
+            .settle_limit(&LimitSettle {
+                rule: "api",
+                subject: "u1",
+                algorithm: Algorithm::SlidingLog,
+                window: api.window,
+                request_id: "r1",
+                actual: 1,
+            })
+            .await
+            .expect("memory");
+        assert_eq!(settled, Some(2));
+        assert!(cache.is_empty());
+        assert!(cache.check_limit(&api).await.expect("memory").allowed);
+        assert_eq!(store.checks(), 4);
     }
 
     #[tokio::test(start_paused = true)]

@@ -60,6 +60,54 @@ pub struct LimitDecision {
     pub blocked: bool,
 }
 
+/// A store's answer to a call that carried a request id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Once<T> {
+    /// The answer: this call's own, or the first one's when replayed.
+    pub decision: T,
+    /// The request id was already decided: `decision` is the first answer
+    /// again, and nothing was counted.
+    pub replayed: bool,
+}
+
+/// How many stored entries a sliding-log settle rewrites at most, besides
+/// the settled call's own (see `lua/settle_log.lua`); both stores use it.
+pub const SETTLE_REWRITES: u64 = 64;
+
+/// Pay after use: the call counted with `request_id` now counts `actual`.
+#[derive(Debug, Clone, Copy)]
+pub struct LimitSettle<'a> {
+    /// The rule's name.
+    pub rule: &'a str,
+    /// Whose counter.
+    pub subject: &'a str,
+    /// How the rule counts now (a call counted under the other algorithm
+    /// is not found).
+    pub algorithm: Algorithm,
+    /// The rule's window.
+    pub window: Duration,
+    /// The request id the call was counted with; never empty.
+    pub request_id: &'a str,
+    /// What the call counts from now on; 0 refunds it wholly.
+    pub actual: u64,
+}
+
+/// Pay after use for a quota: the messages counted with `request_id` now
+/// count `actual`.
+#[derive(Debug, Clone, Copy)]
+pub struct UsageSettle<'a> {
+    /// The user.
+    pub user_id: &'a str,
+    /// The character.
+    pub character_id: &'a str,
+    /// The message kind.
+    pub kind: &'a str,
+    /// The request id the messages were counted with; never empty.
+    pub request_id: &'a str,
+    /// What the call counts from now on; 0 refunds it wholly.
+    pub actual: u64,
+}
+
 /// Count `amount` messages of `kind` in one conversation, if within `limit`.
 #[derive(Debug, Clone, Copy)]
 pub struct UsageIncrement<'a> {
@@ -210,6 +258,40 @@ pub trait Store: Send + Sync + 'static {
         &self,
         increment: &UsageIncrement<'_>,
     ) -> impl Future<Output = Result<UsageDecision, StoreError>> + Send;
+
+    /// [`Self::check_limit`] remembered under `request_id` (never empty; never
+    /// with a dry run) for one window: a request id already decided for
+    /// this counter gets the first answer again and counts nothing. The
+    /// lookup, the decision and the record are one atomic step.
+    fn check_limit_once(
+        &self,
+        check: &LimitCheck<'_>,
+        request_id: &str,
+    ) -> impl Future<Output = Result<Once<LimitDecision>, StoreError>> + Send;
+
+    /// Sets what a call counted by [`Self::check_limit_once`] counts; the
+    /// hits left in its window (under the limit it was counted with), or
+    /// `None` when its request id is unknown, expired or was denied.
+    fn settle_limit(
+        &self,
+        settle: &LimitSettle<'_>,
+    ) -> impl Future<Output = Result<Option<u64>, StoreError>> + Send;
+
+    /// [`Self::increment_usage`] remembered under `request_id` (never empty)
+    /// while the conversation's counters live.
+    fn increment_usage_once(
+        &self,
+        increment: &UsageIncrement<'_>,
+        request_id: &str,
+    ) -> impl Future<Output = Result<Once<UsageDecision>, StoreError>> + Send;
+
+    /// Sets what messages counted by [`Self::increment_usage_once`] count;
+    /// the kind's count after it, or `None` when the request id is unknown,
+    /// expired or was denied.
+    fn settle_usage(
+        &self,
+        settle: &UsageSettle<'_>,
+    ) -> impl Future<Output = Result<Option<u64>, StoreError>> + Send;
 
     /// The live counters of one conversation (empty if it has none).
     fn get_usage(

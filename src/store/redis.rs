@@ -91,8 +91,9 @@ use redis::{
 use tokio::time::{Instant, timeout_at};
 
 use super::{
-    ConversationCounters, GroupDecision, LimitCheck, LimitDecision, LimitInspect, LimitUsage,
-    ResetListener, ResetNotice, Store, StoreError, UsageDecision, UsageIncrement,
+    ConversationCounters, GroupDecision, LimitCheck, LimitDecision, LimitInspect, LimitSettle,
+    LimitUsage, Once, ResetListener, ResetNotice, SETTLE_REWRITES, Store, StoreError,
+    UsageDecision, UsageIncrement, UsageSettle,
 };
 use crate::{
     keys::{KeyBuilder, UsageKeys},
@@ -136,6 +137,23 @@ static USAGE_INCREMENT: LazyLock<LuaScript> = LazyLock::new(|| {
     LuaScript::new(
         "usage_increment.lua",
         include_str!("../../lua/usage_increment.lua"),
+    )
+});
+/// Pay after use on a sliding log; see `lua/settle_log.lua`.
+static SETTLE_LOG: LazyLock<LuaScript> =
+    LazyLock::new(|| LuaScript::new("settle_log.lua", include_str!("../../lua/settle_log.lua")));
+/// Pay after use on a sliding counter; see `lua/settle_counter.lua`.
+static SETTLE_COUNTER: LazyLock<LuaScript> = LazyLock::new(|| {
+    LuaScript::new(
+        "settle_counter.lua",
+        include_str!("../../lua/settle_counter.lua"),
+    )
+});
+/// Pay after use on a usage quota; see `lua/usage_settle.lua`.
+static USAGE_SETTLE: LazyLock<LuaScript> = LazyLock::new(|| {
+    LuaScript::new(
+        "usage_settle.lua",
+        include_str!("../../lua/usage_settle.lua"),
     )
 });
 /// A user's live conversations; see `lua/usage_list.lua`.
@@ -783,6 +801,9 @@ impl RedisStore {
             &*SLIDING_COUNTER,
             &*USAGE_INCREMENT,
             &*USAGE_LIST,
+            &*SETTLE_LOG,
+            &*SETTLE_COUNTER,
+            &*USAGE_SETTLE,
             &*LIMIT_INSPECT,
             &*LIMIT_RESET,
             &*USAGE_RESET,
@@ -1099,44 +1120,61 @@ impl Store for RedisStore {
     }
 
     async fn check_limit(&self, check: &LimitCheck<'_>) -> Result<LimitDecision, StoreError> {
-        let script = match check.algorithm {
-            Algorithm::SlidingLog => &*SLIDING_LOG,
-            Algorithm::SlidingCounter => &*SLIDING_COUNTER,
-        };
-        let what = script.name;
+        Ok(self.decide_limit(check, None).await?.decision)
+    }
+
+    async fn check_limit_once(
+        &self,
+        check: &LimitCheck<'_>,
+        request_id: &str,
+    ) -> Result<Once<LimitDecision>, StoreError> {
+        self.decide_limit(check, Some(request_id)).await
+    }
+
+    async fn settle_limit(&self, settle: &LimitSettle<'_>) -> Result<Option<u64>, StoreError> {
         let keys = self
             .shared
             .keys
-            .limit(check.rule, check.algorithm, check.subject);
-        let block_us = check.block_for.map_or(0, micros);
-        // The block key goes only with a lock-out (see the scripts' headers):
-        // a one-key script keeps deciding while its slot migrates.
-        let invocation = if block_us > 0 {
-            Invocation::new(script, 2).key(keys.counter).key(keys.block)
-        } else {
-            Invocation::new(script, 1).key(keys.counter)
-        }
-        .arg(check.limit)
-        .arg(micros(check.window))
-        .arg(check.cost)
-        .arg(u8::from(check.dry_run))
-        .arg(block_us);
-
+            .limit(settle.rule, settle.algorithm, settle.subject);
+        let record = keys.request(settle.request_id);
+        let invocation = match settle.algorithm {
+            Algorithm::SlidingLog => Invocation::new(&SETTLE_LOG, 2)
+                .key(keys.counter)
+                .key(record)
+                .arg(micros(settle.window))
+                .arg(settle.actual)
+                .arg(SETTLE_REWRITES),
+            Algorithm::SlidingCounter => Invocation::new(&SETTLE_COUNTER, 2)
+                .key(keys.counter)
+                .key(record)
+                .arg(micros(settle.window))
+                .arg(settle.actual),
+        };
+        let what = invocation.script.name;
         let reply = self.run_script(&invocation).await?;
-        let (allowed, remaining, retry_after_us, reset_after_us, blocked): (
-            u64,
-            u64,
-            u64,
-            u64,
-            u64,
-        ) = decode(what, reply)?;
-        Ok(LimitDecision {
-            allowed: flag(what, allowed)?,
-            remaining,
-            retry_after: Duration::from_micros(retry_after_us),
-            reset_after: Duration::from_micros(reset_after_us),
-            blocked: flag(what, blocked)?,
-        })
+        let (found, remaining): (u64, u64) = decode(what, reply)?;
+        Ok(flag(what, found)?.then_some(remaining))
+    }
+
+    async fn increment_usage_once(
+        &self,
+        increment: &UsageIncrement<'_>,
+        request_id: &str,
+    ) -> Result<Once<UsageDecision>, StoreError> {
+        self.increment(increment, Some(request_id)).await
+    }
+
+    async fn settle_usage(&self, settle: &UsageSettle<'_>) -> Result<Option<u64>, StoreError> {
+        let keys = self.shared.keys.usage(settle.user_id);
+        let invocation = Invocation::new(&USAGE_SETTLE, 2)
+            .key(keys.conversation(settle.character_id))
+            .key(keys.request(settle.character_id, settle.kind, settle.request_id))
+            .arg(settle.kind)
+            .arg(settle.actual);
+        let what = USAGE_SETTLE.name;
+        let reply = self.run_script(&invocation).await?;
+        let (found, used): (u64, u64) = decode(what, reply)?;
+        Ok(flag(what, found)?.then_some(used))
     }
 
     async fn check_limits(
@@ -1151,34 +1189,7 @@ impl Store for RedisStore {
         &self,
         increment: &UsageIncrement<'_>,
     ) -> Result<UsageDecision, StoreError> {
-        let what = USAGE_INCREMENT.name;
-        let keys = self.shared.keys.usage(increment.user_id);
-        let period_ms = u64::try_from(increment.period.as_millis())
-            .unwrap_or(u64::MAX)
-            // PEXPIRE 0 would delete the counters at once.
-            .max(1);
-        let invocation = Invocation::new(&USAGE_INCREMENT, 3)
-            .key(keys.conversation(increment.character_id))
-            .key(keys.index)
-            .key(keys.by_id)
-            .arg(increment.kind)
-            .arg(increment.amount)
-            // -1: unlimited, counted all the same.
-            .arg(
-                increment
-                    .limit
-                    .map_or(-1, |limit| i64::try_from(limit).unwrap_or(i64::MAX)),
-            )
-            .arg(period_ms)
-            .arg(increment.character_id);
-
-        let reply = self.run_script(&invocation).await?;
-        let (allowed, used, resets_after_ms): (u64, u64, u64) = decode(what, reply)?;
-        Ok(UsageDecision {
-            allowed: flag(what, allowed)?,
-            used,
-            resets_after: Duration::from_millis(resets_after_ms),
-        })
+        Ok(self.increment(increment, None).await?.decision)
     }
 
     async fn get_usage(
@@ -1330,6 +1341,118 @@ impl Store for RedisStore {
 }
 
 impl RedisStore {
+    /// One rate-limit decision, remembered under `request_id` when given.
+    async fn decide_limit(
+        &self,
+        check: &LimitCheck<'_>,
+        request_id: Option<&str>,
+    ) -> Result<Once<LimitDecision>, StoreError> {
+        let script = match check.algorithm {
+            Algorithm::SlidingLog => &*SLIDING_LOG,
+            Algorithm::SlidingCounter => &*SLIDING_COUNTER,
+        };
+        let what = script.name;
+        let keys = self
+            .shared
+            .keys
+            .limit(check.rule, check.algorithm, check.subject);
+        let block_us = check.block_for.map_or(0, micros);
+        // A dry run keeps no record (see the scripts' headers).
+        let record = request_id
+            .filter(|_| !check.dry_run)
+            .map(|id| keys.request(id));
+        let numkeys = 1 + usize::from(block_us > 0) + usize::from(record.is_some());
+        // The block key goes only with a lock-out (see the scripts' headers):
+        // a one-key script keeps deciding while its slot migrates.
+        let mut invocation = Invocation::new(script, numkeys).key(keys.counter);
+        if block_us > 0 {
+            invocation = invocation.key(keys.block);
+        }
+        if let Some(record) = &record {
+            invocation = invocation.key(record);
+        }
+        invocation = invocation
+            .arg(check.limit)
+            .arg(micros(check.window))
+            .arg(check.cost)
+            .arg(u8::from(check.dry_run))
+            .arg(block_us);
+        if record.is_some() {
+            invocation = invocation.arg(1);
+        }
+
+        let reply = self.run_script(&invocation).await?;
+        let (allowed, remaining, retry_after_us, reset_after_us, blocked, replayed) =
+            if record.is_some() {
+                decode::<(u64, u64, u64, u64, u64, u64)>(what, reply)?
+            } else {
+                let (a, r, retry, reset, b): (u64, u64, u64, u64, u64) = decode(what, reply)?;
+                (a, r, retry, reset, b, 0)
+            };
+        Ok(Once {
+            decision: LimitDecision {
+                allowed: flag(what, allowed)?,
+                remaining,
+                retry_after: Duration::from_micros(retry_after_us),
+                reset_after: Duration::from_micros(reset_after_us),
+                blocked: flag(what, blocked)?,
+            },
+            replayed: flag(what, replayed)?,
+        })
+    }
+
+    /// One usage check-and-count, remembered under `request_id` when given.
+    async fn increment(
+        &self,
+        increment: &UsageIncrement<'_>,
+        request_id: Option<&str>,
+    ) -> Result<Once<UsageDecision>, StoreError> {
+        let what = USAGE_INCREMENT.name;
+        let keys = self.shared.keys.usage(increment.user_id);
+        let period_ms = u64::try_from(increment.period.as_millis())
+            .unwrap_or(u64::MAX)
+            // PEXPIRE 0 would delete the counters at once.
+            .max(1);
+        let record = request_id.map(|id| keys.request(increment.character_id, increment.kind, id));
+        let mut invocation = Invocation::new(&USAGE_INCREMENT, 3 + usize::from(record.is_some()))
+            .key(keys.conversation(increment.character_id))
+            .key(keys.index)
+            .key(keys.by_id);
+        if let Some(record) = &record {
+            invocation = invocation.key(record);
+        }
+        invocation = invocation
+            .arg(increment.kind)
+            .arg(increment.amount)
+            // -1: unlimited, counted all the same.
+            .arg(
+                increment
+                    .limit
+                    .map_or(-1, |limit| i64::try_from(limit).unwrap_or(i64::MAX)),
+            )
+            .arg(period_ms)
+            .arg(increment.character_id);
+        if record.is_some() {
+            invocation = invocation.arg(1);
+        }
+
+        let reply = self.run_script(&invocation).await?;
+        let (allowed, used, resets_after_ms, replayed) = if record.is_some() {
+            decode::<(u64, u64, u64, u64)>(what, reply)?
+        } else {
+            let (a, u, r): (u64, u64, u64) = decode(what, reply)?;
+            (a, u, r, 0)
+        };
+        Ok(Once {
+            decision: UsageDecision {
+                allowed: flag(what, allowed)?,
+                used,
+                resets_after: Duration::from_millis(resets_after_ms),
+            },
+            replayed: flag(what, replayed)?,
+        })
+    }
+
     /// Deletes the conversations `ids` of a user with `usage_reset.lua`;
     /// how many had live counters, and up to `next` ids still listed.
     async fn reset_conversations(

@@ -4,7 +4,11 @@
 //! Adding a call means one `impl Caller` here and one match arm in
 //! `main::run`.
 
-use std::future::Future;
+use std::{
+    future::Future,
+    sync::atomic::{AtomicU64, Ordering},
+    time::{SystemTime, UNIX_EPOCH},
+};
 
 use envoy_types::pb::envoy::{
     extensions::common::ratelimit::v3::{RateLimitDescriptor, rate_limit_descriptor::Entry},
@@ -14,7 +18,7 @@ use envoy_types::pb::envoy::{
     },
 };
 use tollgate::proto::{
-    CheckLimitRequest, CheckLimitsRequest, IncrementUsageRequest,
+    CheckLimitRequest, CheckLimitsRequest, IncrementUsageRequest, SettleLimitRequest,
     rate_limiter_client::RateLimiterClient, usage_quota_client::UsageQuotaClient,
 };
 use tonic::{Status, transport::Channel};
@@ -42,6 +46,35 @@ pub(crate) trait Caller: Clone + Send + 'static {
     fn send(&mut self, subject: &str) -> impl Future<Output = Result<Answer, Status>> + Send;
 }
 
+/// Request ids unique to this process and run: a prefix from the process id
+/// and the start time, so that a later run on the same Redis (RUNS > 1, or a
+/// warm-up before the measured phase, which shares the counter) is never
+/// taken for a retry, then a counter.
+#[derive(Debug, Clone)]
+struct RequestIds {
+    prefix: String,
+}
+
+/// Ids handed out so far, by every caller of the process.
+static NEXT_REQUEST_ID: AtomicU64 = AtomicU64::new(0);
+
+impl RequestIds {
+    fn new() -> Self {
+        let started = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |since| since.as_nanos());
+        Self {
+            prefix: format!("bench-{:x}-{started:x}-", std::process::id()),
+        }
+    }
+
+    /// The next id: the one string formatted per request.
+    fn next(&self) -> String {
+        let n = NEXT_REQUEST_ID.fetch_add(1, Ordering::Relaxed);
+        format!("{}{n:x}", self.prefix)
+    }
+}
+
 /// tollgate.v1.RateLimiter/CheckLimit.
 #[derive(Debug, Clone)]
 pub(crate) struct CheckLimit {
@@ -53,6 +86,8 @@ pub(crate) struct CheckLimit {
     cost_max: u32,
     /// xorshift64 state for the drawn costs: deterministic and cheap.
     draw: u64,
+    /// Present with --request-ids.
+    request_ids: Option<RequestIds>,
 }
 
 impl CheckLimit {
@@ -79,12 +114,13 @@ impl Caller for CheckLimit {
             cost: plan.cost,
             cost_max: plan.cost_max,
             draw: 0x2545_f491_4f6c_dd1d,
+            request_ids: plan.request_ids.then(RequestIds::new),
         }
     }
 
     async fn send(&mut self, subject: &str) -> Result<Answer, Status> {
         // prost messages own their strings, so each request copies the
-        // pre-built ones; nothing is formatted per request.
+        // pre-built ones; nothing is formatted per request but a request id.
         let cost = self.next_cost();
         let request = CheckLimitRequest {
             rule: self.rule.clone(),
@@ -92,7 +128,11 @@ impl Caller for CheckLimit {
             tier: self.tier.clone(),
             cost,
             dry_run: false,
-            request_id: String::new(),
+            request_id: self
+                .request_ids
+                .as_ref()
+                .map(RequestIds::next)
+                .unwrap_or_default(),
         };
         let response = self.client.check_limit(request).await?.into_inner();
         Ok(Answer {
@@ -147,6 +187,60 @@ impl Caller for CheckLimits {
         Ok(Answer {
             allowed: response.allowed,
             degraded: response.results.iter().any(|r| r.degraded),
+        })
+    }
+}
+
+/// Pay after use: a CheckLimit reserving `cost` under a fresh request id,
+/// then a SettleLimit of half of it (at least 1 less, so the settle is a
+/// refund that writes).
+#[derive(Debug, Clone)]
+pub(crate) struct SettleLimit {
+    client: RateLimiterClient<Channel>,
+    rule: String,
+    tier: String,
+    cost: u32,
+    request_ids: RequestIds,
+}
+
+impl Caller for SettleLimit {
+    fn new(channel: Channel, plan: &Plan) -> Self {
+        Self {
+            client: RateLimiterClient::new(channel),
+            rule: plan.rule.clone(),
+            tier: plan.tier.clone(),
+            cost: plan.cost.max(2),
+            request_ids: RequestIds::new(),
+        }
+    }
+
+    async fn send(&mut self, subject: &str) -> Result<Answer, Status> {
+        let request_id = self.request_ids.next();
+        let reserve = CheckLimitRequest {
+            rule: self.rule.clone(),
+            subject: subject.to_owned(),
+            tier: self.tier.clone(),
+            cost: self.cost,
+            dry_run: false,
+            request_id: request_id.clone(),
+        };
+        let reserved = self.client.check_limit(reserve).await?.into_inner();
+        if !reserved.allowed {
+            return Ok(Answer {
+                allowed: false,
+                degraded: reserved.degraded,
+            });
+        }
+        let settle = SettleLimitRequest {
+            rule: self.rule.clone(),
+            subject: subject.to_owned(),
+            request_id,
+            actual_cost: self.cost / 2,
+        };
+        let settled = self.client.settle_limit(settle).await?.into_inner();
+        Ok(Answer {
+            allowed: settled.found,
+            degraded: reserved.degraded,
         })
     }
 }

@@ -65,6 +65,11 @@ pub(crate) struct Cli {
     /// this (a token budget's varying costs); unset: every request costs --cost.
     #[arg(long)]
     cost_max: Option<u32>,
+    /// With check-limit: give every request a request_id of its own (unique
+    /// to this run), so each is remembered as retries are; settle-limit
+    /// always does.
+    #[arg(long)]
+    request_ids: bool,
     /// Distinct subjects (users for increment-usage): "bench-0" .. "bench-{N-1}".
     #[arg(long, default_value_t = 10_000)]
     subjects: u32,
@@ -117,6 +122,10 @@ pub(crate) enum Call {
     /// envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit, one
     /// descriptor per request.
     ShouldRateLimit,
+    /// Pay after use: each request is a CheckLimit reserving --cost under a
+    /// request id of its own, then a SettleLimit of half of it; latency
+    /// counts both, and a request is allowed when the settle found the call.
+    SettleLimit,
 }
 
 impl Call {
@@ -127,6 +136,7 @@ impl Call {
             Self::CheckLimits => "check-limits",
             Self::IncrementUsage => "increment-usage",
             Self::ShouldRateLimit => "should-rate-limit",
+            Self::SettleLimit => "settle-limit",
         }
     }
 
@@ -137,6 +147,9 @@ impl Call {
             Self::CheckLimits => "tollgate.v1.RateLimiter/CheckLimits",
             Self::IncrementUsage => "tollgate.v1.UsageQuota/IncrementUsage",
             Self::ShouldRateLimit => "envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit",
+            Self::SettleLimit => {
+                "tollgate.v1.RateLimiter/CheckLimit + tollgate.v1.RateLimiter/SettleLimit"
+            }
         }
     }
 }
@@ -180,6 +193,8 @@ pub(crate) struct Plan {
     /// The most a check-limit request costs; costs are drawn uniformly from
     /// `cost..=cost_max`. Equal to `cost` for a fixed cost.
     pub(crate) cost_max: u32,
+    /// Every check-limit request carries a request id of its own.
+    pub(crate) request_ids: bool,
     /// Distinct subjects.
     pub(crate) subjects: u32,
     /// Subject choice.
@@ -236,6 +251,9 @@ impl Cli {
                 return Err("--cost-max: only with --call check-limit".to_owned());
             }
         }
+        if self.request_ids && self.call != Call::CheckLimit {
+            return Err("--request-ids: only with --call check-limit".to_owned());
+        }
         let cost_max = self.cost_max;
         check_range(
             "--concurrency",
@@ -282,6 +300,7 @@ impl Cli {
             tier: self.tier,
             cost: self.cost,
             cost_max: cost_max.unwrap_or(self.cost),
+            request_ids: self.request_ids,
             subjects: self.subjects,
             pick: self.pick,
             concurrency: self.concurrency,

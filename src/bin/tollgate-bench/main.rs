@@ -16,7 +16,7 @@ use clap::Parser;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::{
-    calls::{Caller, CheckLimit, CheckLimits, IncrementUsage, ShouldRateLimit},
+    calls::{Caller, CheckLimit, CheckLimits, IncrementUsage, SettleLimit, ShouldRateLimit},
     cli::{Bounds, Call, Cli, MAX_REQUESTS, Plan},
     driver::{Phase, Stop},
     report::{Report, Warmup},
@@ -63,6 +63,7 @@ async fn run(plan: &Plan) -> Result<Report, String> {
         Call::CheckLimits => drive::<CheckLimits>(plan).await,
         Call::IncrementUsage => drive::<IncrementUsage>(plan).await,
         Call::ShouldRateLimit => drive::<ShouldRateLimit>(plan).await,
+        Call::SettleLimit => drive::<SettleLimit>(plan).await,
     }
 }
 

@@ -33,9 +33,12 @@ use prometheus_client::metrics::counter::Counter as EvictionCounter;
 
 use super::{
     ConversationCounters, LimitCheck, LimitDecision, Store, StoreError, UsageDecision,
-    UsageIncrement,
+    UsageIncrement, memory_stats::MemoryStats,
 };
-use crate::rules::Algorithm;
+use crate::{
+    rules::Algorithm,
+    stats::{StatsBatch, StatsQuery, StatsReport},
+};
 
 /// How often a shard drops state that has expired.
 pub const SWEEP_EVERY: Duration = Duration::from_secs(10);
@@ -83,6 +86,9 @@ struct Inner {
     limits: Box<[Mutex<Shard<LimitState>>]>,
     usage: Box<[Mutex<Shard<UserUsage>>]>,
     budget: Arc<Budget>,
+    /// Usage statistics: flushed once a second per instance, never on a
+    /// decision's path, so one lock is enough.
+    stats: Mutex<MemoryStats>,
 }
 
 /// The store-wide entry count against `store.max_entries`.
@@ -272,6 +278,7 @@ impl MemoryStore {
                 limits: Shard::many(shards, &budget),
                 usage: Shard::many(shards, &budget),
                 budget,
+                stats: Mutex::default(),
             }),
         }
     }
@@ -400,9 +407,26 @@ impl Store for MemoryStore {
             .collect())
     }
 
+    async fn flush_stats(&self, batch: &StatsBatch) -> Result<(), StoreError> {
+        lock(&self.inner.stats).flush(batch);
+        Ok(())
+    }
+
+    async fn read_stats(&self, query: &StatsQuery<'_>) -> Result<StatsReport, StoreError> {
+        Ok(lock(&self.inner.stats).read(query))
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         Ok(())
     }
+}
+
+/// A poisoned lock only means a thread panicked mid-update of plain
+/// counters; they are still usable.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Rule names never hold ':' (the config allows only `[a-z0-9_-]`) and the

@@ -13,11 +13,15 @@
 
 use std::{future::Future, time::Duration};
 
-use crate::rules::Algorithm;
+use crate::{
+    rules::Algorithm,
+    stats::{StatsBatch, StatsQuery, StatsReport},
+};
 
 pub mod breaker;
 pub mod deny_cache;
 pub mod memory;
+mod memory_stats;
 pub mod redis;
 
 /// One rate-limit decision to make: may `subject` spend `cost` hits of `rule`?
@@ -154,6 +158,28 @@ pub trait Store: Send + Sync + 'static {
         max: usize,
     ) -> impl Future<Output = Result<Vec<(String, ConversationCounters)>, StoreError>> + Send;
 
+    /// Adds one flush of usage statistics (see [`crate::stats`]): counts,
+    /// distinct users and per-character totals of every bucket the batch
+    /// touches, each bucket kept until its retention ends. Never called on
+    /// a decision's path. A store that keeps no statistics (a test double)
+    /// refuses.
+    fn flush_stats(
+        &self,
+        batch: &StatsBatch,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        let _ = batch;
+        std::future::ready(Err(no_statistics()))
+    }
+
+    /// The statistics of the buckets `query` names, and its top characters.
+    fn read_stats(
+        &self,
+        query: &StatsQuery<'_>,
+    ) -> impl Future<Output = Result<StatsReport, StoreError>> + Send {
+        let _ = query;
+        std::future::ready(Err(no_statistics()))
+    }
+
     /// Succeeds when the store answers; drives the health service.
     fn ping(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
 
@@ -162,4 +188,8 @@ pub trait Store: Send + Sync + 'static {
     fn circuit_open(&self) -> bool {
         false
     }
+}
+
+fn no_statistics() -> StoreError {
+    StoreError::Protocol("this store keeps no statistics".to_owned())
 }

@@ -189,7 +189,9 @@ impl TestServer {
         let addr = listener
             .local_addr()
             .expect("a bound listener has an address");
-        let limiter = Arc::new(Limiter::new(store, Arc::new(config.policy.clone())));
+        let limiter = Arc::new(
+            Limiter::new(store, Arc::new(config.policy.clone())).with_stats(config.settings.stats),
+        );
         let metrics = Arc::clone(limiter.metrics());
         let (shutdown, stop) = oneshot::channel::<()>();
         let task = tokio::spawn(server::run(limiter, listener, async {

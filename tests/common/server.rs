@@ -28,6 +28,7 @@ use tollgate::{
         rate_limiter_client::RateLimiterClient, usage_quota_client::UsageQuotaClient,
     },
     server::{self, ServerError},
+    stats::StatsClock,
     store::{
         Store,
         breaker::CircuitBreaker,
@@ -132,18 +133,35 @@ impl Backend {
     /// backend's store, built as `tollgate serve` builds it: behind a deny
     /// cache, and Redis behind the circuit breaker configured in `[store]`.
     pub(crate) async fn serve(&self, config: &Config) -> TestServer {
+        self.serve_with_stats_clock(config, StatsClock::System)
+            .await
+    }
+
+    /// Like [`Self::serve`], with usage statistics on `clock`.
+    pub(crate) async fn serve_with_stats_clock(
+        &self,
+        config: &Config,
+        clock: StatsClock,
+    ) -> TestServer {
         match self.kind {
             StoreKind::Memory => {
-                TestServer::start(DenyCache::new(self.memory.clone()), config).await
+                TestServer::start_with(DenyCache::new(self.memory.clone()), config, clock).await
             }
             StoreKind::Redis | StoreKind::Cluster => {
                 let store = RedisStore::connect(&self.redis_options(config))
                     .await
                     .expect("RedisStore connects to the test's redis-server");
                 let store = CircuitBreaker::new(store, config.settings.store.breaker);
-                TestServer::start(DenyCache::new(store), config).await
+                TestServer::start_with(DenyCache::new(store), config, clock).await
             }
         }
+    }
+
+    /// The cluster behind a Cluster backend.
+    pub(crate) fn cluster(&self) -> &RedisCluster {
+        self.cluster
+            .as_ref()
+            .expect("only a Cluster backend has a cluster")
     }
 
     /// An instance with the shipped config.
@@ -183,6 +201,11 @@ pub(crate) struct TestServer {
 impl TestServer {
     /// Serves `store` under `config`'s policy on a fresh loopback port.
     pub(crate) async fn start<S: Store>(store: S, config: &Config) -> Self {
+        Self::start_with(store, config, StatsClock::System).await
+    }
+
+    /// Like [`Self::start`], with usage statistics on `clock`.
+    pub(crate) async fn start_with<S: Store>(store: S, config: &Config, clock: StatsClock) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind a free loopback port");
@@ -190,7 +213,8 @@ impl TestServer {
             .local_addr()
             .expect("a bound listener has an address");
         let limiter = Arc::new(
-            Limiter::new(store, Arc::new(config.policy.clone())).with_stats(config.settings.stats),
+            Limiter::new(store, Arc::new(config.policy.clone()))
+                .with_stats_clock(config.settings.stats, clock),
         );
         let metrics = Arc::clone(limiter.metrics());
         let (shutdown, stop) = oneshot::channel::<()>();

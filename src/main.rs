@@ -306,7 +306,12 @@ async fn serve_with<S: Store>(
         ..watch
     };
     let reloader = tokio::spawn(reload::run(limiter.clone(), watch));
-    let served = serve_until_shutdown(limiter, listener, options).await;
+    let served = serve_until_shutdown(limiter.clone(), listener, options).await;
+    // The statistics of the last interval, once more: the server may have
+    // been dropped before its own last flush, once no request was in flight.
+    if let Err(err) = limiter.flush_stats().await {
+        tracing::warn!(error = %err, "cannot flush statistics at shutdown; the last interval is lost");
+    }
     reloader.abort();
     if let Some(metrics) = metrics {
         metrics.abort();

@@ -25,6 +25,7 @@ use tollgate::{
     stats::{Granularity, StatsClock},
 };
 use tonic::{Code, Status, transport::Channel};
+use tonic_health::pb::health_check_response::ServingStatus;
 
 /// The shipped kinds, quotas of a few messages, and a fast flush.
 const TOML: &str = r#"
@@ -475,6 +476,12 @@ async fn the_flush_survives_a_redis_restart() {
     // The flush at 3 s fails; the one at 6 s finds Redis back.
     tokio::time::sleep(Duration::from_millis(3500)).await;
     backend.redis_mut().restart();
+    // Once tollgate sees Redis again (its breaker closed), the next flush,
+    // at most 3 s later, writes what waited.
+    let (status, _) = server
+        .await_health("", ServingStatus::Serving, Duration::from_secs(10))
+        .await;
+    assert_eq!(status, ServingStatus::Serving);
     let answer = await_stats(
         &client,
         (Wire::Hour, 1, "", 0),
@@ -591,4 +598,148 @@ async fn the_cli_prints_hours_and_days() {
     let rows = stdout.lines().filter(|line| line.starts_with("20")).count();
     assert_eq!(rows, 31, "{stdout}");
     server.stop().await;
+}
+
+/// The README's figure: Redis memory for one day of statistics of 10,000
+/// users over 1,000 characters, every user active in every hour of the day
+/// (with one character each, 3 kinds), summed over every statistics key
+/// with `MEMORY USAGE ... SAMPLES 0`. Run with
+/// `cargo test --test stats -- --ignored --nocapture memory_per_day`.
+#[tokio::test]
+#[ignore = "a measurement, not a check: prints the figure"]
+async fn memory_per_day_for_10000_users_over_1000_characters() {
+    use tollgate::{
+        stats::{KindCount, Retention, StatsBatch, StatsRow},
+        store::{
+            Store,
+            redis::{RedisOptions, RedisStore},
+        },
+    };
+    let redis = common::redis_server::RedisServer::start();
+    let store = RedisStore::connect(&RedisOptions {
+        url: redis.url(),
+        key_prefix: KEY_PREFIX.to_owned(),
+        timeout: Duration::from_secs(30),
+        pool_size: 1,
+    })
+    .await
+    .expect("RedisStore connects");
+    let before: i64 = redis
+        .cli(&["INFO", "memory"])
+        .lines()
+        .find_map(|line| line.strip_prefix("used_memory:"))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("used_memory");
+    // Monday 2026-11-30, hour by hour; retention the shipped one.
+    let day = SUNDAY_LAST_SECOND + 1;
+    for hour in 0..24 {
+        let start = day + hour * 3600;
+        let mut rows: Vec<StatsRow> = (0..1000)
+            .map(|c| StatsRow {
+                hour: start,
+                character_id: format!("character-{c}"),
+                kinds: ["text", "audio", "image"]
+                    .iter()
+                    .map(|kind| KindCount {
+                        kind: (*kind).to_owned(),
+                        messages: 10,
+                        denials: 1,
+                    })
+                    .collect(),
+                users: Vec::new(),
+            })
+            .collect();
+        for user in 0..10_000 {
+            rows[user % 1000].users.push(format!("user-{user}"));
+        }
+        let batch = StatsBatch {
+            now: start + 3599,
+            retention: Retention::default(),
+            rows,
+        };
+        store.flush_stats(&batch).await.expect("a flush");
+    }
+    let script = "local total = 0 local keys = redis.call('KEYS', ARGV[1]) \
+                  for _, key in ipairs(keys) do \
+                  total = total + redis.call('MEMORY', 'USAGE', key, 'SAMPLES', 0) end \
+                  return {#keys, total}";
+    let summed = redis.cli(&["EVAL", script, "0", &format!("{KEY_PREFIX}{{st:*")]);
+    let after: i64 = redis
+        .cli(&["INFO", "memory"])
+        .lines()
+        .find_map(|line| line.strip_prefix("used_memory:"))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("used_memory");
+    println!(
+        "statistics keys, MEMORY USAGE bytes: {summed:?}; used_memory grew by {} bytes",
+        after - before
+    );
+}
+
+/// SIGTERM writes what the last interval recorded: with a flush every hour,
+/// only the flush at shutdown can put the message in Redis.
+#[tokio::test]
+async fn sigterm_flushes_once_more() {
+    let redis = common::redis_server::RedisServer::start();
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let config = dir.path().join("tollgate.toml");
+    let toml = TOML.replace("flush = \"100ms\"", "flush = \"1h\"");
+    std::fs::write(&config, toml).expect("write the config");
+    let port = common::redis_server::free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut tollgate = common::binary::Tollgate::spawn_command({
+        let mut command = common::binary::Tollgate::command();
+        command.args([
+            "serve",
+            "--config",
+            &config.to_string_lossy(),
+            "--listen",
+            &listen,
+            "--store",
+            &redis.url(),
+        ]);
+        command
+    });
+    let start = Instant::now();
+    let mut quota = loop {
+        let connected = Channel::from_shared(format!("http://{listen}"))
+            .expect("a loopback URL is valid")
+            .connect()
+            .await;
+        if let Ok(channel) = connected {
+            break tollgate::proto::usage_quota_client::UsageQuotaClient::new(channel);
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "tollgate did not listen: {}",
+            tollgate.output()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    quota
+        .increment_usage(IncrementUsageRequest {
+            user_id: "u1".to_owned(),
+            character_id: "luna".to_owned(),
+            kind: "text".to_owned(),
+            amount: 2,
+            ..IncrementUsageRequest::default()
+        })
+        .await
+        .expect("IncrementUsage answers");
+    tollgate.signal("-TERM");
+    assert!(
+        tollgate.wait(Duration::from_secs(10)),
+        "tollgate stops on SIGTERM"
+    );
+    let keys = redis.cli(&["KEYS", "tollgate:{st:h:*}:n"]);
+    assert!(
+        !keys.is_empty(),
+        "no statistics in Redis: {}",
+        tollgate.output()
+    );
+    // The global hour bucket and luna's.
+    assert_eq!(keys.lines().count(), 2, "{keys}");
+    for key in keys.lines() {
+        assert_eq!(redis.cli(&["HGET", key, "m:text"]), "2", "{key}");
+    }
 }

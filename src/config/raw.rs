@@ -12,9 +12,10 @@ use super::{
 };
 use crate::{
     rules::{Algorithm, EnvoyMatch, FailureMode, Kind, Policy, Quota, Quotas, Rule, Tier, Tiers},
-    stats::{Retention, StatsSettings},
     store::{breaker::BreakerOptions, memory::DEFAULT_MAX_ENTRIES, redis::mask_url_password},
 };
+// Its own statement, apart from the list above that other sections extend.
+use crate::stats::{Retention, StatsSettings};
 
 /// Names what an untagged fallback caught. A table fails through one of its
 /// entries, so that entry is named (the first by name, as the table's own

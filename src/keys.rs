@@ -114,6 +114,20 @@ impl KeyBuilder {
         }
     }
 
+    /// The keys of `subject`'s counters for `rule` under every algorithm,
+    /// and its block key: what a reset clears.
+    pub fn limit_all(&self, rule: &str, subject: &str) -> [String; 3] {
+        let log = self.limit(rule, Algorithm::SlidingLog, subject);
+        let counter = self.limit(rule, Algorithm::SlidingCounter, subject);
+        [log.counter, counter.counter, log.block]
+    }
+
+    /// The pub/sub channel on which resets are announced to every instance
+    /// that shares the prefix. A channel, not a key: it belongs to no slot.
+    pub fn reset_channel(&self) -> String {
+        format!("{}admin:resets", self.prefix)
+    }
+
     /// The keys of `user_id`'s usage quotas.
     pub fn usage(&self, user_id: &str) -> UsageKeys {
         let mut tag = String::with_capacity(self.prefix.len() + user_id.len() + 11);
@@ -223,6 +237,20 @@ mod tests {
         assert_eq!(keys.block, "aim:{rl:user-42}:auth:block");
         let keys = KeyBuilder::new("aim:").limit("api", Algorithm::SlidingCounter, "10.0.0.1");
         assert_eq!(keys.counter, "aim:{rl:10.0.0.1}:api:ctr");
+    }
+
+    #[test]
+    fn reset_keys_and_channel_are_pinned() {
+        let b = KeyBuilder::new("aim:");
+        assert_eq!(
+            b.limit_all("auth", "u1"),
+            [
+                "aim:{rl:u1}:auth:calls",
+                "aim:{rl:u1}:auth:ctr",
+                "aim:{rl:u1}:auth:block"
+            ]
+        );
+        assert_eq!(b.reset_channel(), "aim:admin:resets");
     }
 
     #[test]

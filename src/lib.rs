@@ -20,12 +20,15 @@
 //!   and flushed to the store once a second, off the decision's path.
 //! - [`service`]: the tonic services, mapping wire types to domain types and
 //!   errors to gRPC status in one place.
+//! - [`headers`]: the RateLimit header values (IETF draft 11) that
+//!   CheckLimit returns and the Envoy door adds.
 //! - [`server`]: binds everything together and serves until shutdown.
 //! - [`tls`]: gRPC over TLS, with certificates replaced on reload.
 //! - [`reload`]: hot reload of the policy (and of the TLS files) on SIGHUP
 //!   and on file change.
 
 pub mod config;
+pub mod headers;
 pub mod keys;
 pub mod limiter;
 pub mod metrics;

@@ -14,7 +14,10 @@ use crate::{
     metrics::{Metrics, Operation, Outcome, PolicyCounters},
     rules::{FailureMode, Policy, Quota, Tier},
     stats::{Decided, Granularity, Stats, StatsClock, StatsQuery, StatsReport, StatsSettings},
-    store::{ConversationCounters, LimitCheck, LimitDecision, Store, StoreError, UsageIncrement},
+    store::{
+        ConversationCounters, LimitCheck, LimitDecision, LimitInspect, LimitUsage, Store,
+        StoreError, UsageIncrement,
+    },
 };
 
 /// The longest subject, user id or character id accepted, in bytes.
@@ -114,14 +117,21 @@ pub struct CheckRequest<'a> {
 }
 
 /// The answer to a [`CheckRequest`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CheckOutcome {
     /// The rule's limit for the caller's tier.
     pub limit: u64,
-    /// The store's decision, or the rule's failure mode when degraded.
+    /// The store's decision, or the rule's failure mode when degraded; for
+    /// a shadow rule always allowed, the store's other figures kept.
     pub decision: LimitDecision,
     /// The store failed; the decision is the rule's `on_store_error`.
     pub degraded: bool,
+    /// A shadow rule would have denied (the store denied, or, degraded, the
+    /// rule's `on_store_error` is deny); `decision.allowed` is true.
+    pub shadowed: bool,
+    /// The rule's `RateLimit-Policy` item for the caller's tier, built with
+    /// the policy that decided.
+    pub ratelimit_policy: Arc<str>,
 }
 
 /// An IncrementUsage question.
@@ -153,6 +163,22 @@ pub struct IncrementOutcome {
     pub resets_after: Duration,
     /// The store failed; `allowed` is the quotas' `on_store_error`.
     pub degraded: bool,
+}
+
+/// A rate-limit counter as InspectLimit reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InspectOutcome {
+    /// The rule's limit for the tier asked about.
+    pub limit: u64,
+    /// The counter as the store reads it.
+    pub usage: LimitUsage,
+}
+
+impl InspectOutcome {
+    /// Hits left in the window now: `limit - used`, not after one more hit.
+    pub fn remaining(&self) -> u64 {
+        self.limit.saturating_sub(self.usage.used)
+    }
 }
 
 /// One kind's counter, as GetUsage and ListUsage report it.
@@ -356,11 +382,13 @@ impl<S: Store> Limiter<S> {
                 }),
             )
             .await;
-        let outcome = match decided {
+        let mut outcome = match decided {
             Ok(decision) => CheckOutcome {
                 limit,
                 decision,
                 degraded: false,
+                shadowed: false,
+                ratelimit_policy: Arc::clone(rule.ratelimit_policy(tier)),
             },
             Err(err) if degrade => {
                 tracing::debug!(error = %err, rule = rule.name(), "store failed; degraded answer");
@@ -379,12 +407,22 @@ impl<S: Store> Limiter<S> {
                         blocked: false,
                     },
                     degraded: true,
+                    shadowed: false,
+                    ratelimit_policy: Arc::clone(rule.ratelimit_policy(tier)),
                 }
             }
             Err(err) => return Err(err.into()),
         };
+        // After the store (and its deny cache) answered, so that a cached
+        // denial of a shadow rule is allowed too; the store's figures stay.
+        if rule.shadow() && !outcome.decision.allowed {
+            outcome.decision.allowed = true;
+            outcome.shadowed = true;
+        }
         let counted_as = if outcome.degraded {
             Outcome::degraded
+        } else if outcome.shadowed {
+            Outcome::shadow_denied
         } else if outcome.decision.blocked {
             Outcome::blocked
         } else if outcome.decision.allowed {
@@ -632,6 +670,73 @@ impl<S: Store> Limiter<S> {
             }
         }
     }
+}
+
+/// The admin door's questions: look at a counter, clear one. Validated by
+/// the same rules as CheckLimit and IncrementUsage; the store is asked
+/// directly, with no degraded answer: an operator wants to know it failed.
+impl<S: Store> Limiter<S> {
+    /// `subject`'s counter of `rule` as it stands, with the limit of
+    /// `tier` (empty: the default tier). Counts nothing.
+    pub async fn inspect_limit(
+        &self,
+        rule: &str,
+        subject: &str,
+        tier: &str,
+    ) -> Result<InspectOutcome, Error> {
+        let _in_flight = self.metrics.in_flight();
+        let policy = self.policy();
+        validate_id("subject", subject)?;
+        let rule = known_rule(&policy, rule)?;
+        let tier = resolve_tier(&policy, tier)?;
+        let usage = self
+            .store
+            .inspect_limit(&LimitInspect {
+                rule: rule.name(),
+                subject,
+                algorithm: rule.algorithm(),
+                window: rule.window(),
+                block_for: rule.block_for(),
+            })
+            .await?;
+        Ok(InspectOutcome {
+            limit: rule.limit(tier),
+            usage,
+        })
+    }
+
+    /// Clears `subject`'s window of `rule` and any block, on every instance
+    /// that shares the store; whether there was anything to clear.
+    pub async fn reset_limit(&self, rule: &str, subject: &str) -> Result<bool, Error> {
+        let _in_flight = self.metrics.in_flight();
+        let policy = self.policy();
+        validate_id("subject", subject)?;
+        let rule = known_rule(&policy, rule)?;
+        Ok(self.store.reset_limit(rule.name(), subject).await?)
+    }
+
+    /// Deletes one conversation's counters, or every conversation's when
+    /// `character_id` is empty; how many had live counters.
+    pub async fn reset_usage(&self, user_id: &str, character_id: &str) -> Result<u32, Error> {
+        let _in_flight = self.metrics.in_flight();
+        validate_id("user_id", user_id)?;
+        let character_id = if character_id.is_empty() {
+            None
+        } else {
+            validate_id("character_id", character_id)?;
+            Some(character_id)
+        };
+        Ok(self.store.reset_usage(user_id, character_id).await?)
+    }
+}
+
+fn known_rule<'p>(policy: &'p Policy, name: &str) -> Result<&'p crate::rules::Rule, Error> {
+    policy.rule(name).ok_or_else(|| Error::Unknown {
+        field: "rule",
+        what: "rule",
+        name: name.to_owned(),
+        known: join(policy.rules().map(|r| r.name())),
+    })
 }
 
 /// Whether a request's values come from a caller that can be told of a

@@ -1,4 +1,4 @@
-//! The `tollgate` binary: `serve`, `check-config`, `health` and `stats`.
+//! The `tollgate` binary: `serve`, `check-config`, `health`, `stats` and `admin`.
 //!
 //! Thin on purpose: it parses flags, loads the config, sets up logging,
 //! builds the store and hands a bound listener to [`tollgate::server::run`].
@@ -91,6 +91,80 @@ enum Command {
         #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
         timeout: std::time::Duration,
     },
+    /// Look at a rate-limit counter, or reset one or a user's usage
+    /// counters, through a running tollgate's admin door
+    /// (`server.admin_listen`).
+    Admin {
+        #[command(subcommand)]
+        call: AdminCall,
+        #[command(flatten)]
+        target: AdminTarget,
+    },
+}
+
+/// One call of the admin door.
+#[derive(Debug, Subcommand)]
+enum AdminCall {
+    /// A subject's counter of a rule as it stands; counts nothing.
+    Inspect {
+        /// The rule.
+        #[arg(long)]
+        rule: String,
+        /// Whose counter.
+        #[arg(long)]
+        subject: String,
+        /// The tier whose limit to show; the default tier if left out.
+        #[arg(long, default_value = "")]
+        tier: String,
+    },
+    /// Clear a subject's window of a rule and any block, on every instance.
+    ResetLimit {
+        /// The rule.
+        #[arg(long)]
+        rule: String,
+        /// Whose counter.
+        #[arg(long)]
+        subject: String,
+    },
+    /// Clear one conversation's usage counters, or every conversation's of
+    /// the user when `--character` is left out.
+    ResetUsage {
+        /// The user.
+        #[arg(long = "user")]
+        user_id: String,
+        /// The character of the one conversation to clear.
+        #[arg(long = "character")]
+        character_id: Option<String>,
+    },
+}
+
+/// Where `tollgate admin` dials, and how.
+#[derive(Debug, clap::Args)]
+struct AdminTarget {
+    /// The admin door's address. By default, `server.admin_listen` of
+    /// `--config` (on loopback when it is 0.0.0.0 or [::]), over TLS when
+    /// the config sets `[server.tls]`.
+    #[arg(long, global = true)]
+    addr: Option<String>,
+    /// The config file whose `server.admin_listen` is the default address.
+    #[arg(long, global = true, default_value_os_t = config::default_path())]
+    config: PathBuf,
+    /// Give up after this long (humantime).
+    #[arg(long, global = true, default_value = "5s", value_parser = humantime::parse_duration)]
+    timeout: std::time::Duration,
+    /// PEM CA certificate the server's certificate must chain to; implies TLS.
+    #[arg(long, global = true, value_name = "FILE")]
+    ca: Option<PathBuf>,
+    /// PEM client certificate, for a server that requires mutual TLS.
+    #[arg(long, global = true, value_name = "FILE", requires = "key")]
+    cert: Option<PathBuf>,
+    /// PEM private key of `--cert`.
+    #[arg(long, global = true, value_name = "FILE", requires = "cert")]
+    key: Option<PathBuf>,
+    /// The name to verify the server's certificate against, when it is not
+    /// the address's host.
+    #[arg(long, global = true, value_name = "NAME")]
+    domain: Option<String>,
 }
 
 /// `tollgate health` over TLS. Each flag can come from the environment
@@ -164,6 +238,7 @@ impl HealthTls {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let (path, overrides) = match cli.command {
+        Command::Admin { call, target } => return admin(&call, &target),
         Command::CheckConfig { file } => {
             return match config::load_file(&file, &Overrides::default()) {
                 Ok(config) => {
@@ -282,6 +357,20 @@ async fn serve_with<S: Store>(
         mutual_tls = settings.tls.as_ref().is_some_and(|tls| tls.client_ca.is_some()),
         "tollgate listening"
     );
+    let admin = match settings.admin_listen {
+        None => None,
+        Some(address) => {
+            let listener = TcpListener::bind(address)
+                .await
+                .map_err(|err| format!("cannot listen for the admin door on {address}: {err}"))?;
+            tracing::info!(
+                %address,
+                tls = options.tls.is_some(),
+                "admin door (tollgate.v1.Admin) listening"
+            );
+            Some(listener)
+        }
+    };
     let limiter = Arc::new(
         Limiter::new(store, policy)
             .with_metrics(metrics)
@@ -306,7 +395,7 @@ async fn serve_with<S: Store>(
         ..watch
     };
     let reloader = tokio::spawn(reload::run(limiter.clone(), watch));
-    let served = serve_until_shutdown(limiter.clone(), listener, options).await;
+    let served = serve_until_shutdown(limiter.clone(), listener, admin, options).await;
     // The statistics of the last interval, once more: the server may have
     // been dropped before its own last flush, once no request was in flight.
     if let Err(err) = limiter.flush_stats().await {
@@ -503,6 +592,190 @@ fn health(addr: &str, timeout: std::time::Duration, tls: &HealthTls) -> ExitCode
     }
 }
 
+/// `tollgate admin ...`: one call of the admin door, its answer printed.
+fn admin(call: &AdminCall, target: &AdminTarget) -> ExitCode {
+    let addr = match &target.addr {
+        Some(addr) if addr.contains("://") => addr.clone(),
+        Some(addr) => format!("http://{addr}"),
+        None => match default_admin_addr(&target.config) {
+            Ok(addr) => addr,
+            Err(message) => return fail(&message),
+        },
+    };
+    let tls = HealthTls {
+        ca: target.ca.clone(),
+        cert: target.cert.clone(),
+        key: target.key.clone(),
+        domain: target.domain.clone(),
+    };
+    let (addr, tls) = match tls.apply(&addr) {
+        Ok(applied) => applied,
+        Err(message) => return fail(&message),
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => return fail(&format!("cannot start the async runtime: {err}")),
+    };
+    let timeout = target.timeout;
+    let answered = runtime.block_on(async {
+        tokio::time::timeout(timeout, admin_call(&addr, tls, call))
+            .await
+            .unwrap_or_else(|_| Err(format!("no answer from {addr} within {timeout:?}")))
+    });
+    match answered {
+        Ok(answer) => {
+            print!("{answer}");
+            ExitCode::SUCCESS
+        }
+        Err(message) => fail(&message),
+    }
+}
+
+/// Where `tollgate admin` dials without `--addr`: `server.admin_listen` of
+/// the config file (and its environment), on loopback when it means every
+/// interface, over TLS when the server serves TLS.
+fn default_admin_addr(path: &std::path::Path) -> Result<String, String> {
+    let config = config::load_file(path, &Overrides::default()).map_err(|err| {
+        format!(
+            "no --addr given, and the config that would name the admin door does not load: {err}"
+        )
+    })?;
+    let Some(mut addr) = config.settings.admin_listen else {
+        return Err(format!(
+            "no --addr given, and {} sets no server.admin_listen: the admin door is off",
+            path.display()
+        ));
+    };
+    if addr.ip().is_unspecified() {
+        let loopback: IpAddr = match addr {
+            SocketAddr::V4(_) => Ipv4Addr::LOCALHOST.into(),
+            SocketAddr::V6(_) => Ipv6Addr::LOCALHOST.into(),
+        };
+        addr.set_ip(loopback);
+    }
+    let scheme = if config.settings.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    Ok(format!("{scheme}://{addr}"))
+}
+
+async fn admin_call(
+    addr: &str,
+    tls: Option<tonic::transport::ClientTlsConfig>,
+    call: &AdminCall,
+) -> Result<String, String> {
+    use tollgate::proto::{
+        InspectLimitRequest, ResetLimitRequest, ResetUsageRequest, admin_client::AdminClient,
+    };
+    let mut endpoint = tonic::transport::Endpoint::from_shared(addr.to_owned())
+        .map_err(|err| format!("{addr:?} is not a valid address: {err}"))?;
+    if let Some(tls) = tls {
+        endpoint = endpoint
+            .tls_config(tls)
+            .map_err(|err| format!("TLS for {addr}: {err}"))?;
+    }
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|err| format!("cannot connect to {addr}: {err}"))?;
+    let mut client = AdminClient::new(channel);
+    let refused = |status: tonic::Status| format!("{:?}: {}", status.code(), status.message());
+    let duration = |d: Option<prost_types::Duration>| {
+        let d = d.unwrap_or_default();
+        let d = std::time::Duration::new(
+            u64::try_from(d.seconds).unwrap_or(0),
+            u32::try_from(d.nanos).unwrap_or(0),
+        );
+        // Whole milliseconds read better than humantime's nanoseconds.
+        humantime::format_duration(std::time::Duration::from_millis(
+            u64::try_from(d.as_millis()).unwrap_or(u64::MAX),
+        ))
+        .to_string()
+    };
+    match call {
+        AdminCall::Inspect {
+            rule,
+            subject,
+            tier,
+        } => {
+            let answer = client
+                .inspect_limit(InspectLimitRequest {
+                    rule: rule.clone(),
+                    subject: subject.clone(),
+                    tier: tier.clone(),
+                })
+                .await
+                .map_err(refused)?
+                .into_inner();
+            let tier = if tier.is_empty() { "default" } else { tier };
+            let blocked = if answer.blocked {
+                format!("yes, for {}", duration(answer.block_remaining))
+            } else {
+                "no".to_owned()
+            };
+            Ok(format!(
+                "rule {rule}, subject {subject:?}, tier {tier}\n\
+                 limit      {}\n\
+                 used       {}\n\
+                 remaining  {}\n\
+                 blocked    {blocked}\n\
+                 resets in  {}\n",
+                answer.limit,
+                answer.used,
+                answer.remaining,
+                duration(answer.reset_after),
+            ))
+        }
+        AdminCall::ResetLimit { rule, subject } => {
+            let answer = client
+                .reset_limit(ResetLimitRequest {
+                    rule: rule.clone(),
+                    subject: subject.clone(),
+                })
+                .await
+                .map_err(refused)?
+                .into_inner();
+            Ok(if answer.existed {
+                format!(
+                    "reset rule {rule} for subject {subject:?}: its window and any block are cleared\n"
+                )
+            } else {
+                format!(
+                    "rule {rule} had nothing counted for subject {subject:?}: nothing to reset\n"
+                )
+            })
+        }
+        AdminCall::ResetUsage {
+            user_id,
+            character_id,
+        } => {
+            let answer = client
+                .reset_usage(ResetUsageRequest {
+                    user_id: user_id.clone(),
+                    character_id: character_id.clone().unwrap_or_default(),
+                })
+                .await
+                .map_err(refused)?
+                .into_inner();
+            let which = match character_id {
+                Some(character_id) => {
+                    format!("conversation of user {user_id:?} with {character_id:?}")
+                }
+                None => format!("conversations of user {user_id:?}"),
+            };
+            Ok(format!(
+                "reset the {which}: {} had live counters\n",
+                answer.conversations
+            ))
+        }
+    }
+}
+
 /// How long in-flight requests may take to finish once shutdown starts,
 /// before tollgate exits anyway.
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
@@ -517,9 +790,25 @@ const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 async fn serve_until_shutdown<S: Store>(
     limiter: Arc<Limiter<S>>,
     listener: TcpListener,
+    admin: Option<TcpListener>,
     options: server::ServeOptions,
 ) -> Result<(), server::ServerError> {
     let (stopping, mut stop_seen) = tokio::sync::watch::channel(false);
+    // The admin door stops taking calls with the server; its calls in
+    // flight count among the requests drained below.
+    let admin = admin.map(|listener| {
+        let mut stop_seen = stop_seen.clone();
+        let shutdown = async move {
+            let _ = stop_seen.wait_for(|stopping| *stopping).await;
+        };
+        let served = server::run_admin(limiter.clone(), listener, shutdown, options.clone());
+        tokio::spawn(async move {
+            if let Err(err) = served.await {
+                tracing::error!(error = %err, "the admin door stopped");
+            }
+        })
+    });
+    let _stop_admin = admin.map(|task| AbortOnDrop(task.abort_handle()));
     // Registered now, before anything is served.
     let signal = shutdown_signal();
     let shutdown = async move {
@@ -547,6 +836,16 @@ async fn serve_until_shutdown<S: Store>(
             }
             Ok(())
         }
+    }
+}
+
+/// Aborts a task when dropped: the admin door ends with the server, however
+/// the server ends.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

@@ -3,7 +3,7 @@
 //!
 //! | metric | type | labels |
 //! |---|---|---|
-//! | `tollgate_decisions_total` | counter | `rule`, `tier`, `outcome` = allowed, denied, blocked, degraded |
+//! | `tollgate_decisions_total` | counter | `rule`, `tier`, `outcome` = allowed, denied, blocked, degraded, shadow_denied |
 //! | `tollgate_quota_increments_total` | counter | `kind`, `outcome` = allowed, denied, degraded |
 //! | `tollgate_store_call_duration_seconds` | histogram | `operation` |
 //! | `tollgate_store_errors_total` | counter | `operation`, `error` = timeout, unavailable, protocol, circuit_open |
@@ -50,6 +50,9 @@ pub enum Outcome {
     blocked,
     /// Answered without the store.
     degraded,
+    /// Denied or blocked by the store under a shadow rule, and answered
+    /// allowed (see [`crate::rules::Rule::shadow`]).
+    shadow_denied,
     // A new outcome needs OUTCOMES raised: `Slots` indexes by `as usize`.
 }
 
@@ -336,7 +339,7 @@ impl Metrics {
 }
 
 /// How many [`Outcome`]s there are: one slot each in [`Slots`].
-const OUTCOMES: usize = 4;
+const OUTCOMES: usize = 5;
 
 /// One counter handle per [`Outcome`], each found on first use.
 #[derive(Debug, Default)]

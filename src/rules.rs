@@ -6,7 +6,7 @@
 //! names are plain. Code that holds a `Policy` can therefore index limits by
 //! [`Tier`] without checking.
 
-use std::{collections::BTreeMap, fmt, time::Duration};
+use std::{collections::BTreeMap, fmt, sync::Arc, time::Duration};
 
 /// A subscription tier, as an index into [`Tiers::names`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -85,6 +85,11 @@ pub struct Rule {
     pub(crate) algorithm: Algorithm,
     pub(crate) envoy: Option<EnvoyMatch>,
     pub(crate) on_store_error: FailureMode,
+    /// Counted as if enforced, but never denies (see [`Rule::shadow`]).
+    pub(crate) shadow: bool,
+    /// The `RateLimit-Policy` item per [`Tier`], built once with the policy
+    /// ([`crate::headers::policy_item`]): it changes only on reload.
+    pub(crate) ratelimit_policy: Vec<Arc<str>>,
 }
 
 /// What to answer, marked `degraded`, when the store fails.
@@ -140,6 +145,41 @@ impl Rule {
     /// Which Envoy rate-limit descriptors the rule applies to, if any.
     pub fn envoy(&self) -> Option<&EnvoyMatch> {
         self.envoy.as_ref()
+    }
+
+    /// A shadow rule: the store counts and decides exactly as if it were
+    /// enforced (a would-be denial counts nothing, and a `block_for` block
+    /// starts), but the limiter answers every call allowed, marking a
+    /// would-be denial `shadowed`. Turning it off enforces the same window.
+    pub fn shadow(&self) -> bool {
+        self.shadow
+    }
+
+    /// The `RateLimit-Policy` header item for `tier`, e.g.
+    /// `"api";q=100;w=900`.
+    pub fn ratelimit_policy(&self, tier: Tier) -> &Arc<str> {
+        &self.ratelimit_policy[tier.0]
+    }
+}
+
+/// Which rate-limit headers the Envoy door adds to responses
+/// (`[envoy] headers`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EnvoyHeaders {
+    /// `RateLimit-Policy` and `RateLimit` as draft-ietf-httpapi-ratelimit-headers-11
+    /// writes them: `"draft-11"`, the default.
+    Draft11,
+    /// None: `"none"`.
+    None,
+}
+
+impl EnvoyHeaders {
+    /// The name used in the config file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EnvoyHeaders::Draft11 => "draft-11",
+            EnvoyHeaders::None => "none",
+        }
     }
 }
 
@@ -264,6 +304,7 @@ pub struct Policy {
     pub(crate) rules: BTreeMap<String, Rule>,
     pub(crate) quotas: Quotas,
     pub(crate) envoy_domain: String,
+    pub(crate) envoy_headers: EnvoyHeaders,
 }
 
 impl Policy {
@@ -291,6 +332,11 @@ impl Policy {
     /// domains are allowed without counting.
     pub fn envoy_domain(&self) -> &str {
         &self.envoy_domain
+    }
+
+    /// Which rate-limit headers the Envoy door adds to its responses.
+    pub fn envoy_headers(&self) -> EnvoyHeaders {
+        self.envoy_headers
     }
 }
 
@@ -328,10 +374,11 @@ impl Policy {
             });
             let _ = writeln!(
                 out,
-                " {:>16} {:>16} {:>16}",
+                " {:>16} {:>16} {:>16}{}",
                 humantime::format_duration(rule.window).to_string(),
                 block,
-                rule.algorithm.as_str()
+                rule.algorithm.as_str(),
+                if rule.shadow { " (shadow)" } else { "" }
             );
         }
         let _ = writeln!(
@@ -369,5 +416,61 @@ impl Policy {
             out.push('\n');
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(toml: &str) -> Policy {
+        crate::config::load_str(toml, "test")
+            .unwrap_or_else(|err| panic!("a valid policy: {err}"))
+            .policy
+    }
+
+    const TOML: &str = r#"
+        [tiers]
+        names = ["free", "premium"]
+        [rules.api]
+        window = "15m"
+        limit = { free = 100, premium = 1000 }
+        [rules.trial]
+        window = "1500ms"
+        limit = 2
+        shadow = true
+        [quotas]
+        period = "24h"
+    "#;
+
+    #[test]
+    fn policy_values_are_built_per_tier_with_the_rule() {
+        let policy = policy(TOML);
+        let tiers = policy.tiers();
+        let api = policy.rule("api").expect("api is configured");
+        let at = |name| tiers.resolve(name).expect("a configured tier");
+        assert_eq!(&**api.ratelimit_policy(at("free")), r#""api";q=100;w=900"#);
+        assert_eq!(
+            &**api.ratelimit_policy(at("premium")),
+            r#""api";q=1000;w=900"#
+        );
+        let trial = policy.rule("trial").expect("trial is configured");
+        assert_eq!(&**trial.ratelimit_policy(at("free")), r#""trial";q=2;w=2"#);
+        assert!(trial.shadow() && !api.shadow());
+        assert_eq!(policy.envoy_headers(), EnvoyHeaders::Draft11);
+    }
+
+    #[test]
+    fn the_summary_marks_shadow_rules() {
+        let summary = policy(TOML).summary();
+        let line = |rule: &str| {
+            summary
+                .lines()
+                .find(|l| l.starts_with(rule))
+                .unwrap_or_default()
+                .to_owned()
+        };
+        assert!(line("trial").ends_with(" (shadow)"), "{summary}");
+        assert!(!line("api ").contains("shadow"), "{summary}");
     }
 }

@@ -15,10 +15,12 @@ use crate::{
     config::Settings,
     limiter::Limiter,
     proto::{
-        self, rate_limiter_server::RateLimiterServer, usage_quota_server::UsageQuotaServer,
-        usage_stats_server::UsageStatsServer,
+        self, admin_server::AdminServer, rate_limiter_server::RateLimiterServer,
+        usage_quota_server::UsageQuotaServer, usage_stats_server::UsageStatsServer,
     },
-    service::{EnvoyService, RateLimiterService, UsageQuotaService, UsageStatsService},
+    service::{
+        AdminService, EnvoyService, RateLimiterService, UsageQuotaService, UsageStatsService,
+    },
     store::Store,
     tls::{ReloadableTls, TlsError},
 };
@@ -177,6 +179,41 @@ pub async fn run_with<S: Store>(
         tracing::warn!(error = %err, "cannot flush statistics at shutdown; the last interval is lost");
     }
     set_health(&reporter, ServingStatus::NotServing).await;
+    Ok(served?)
+}
+
+/// Serves the admin door, `tollgate.v1.Admin` (and reflection, for
+/// grpcurl), on `listener` until `shutdown` completes, over TLS when
+/// `options` say so: `server.admin_listen`, with the server's TLS and
+/// client-certificate settings. A listener of its own, never the callers':
+/// who can reach it can unlock any subject.
+pub async fn run_admin<S: Store>(
+    limiter: Arc<Limiter<S>>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+    options: ServeOptions,
+) -> Result<(), ServerError> {
+    let limit = options.max_decoding_message_size;
+    let router = Server::builder()
+        .add_service(reflection().build_v1()?.max_decoding_message_size(limit))
+        .add_service(
+            reflection()
+                .build_v1alpha()?
+                .max_decoding_message_size(limit),
+        )
+        .add_service(AdminServer::new(AdminService::new(limiter)).max_decoding_message_size(limit));
+    let served = match options.tls {
+        None => {
+            router
+                .serve_with_incoming_shutdown(incoming(listener), shutdown)
+                .await
+        }
+        Some(tls) => {
+            router
+                .serve_with_incoming_shutdown(tls.incoming(listener), shutdown)
+                .await
+        }
+    };
     Ok(served?)
 }
 

@@ -8,8 +8,8 @@ use tokio::{net::TcpListener, process::Command, sync::oneshot, task::JoinHandle}
 use tollgate::{
     limiter::Limiter,
     store::{
-        ConversationCounters, LimitCheck, LimitDecision, Store, StoreError, UsageDecision,
-        UsageIncrement, memory::MemoryStore,
+        ConversationCounters, LimitCheck, LimitDecision, LimitInspect, LimitUsage, Store,
+        StoreError, UsageDecision, UsageIncrement, memory::MemoryStore,
     },
 };
 
@@ -95,6 +95,18 @@ impl Store for Down {
         _: &str,
         _: usize,
     ) -> Result<Vec<(String, ConversationCounters)>, StoreError> {
+        Err(Self::error())
+    }
+
+    async fn inspect_limit(&self, _: &LimitInspect<'_>) -> Result<LimitUsage, StoreError> {
+        Err(Self::error())
+    }
+
+    async fn reset_limit(&self, _: &str, _: &str) -> Result<bool, StoreError> {
+        Err(Self::error())
+    }
+
+    async fn reset_usage(&self, _: &str, _: Option<&str>) -> Result<u32, StoreError> {
         Err(Self::error())
     }
 

@@ -126,6 +126,16 @@ const BROKEN: &[(&str, &str, &str)] = &[
         "\"127.0.0.1\" is not an address such as 127.0.0.1:50051",
     ),
     (
+        "bad_admin_listen.toml",
+        "server.admin_listen",
+        "\"localhost\" is not an address such as 127.0.0.1:50052",
+    ),
+    (
+        "admin_listen_is_listen.toml",
+        "server.admin_listen",
+        "127.0.0.1:50051 is also server.listen: the admin door needs a port of its own",
+    ),
+    (
         "bad_rule_name.toml",
         "rules.Api!",
         "\"Api!\" is not a valid name: use 1 to 64 of a-z, 0-9, '_' and '-'",
@@ -177,6 +187,16 @@ const BROKEN: &[(&str, &str, &str)] = &[
         "tls_unreadable_cert.toml",
         "server.tls.cert",
         "cannot read \"/nope.pem\": No such file or directory",
+    ),
+    (
+        "bad_envoy_headers.toml",
+        "envoy.headers",
+        "\"draft-10\" is not a header format; known: draft-11, none",
+    ),
+    (
+        "shadow_not_a_bool.toml",
+        "rules.api.shadow",
+        "expected a boolean, got string \"maybe\"",
     ),
 ];
 

@@ -1512,3 +1512,232 @@ async fn concurrent_increments_allow_exactly_the_quota(backend: Backend) {
         assert_eq!(counter(&counters, "text").used, 30, "used ends at 30");
     }
 }
+
+// ---- RateLimit headers and shadow rules (issue 11, parts 4 and 5) -----------
+
+/// CheckLimit's `ratelimit_policy` and `ratelimit`, read back with an RFC
+/// 8941 parser, and shadow rules, on every store.
+mod headers_and_shadow {
+    use super::*;
+    use common::ratelimit_headers;
+
+    conformance!(
+        ratelimit_values_parse_back_as_the_draft_writes_them,
+        ratelimit_values_follow_the_window_to_a_denial,
+        shadow_rules_allow_and_say_shadowed,
+        a_shadow_denial_counts_nothing,
+        a_shadow_block_is_allowed_and_still_blocks_the_window,
+    );
+
+    /// - `api`: 100 (free) or 1000 (premium) per 15 minutes;
+    /// - `frac`: 2 per 2.5 s (a window that is not whole seconds);
+    /// - `watch`: 2 per minute, shadow;
+    /// - `budget`: 3 per minute, shadow, spent with costs;
+    /// - `trap`: 1 per 2 s, then blocked for 1 minute, shadow.
+    const TOML: &str = r#"
+[tiers]
+names = ["free", "premium"]
+default = "free"
+
+[rules.api]
+window = "15m"
+limit = { free = 100, premium = 1000 }
+
+[rules.frac]
+window = "2500ms"
+limit = 2
+
+[rules.watch]
+window = "1m"
+limit = 2
+shadow = true
+
+[rules.budget]
+window = "1m"
+limit = 3
+shadow = true
+
+[rules.trap]
+window = "2s"
+limit = 1
+block_for = "1m"
+shadow = true
+
+[quotas.kinds]
+text = 3
+"#;
+
+    /// Whole seconds, rounded up, as the `t` parameter counts them.
+    fn ceil_secs(d: Duration) -> i64 {
+        let secs = i64::try_from(d.as_secs()).expect("a test duration fits");
+        secs + i64::from(d.subsec_nanos() > 0)
+    }
+
+    /// Checks both header values of `r` against its own fields.
+    #[track_caller]
+    fn assert_values(r: &CheckLimitResponse, rule: &str, w: i64) {
+        let limit = i64::try_from(r.limit).expect("a test limit fits");
+        assert_eq!(
+            ratelimit_headers::policy(&r.ratelimit_policy),
+            (rule.to_owned(), limit, w),
+            "{r:?}"
+        );
+        let remaining = i64::try_from(r.remaining).expect("a test figure fits");
+        assert_eq!(
+            ratelimit_headers::ratelimit(&r.ratelimit),
+            (rule.to_owned(), remaining, ceil_secs(dur(r.reset_after))),
+            "{r:?}"
+        );
+    }
+
+    fn cost_req(rule: &str, subject: &str, cost: u32) -> CheckLimitRequest {
+        CheckLimitRequest {
+            cost,
+            ..check_req(rule, subject)
+        }
+    }
+
+    /// The `tollgate_decisions_total` sample of `rule` for the free tier.
+    fn decisions(server: &TestServer, rule: &str, outcome: &str) -> u64 {
+        let prefix = format!(
+            r#"tollgate_decisions_total{{rule="{rule}",tier="free",outcome="{outcome}"}} "#
+        );
+        server
+            .metrics
+            .encode()
+            .lines()
+            .find_map(|line| line.strip_prefix(&prefix))
+            .map_or(0, |n| n.trim().parse().expect("a counter is a number"))
+    }
+
+    async fn ratelimit_values_parse_back_as_the_draft_writes_them(backend: Backend) {
+        let server = backend.serve_toml(TOML).await;
+        let r = check(&server, check_req("api", "ann")).await;
+        assert!(r.allowed);
+        // The exact strings, so that callers may compare them.
+        assert_eq!(r.ratelimit_policy, r#""api";q=100;w=900"#);
+        assert_eq!(r.ratelimit, r#""api";r=99;t=900"#, "{r:?}");
+        assert_values(&r, "api", 900);
+
+        let premium = check(
+            &server,
+            CheckLimitRequest {
+                tier: "premium".to_owned(),
+                ..check_req("api", "bob")
+            },
+        )
+        .await;
+        assert_eq!(premium.ratelimit_policy, r#""api";q=1000;w=900"#);
+        assert_values(&premium, "api", 900);
+
+        // 2.5 s is written as 3: rounded up.
+        let frac = check(&server, check_req("frac", "ann")).await;
+        assert_values(&frac, "frac", 3);
+        assert_eq!(
+            ratelimit_headers::ratelimit(&frac.ratelimit).2,
+            3,
+            "{frac:?}"
+        );
+
+        // A dry run's values are those of its answer too.
+        let dry = check(
+            &server,
+            CheckLimitRequest {
+                dry_run: true,
+                ..check_req("api", "ann")
+            },
+        )
+        .await;
+        assert_eq!(dry.remaining, 98, "what would be left after the hit");
+        assert_values(&dry, "api", 900);
+    }
+
+    async fn ratelimit_values_follow_the_window_to_a_denial(backend: Backend) {
+        let server = backend.serve_toml(TOML).await;
+        for remaining in [1, 0] {
+            let r = check(&server, check_req("frac", "cy")).await;
+            assert!(r.allowed && r.remaining == remaining, "{r:?}");
+            assert_values(&r, "frac", 3);
+        }
+        // Denied, twice: the second from the deny cache, with the same values.
+        for _ in 0..2 {
+            let denied = check(&server, check_req("frac", "cy")).await;
+            assert!(!denied.allowed && !denied.shadowed, "{denied:?}");
+            assert_values(&denied, "frac", 3);
+            let (_, r, t) = ratelimit_headers::ratelimit(&denied.ratelimit);
+            assert_eq!(r, 0);
+            assert!(
+                (1..=3).contains(&t),
+                "t within the 2.5 s window: {denied:?}"
+            );
+            // An HTTP service's Retry-After, from retry_after.
+            assert!(dur(denied.retry_after) > Duration::ZERO, "{denied:?}");
+        }
+    }
+
+    async fn shadow_rules_allow_and_say_shadowed(backend: Backend) {
+        let server = backend.serve_toml(TOML).await;
+        for remaining in [1, 0] {
+            let r = check(&server, check_req("watch", "dee")).await;
+            assert!(r.allowed && !r.shadowed, "{r:?}");
+            assert_eq!(r.remaining, remaining);
+        }
+        // Would-be denials, the later ones answered by the deny cache: all
+        // allowed, shadowed, with the store's figures.
+        for _ in 0..3 {
+            let r = check(&server, check_req("watch", "dee")).await;
+            assert!(r.allowed && r.shadowed && !r.blocked, "{r:?}");
+            assert_eq!(r.remaining, 0, "{r:?}");
+            assert_between(
+                dur(r.retry_after),
+                Duration::from_millis(1),
+                MINUTE,
+                "retry_after",
+            );
+            assert_values(&r, "watch", 60);
+        }
+        // Another subject is not shadowed.
+        assert!(!check(&server, check_req("watch", "eve")).await.shadowed);
+        assert_eq!(decisions(&server, "watch", "shadow_denied"), 3);
+        assert_eq!(decisions(&server, "watch", "allowed"), 3);
+        assert_eq!(decisions(&server, "watch", "denied"), 0);
+    }
+
+    async fn a_shadow_denial_counts_nothing(backend: Backend) {
+        let server = backend.serve_toml(TOML).await;
+        let first = check(&server, cost_req("budget", "fay", 2)).await;
+        assert!(
+            first.allowed && !first.shadowed && first.remaining == 1,
+            "{first:?}"
+        );
+        // 2 more do not fit in 3: a would-be denial, which counts nothing,
+        // as an enforced denial counts nothing.
+        let over = check(&server, cost_req("budget", "fay", 2)).await;
+        assert!(over.allowed && over.shadowed, "{over:?}");
+        assert_eq!(over.remaining, 1, "nothing counted: {over:?}");
+        // So one more fits, exactly.
+        let last = check(&server, cost_req("budget", "fay", 1)).await;
+        assert!(
+            last.allowed && !last.shadowed && last.remaining == 0,
+            "{last:?}"
+        );
+        let after = check(&server, cost_req("budget", "fay", 1)).await;
+        assert!(after.allowed && after.shadowed, "{after:?}");
+    }
+
+    async fn a_shadow_block_is_allowed_and_still_blocks_the_window(backend: Backend) {
+        let server = backend.serve_toml(TOML).await;
+        assert!(!check(&server, check_req("trap", "gus")).await.shadowed);
+        // Over the limit: an enforced rule would start a 1-minute block.
+        for _ in 0..3 {
+            let r = check(&server, check_req("trap", "gus")).await;
+            assert!(r.allowed && r.shadowed && r.blocked, "{r:?}");
+            assert!(
+                dur(r.retry_after) > Duration::from_secs(50),
+                "the block's: {r:?}"
+            );
+        }
+        assert_eq!(decisions(&server, "trap", "shadow_denied"), 3);
+        assert_eq!(decisions(&server, "trap", "blocked"), 0);
+    }
+}

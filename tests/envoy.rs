@@ -28,6 +28,7 @@ use envoy_types::pb::{
 use tollgate::{
     config,
     proto::{CheckLimitRequest, CheckLimitResponse},
+    rules::EnvoyHeaders,
 };
 use tonic::{Status, transport::Channel};
 
@@ -659,6 +660,7 @@ fn config_error(extra: &str) -> String {
 fn shipped_config_maps_every_rule() {
     let config = shipped_config();
     assert_eq!(config.policy.envoy_domain(), "tollgate");
+    assert_eq!(config.policy.envoy_headers(), EnvoyHeaders::Draft11);
     for rule in config.policy.rules() {
         let mapping = rule
             .envoy()
@@ -704,12 +706,19 @@ fn envoy_config_parses_as_the_issue_writes_it() {
     // takes no part.
     let config = config_with("").expect("valid");
     assert_eq!(config.policy.envoy_domain(), "tollgate");
+    assert_eq!(config.policy.envoy_headers(), EnvoyHeaders::Draft11);
+    let none = config_with("[envoy]\nheaders = \"none\"\n").expect("valid");
+    assert_eq!(none.policy.envoy_headers(), EnvoyHeaders::None);
     assert!(config.policy.rule("api").and_then(|r| r.envoy()).is_none());
 }
 
 #[test]
 fn bad_envoy_config_names_file_and_key() {
     let cases = [
+        (
+            "[envoy]\nheaders = \"draft-10\"\n",
+            r#"test.toml: envoy.headers: "draft-10" is not a header format; known: draft-11, none"#,
+        ),
         (
             "[envoy]\ndomain = \"\"\n",
             r#"test.toml: envoy.domain: must not be empty: it is the domain of Envoy's rate_limits (e.g. "tollgate")"#,
@@ -757,4 +766,224 @@ fn bad_envoy_config_names_file_and_key() {
     let unknown = config_error("[envoy]\ndomain = \"x\"\nport = 1\n");
     assert!(unknown.starts_with("test.toml: envoy"), "{unknown}");
     assert!(unknown.contains("port"), "{unknown}");
+}
+
+// ---- RateLimit headers and shadow rules (issue 11, parts 4 and 5) -----
+
+/// `response_headers_to_add`, read back with an RFC 8941 parser, and
+/// shadow rules through the Envoy door, on both stores.
+mod headers_and_shadow {
+    use super::*;
+    use common::ratelimit_headers::{self, HeaderItem};
+
+    both_stores!(
+        headers_list_every_matched_descriptor_in_order,
+        headers_none_adds_no_headers,
+        shadow_rules_are_always_ok,
+    );
+
+    /// The value of the response header `key`, if added.
+    fn header<'a>(response: &'a RateLimitResponse, key: &str) -> Option<&'a str> {
+        response
+            .response_headers_to_add
+            .iter()
+            .find(|h| h.key == key)
+            .map(|h| h.value.as_str())
+    }
+
+    /// Both headers, parsed; panics unless both are there.
+    fn headers(response: &RateLimitResponse) -> (Vec<HeaderItem>, Vec<HeaderItem>) {
+        assert_eq!(
+            response.response_headers_to_add.len(),
+            2,
+            "two headers: {response:?}"
+        );
+        let policy = header(response, "RateLimit-Policy").expect("RateLimit-Policy added");
+        let ratelimit = header(response, "RateLimit").expect("RateLimit added");
+        (
+            ratelimit_headers::parse(policy),
+            ratelimit_headers::parse(ratelimit),
+        )
+    }
+
+    fn ceil_secs(d: Duration) -> i64 {
+        i64::try_from(d.as_secs()).expect("fits") + i64::from(d.subsec_nanos() > 0)
+    }
+
+    /// The `RateLimit` item a matched descriptor's status implies.
+    fn implied(rule: &str, status: &DescriptorStatus) -> (String, i64, i64) {
+        (
+            rule.to_owned(),
+            i64::from(status.limit_remaining),
+            ceil_secs(until_reset(status)),
+        )
+    }
+
+    fn messaging(user: &str, tier: &str) -> RateLimitDescriptor {
+        descriptor(&[
+            ("generic_key", "messaging"),
+            ("user_id", user),
+            ("tier", tier),
+        ])
+    }
+
+    async fn headers_list_every_matched_descriptor_in_order(backend: Backend) {
+        let server = backend.serve_shipped().await;
+        let mut client = envoy(&server).await;
+        let response = should(
+            &mut client,
+            DOMAIN,
+            vec![
+                api("ann"),
+                descriptor(&[("generic_key", "nothing")]),
+                messaging("ann", "premium"),
+            ],
+            0,
+        )
+        .await
+        .expect("ShouldRateLimit answers");
+        // The exact values: one item per matched descriptor, in order.
+        assert_eq!(
+            header(&response, "RateLimit-Policy"),
+            Some(r#""api";q=100;w=900, "messaging";q=60;w=60"#)
+        );
+        assert_eq!(
+            header(&response, "RateLimit"),
+            Some(r#""api";r=99;t=900, "messaging";r=59;t=60"#)
+        );
+        let (policy, ratelimit) = headers(&response);
+        let policy: Vec<_> = policy.iter().map(ratelimit_headers::policy_of).collect();
+        assert_eq!(
+            policy,
+            [
+                ("api".to_owned(), 100, 900),
+                ("messaging".to_owned(), 60, 60)
+            ]
+        );
+        let ratelimit: Vec<_> = ratelimit
+            .iter()
+            .map(ratelimit_headers::ratelimit_of)
+            .collect();
+        let statuses = &response.statuses;
+        assert_eq!(
+            ratelimit,
+            [
+                implied("api", &statuses[0]),
+                implied("messaging", &statuses[2])
+            ]
+        );
+
+        // Over the limit: r is 0, and the values still parse.
+        one(&mut client, with_hits(api("bo"), 100), 0).await;
+        let response = should(&mut client, DOMAIN, vec![api("bo")], 0)
+            .await
+            .expect("ShouldRateLimit answers");
+        assert_eq!(response.overall_code, Code::OverLimit as i32);
+        let (_, ratelimit) = headers(&response);
+        assert_eq!(
+            ratelimit_headers::ratelimit_of(&ratelimit[0]),
+            implied("api", &response.statuses[0])
+        );
+        assert_eq!(ratelimit_headers::ratelimit_of(&ratelimit[0]).1, 0);
+
+        // A dry run (hits_addend 0): r is what is left now, as
+        // limit_remaining says.
+        let response = should(&mut client, DOMAIN, vec![with_hits(api("cy"), 0)], 0)
+            .await
+            .expect("ShouldRateLimit answers");
+        let (_, ratelimit) = headers(&response);
+        assert_eq!(ratelimit_headers::ratelimit_of(&ratelimit[0]).1, 100);
+
+        // Nothing matched, or another domain: no headers.
+        for (domain, descriptors) in [
+            (DOMAIN, vec![descriptor(&[("generic_key", "nothing")])]),
+            ("elsewhere", vec![api("ann")]),
+        ] {
+            let response = should(&mut client, domain, descriptors, 0)
+                .await
+                .expect("ShouldRateLimit answers");
+            assert!(response.response_headers_to_add.is_empty(), "{response:?}");
+        }
+    }
+
+    async fn headers_none_adds_no_headers(backend: Backend) {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/tollgate.toml");
+        let shipped = std::fs::read_to_string(path).expect("the shipped config");
+        let toml = shipped.replace("headers = \"draft-11\"", "headers = \"none\"");
+        assert_ne!(toml, shipped, "the shipped config sets headers");
+        let server = backend.serve_toml(&toml).await;
+        let mut client = envoy(&server).await;
+        let response = should(&mut client, DOMAIN, vec![api("ann"), api("bob")], 0)
+            .await
+            .expect("ShouldRateLimit answers");
+        assert!(response.response_headers_to_add.is_empty(), "{response:?}");
+        // Everything else as usual; CheckLimit still fills its values.
+        assert_eq!(response.statuses[0].limit_remaining, 99);
+        let check = hit(&server, "api", "ann").await;
+        assert_eq!(check.ratelimit_policy, r#""api";q=100;w=900"#);
+        assert_eq!(ratelimit_headers::ratelimit(&check.ratelimit).1, 98);
+    }
+
+    /// `api` is enforced, `watch` is a shadow rule; 1 per minute each.
+    const SHADOW_TOML: &str = r#"
+[tiers]
+names = ["free"]
+
+[rules.api]
+window = "1m"
+limit = 1
+envoy = { match = { generic_key = "api" }, subject = "user_id" }
+
+[rules.watch]
+window = "1m"
+limit = 1
+shadow = true
+envoy = { match = { generic_key = "watch" }, subject = "user_id" }
+
+[quotas.kinds]
+text = 3
+"#;
+
+    async fn shadow_rules_are_always_ok(backend: Backend) {
+        let server = backend.serve_toml(SHADOW_TOML).await;
+        let mut client = envoy(&server).await;
+        let watch = |user: &str| descriptor(&[("generic_key", "watch"), ("user_id", user)]);
+
+        let first = should(&mut client, DOMAIN, vec![watch("ann"), api("ann")], 0)
+            .await
+            .expect("ShouldRateLimit answers");
+        assert_eq!(first.overall_code, Code::Ok as i32, "{first:?}");
+
+        // Both over their limit: the shadow descriptor is OK all the same,
+        // the enforced one decides the overall code.
+        let second = should(&mut client, DOMAIN, vec![watch("ann"), api("ann")], 0)
+            .await
+            .expect("ShouldRateLimit answers");
+        assert_eq!(code(&second.statuses[0]), Code::Ok, "{second:?}");
+        assert_eq!(second.statuses[0].limit_remaining, 0, "the store's figure");
+        assert_eq!(code(&second.statuses[1]), Code::OverLimit, "{second:?}");
+        assert_eq!(second.overall_code, Code::OverLimit as i32);
+        let (_, ratelimit) = headers(&second);
+        assert_eq!(
+            ratelimit_headers::ratelimit_of(&ratelimit[0]),
+            implied("watch", &second.statuses[0])
+        );
+
+        // The shadow descriptor alone, again and again (the deny cache
+        // answers the repeats): OK.
+        for _ in 0..3 {
+            let status = one(&mut client, watch("ann"), 0).await;
+            assert_eq!(code(&status), Code::Ok, "{status:?}");
+        }
+        // A dry run of the full shadow rule: OK, and nothing is left now.
+        let status = one(&mut client, with_hits(watch("ann"), 0), 0).await;
+        assert_eq!((code(&status), status.limit_remaining), (Code::Ok, 0));
+        // CheckLimit sees the same window: shadowed.
+        let check = hit(&server, "watch", "ann").await;
+        assert!(check.allowed && check.shadowed, "{check:?}");
+        let text = server.metrics.encode();
+        let line =
+            r#"tollgate_decisions_total{rule="watch",tier="free",outcome="shadow_denied"} 6"#;
+        assert!(text.contains(line), "missing {line:?} in:\n{text}");
+    }
 }

@@ -95,6 +95,9 @@ pub struct Settings {
     pub listen: SocketAddr,
     /// Where Prometheus scrapes `/metrics`; `None` serves no metrics.
     pub metrics_listen: Option<SocketAddr>,
+    /// Where the admin door (`tollgate.v1.Admin`) listens; `None` (the
+    /// default) serves none.
+    pub admin_listen: Option<SocketAddr>,
     /// Threads that serve requests (`server.worker_threads`); `None`: one
     /// per CPU core.
     pub worker_threads: Option<usize>,

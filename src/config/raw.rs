@@ -11,7 +11,10 @@ use super::{
     Settings, StoreSettings,
 };
 use crate::{
-    rules::{Algorithm, EnvoyMatch, FailureMode, Kind, Policy, Quota, Quotas, Rule, Tier, Tiers},
+    rules::{
+        Algorithm, EnvoyHeaders, EnvoyMatch, FailureMode, Kind, Policy, Quota, Quotas, Rule, Tier,
+        Tiers,
+    },
     store::{breaker::BreakerOptions, memory::DEFAULT_MAX_ENTRIES, redis::mask_url_password},
 };
 // Its own statement, apart from the list above that other sections extend.
@@ -102,12 +105,14 @@ impl Default for RawStats {
 #[serde(deny_unknown_fields, default)]
 struct RawEnvoy {
     domain: String,
+    headers: String,
 }
 
 impl Default for RawEnvoy {
     fn default() -> Self {
         Self {
             domain: "tollgate".to_owned(),
+            headers: EnvoyHeaders::Draft11.as_str().to_owned(),
         }
     }
 }
@@ -128,6 +133,7 @@ struct RawServer {
     listen: String,
     tls: Option<RawServerTls>,
     metrics_listen: Option<String>,
+    admin_listen: Option<String>,
     worker_threads: Option<i64>,
 }
 
@@ -137,6 +143,7 @@ impl Default for RawServer {
             listen: "127.0.0.1:50051".to_owned(),
             tls: None,
             metrics_listen: None,
+            admin_listen: None,
             worker_threads: None,
         }
     }
@@ -218,6 +225,8 @@ struct RawRule {
     algorithm: Option<String>,
     envoy: Option<RawEnvoyMatch>,
     on_store_error: Option<String>,
+    #[serde(default)]
+    shadow: bool,
 }
 
 /// One number for every tier, or a table of tier = number. `Other` catches
@@ -281,14 +290,38 @@ impl RawConfig {
             .as_deref()
             .map(|addr| parse_socket_addr(addr, "server.metrics_listen", "127.0.0.1:9464", at))
             .transpose()?;
+        let admin_listen = self
+            .server
+            .admin_listen
+            .as_deref()
+            .map(|addr| parse_socket_addr(addr, "server.admin_listen", "127.0.0.1:50052", at))
+            .transpose()?;
+        let listen = self.server.validate(at)?;
+        if let Some(admin) = admin_listen
+            && admin.port() != 0
+            && (admin == listen || Some(admin) == metrics_listen)
+        {
+            return Err(at(
+                "server.admin_listen",
+                format!(
+                    "{admin} is also server.{}: the admin door needs a port of its own",
+                    if admin == listen {
+                        "listen"
+                    } else {
+                        "metrics_listen"
+                    }
+                ),
+            ));
+        }
         let worker_threads = self
             .server
             .worker_threads
             .map(|threads| worker_threads(threads, at))
             .transpose()?;
         let settings = Settings {
-            listen: self.server.validate(at)?,
+            listen,
             metrics_listen,
+            admin_listen,
             worker_threads,
             tls: server_tls,
             store: self.store.validate(at)?,
@@ -302,7 +335,7 @@ impl RawConfig {
             rules.insert(name, rule);
         }
         let quotas = self.quotas.validate(&tiers, at)?;
-        let envoy_domain = self.envoy.validate(at)?;
+        let (envoy_domain, envoy_headers) = self.envoy.validate(at)?;
         Ok(Config {
             settings,
             policy: Policy {
@@ -310,13 +343,14 @@ impl RawConfig {
                 rules,
                 quotas,
                 envoy_domain,
+                envoy_headers,
             },
         })
     }
 }
 
 impl RawServer {
-    fn validate(self, at: At<'_>) -> Result<SocketAddr, ConfigError> {
+    fn validate(&self, at: At<'_>) -> Result<SocketAddr, ConfigError> {
         parse_socket_addr(&self.listen, "server.listen", "127.0.0.1:50051", at)
     }
 }
@@ -637,6 +671,10 @@ impl RawRule {
             .envoy
             .map(|raw| raw.validate(&key("envoy"), at))
             .transpose()?;
+        let ratelimit_policy = limits
+            .iter()
+            .map(|&limit| crate::headers::policy_item(name, limit, window).into())
+            .collect();
         Ok(Rule {
             name: name.to_owned(),
             window,
@@ -644,6 +682,8 @@ impl RawRule {
             block_for,
             algorithm,
             envoy,
+            shadow: self.shadow,
+            ratelimit_policy,
             // Lockout rules guard against brute force: fail closed unless
             // the operator says otherwise.
             on_store_error: failure_mode(
@@ -660,7 +700,7 @@ impl RawRule {
 }
 
 impl RawEnvoy {
-    fn validate(self, at: At<'_>) -> Result<String, ConfigError> {
+    fn validate(self, at: At<'_>) -> Result<(String, EnvoyHeaders), ConfigError> {
         if self.domain.is_empty() {
             return Err(at(
                 "envoy.domain",
@@ -668,7 +708,17 @@ impl RawEnvoy {
                     .to_owned(),
             ));
         }
-        Ok(self.domain)
+        let headers = match self.headers.as_str() {
+            "draft-11" => EnvoyHeaders::Draft11,
+            "none" => EnvoyHeaders::None,
+            other => {
+                return Err(at(
+                    "envoy.headers",
+                    format!("{other:?} is not a header format; known: draft-11, none"),
+                ));
+            }
+        };
+        Ok((self.domain, headers))
     }
 }
 

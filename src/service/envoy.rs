@@ -45,6 +45,15 @@
 //!   `duration_until_reset` (when the window holds no hits). A descriptor
 //!   that matches no rule is OK without `current_limit`, as Envoy expects.
 //!   `overall_code` is OVER_LIMIT when any descriptor is.
+//! - A descriptor whose rule is a shadow rule (`shadow = true`) is always
+//!   OK: it is counted as if enforced, and a would-be denial counts in
+//!   `tollgate_decisions_total{outcome="shadow_denied"}`.
+//! - With `[envoy] headers = "draft-11"` (the default), the response asks
+//!   Envoy to add `RateLimit-Policy` and `RateLimit`
+//!   (`response_headers_to_add`), one list item per matched descriptor in
+//!   order, joined by ", " ([`crate::headers`] writes the items; `r` is the
+//!   descriptor's `limit_remaining`). No descriptor matched: no headers.
+//!   `headers = "none"` adds none.
 //! - The hits go through the same [`Limiter`] as CheckLimit, so a hit through
 //!   either door counts against the same window of the same rule and
 //!   subject.
@@ -75,6 +84,7 @@ use std::{sync::Arc, time::Duration};
 
 use envoy_types::pb::{
     envoy::{
+        config::core::v3::HeaderValue,
         extensions::common::ratelimit::v3::RateLimitDescriptor,
         service::ratelimit::v3::{
             RateLimitRequest, RateLimitResponse,
@@ -88,9 +98,10 @@ use tonic::{Request, Response, Status};
 use tracing::{Span, instrument};
 
 use crate::{
+    headers,
     limiter::{self, CheckRequest, Limiter},
     metrics::UntrustedValue,
-    rules::{EnvoyMatch, Policy, Rule},
+    rules::{EnvoyHeaders, EnvoyMatch, Policy, Rule},
     store::Store,
 };
 
@@ -124,12 +135,22 @@ impl<S: Store> RateLimitService for EnvoyService<S> {
     ) -> Result<Response<RateLimitResponse>, Status> {
         let request = request.get_ref();
         let policy = self.limiter.policy();
+        let mut headers = match policy.envoy_headers() {
+            EnvoyHeaders::Draft11 => Some(HeaderLists::default()),
+            EnvoyHeaders::None => None,
+        };
         let statuses = if request.domain == policy.envoy_domain() {
             let mut statuses = Vec::with_capacity(request.descriptors.len());
             for (index, descriptor) in request.descriptors.iter().enumerate() {
                 statuses.push(
-                    self.decide(&policy, index, descriptor, request.hits_addend)
-                        .await?,
+                    self.decide(
+                        &policy,
+                        index,
+                        descriptor,
+                        request.hits_addend,
+                        headers.as_mut(),
+                    )
+                    .await?,
                 );
             }
             statuses
@@ -147,10 +168,56 @@ impl<S: Store> RateLimitService for EnvoyService<S> {
         Ok(Response::new(RateLimitResponse {
             overall_code: overall as i32,
             statuses,
+            response_headers_to_add: headers.map(HeaderLists::into_headers).unwrap_or_default(),
             ..RateLimitResponse::default()
         }))
     }
 }
+
+/// The `RateLimit-Policy` and `RateLimit` values of one response, one list
+/// item per matched descriptor, in descriptor order.
+#[derive(Debug, Default)]
+struct HeaderLists {
+    policy: String,
+    ratelimit: String,
+}
+
+impl HeaderLists {
+    fn push(&mut self, policy: &str, ratelimit: &str) {
+        if !self.policy.is_empty() {
+            self.policy.push_str(headers::LIST_SEPARATOR);
+            self.ratelimit.push_str(headers::LIST_SEPARATOR);
+        }
+        self.policy.push_str(policy);
+        self.ratelimit.push_str(ratelimit);
+    }
+
+    /// The headers for `response_headers_to_add`; none when no descriptor
+    /// matched a rule.
+    fn into_headers(self) -> Vec<HeaderValue> {
+        if self.policy.is_empty() {
+            return Vec::new();
+        }
+        vec![
+            HeaderValue {
+                key: POLICY_HEADER.to_owned(),
+                value: self.policy,
+                ..HeaderValue::default()
+            },
+            HeaderValue {
+                key: RATELIMIT_HEADER.to_owned(),
+                value: self.ratelimit,
+                ..HeaderValue::default()
+            },
+        ]
+    }
+}
+
+/// The header that carries the policies of the matched descriptors.
+pub const POLICY_HEADER: &str = "RateLimit-Policy";
+
+/// The header that carries the matched descriptors' remaining hits.
+pub const RATELIMIT_HEADER: &str = "RateLimit";
 
 impl<S: Store> EnvoyService<S> {
     /// The status of the descriptor at `index`.
@@ -160,6 +227,7 @@ impl<S: Store> EnvoyService<S> {
         index: usize,
         descriptor: &RateLimitDescriptor,
         request_hits: u32,
+        headers: Option<&mut HeaderLists>,
     ) -> Result<DescriptorStatus, Status> {
         let Some(mapped) = map_descriptor(policy, descriptor, request_hits) else {
             return Ok(unmatched());
@@ -179,12 +247,19 @@ impl<S: Store> EnvoyService<S> {
             .map_err(|err| to_status(index, &mapped, err))?;
         let decision = outcome.decision;
         // The limiter reports what would be left after the hit; a check
-        // that counts nothing reports what is left now.
-        let remaining = if mapped.dry_run && decision.allowed {
+        // that counts nothing reports what is left now. A shadow rule's
+        // would-be denial is allowed, but the store's figure is already
+        // what is left now.
+        let remaining = if mapped.dry_run && decision.allowed && !outcome.shadowed {
             decision.remaining.saturating_add(u64::from(mapped.cost))
         } else {
             decision.remaining
         };
+        if let Some(headers) = headers {
+            let ratelimit =
+                headers::ratelimit_item(mapped.rule.name(), remaining, decision.reset_after);
+            headers.push(&outcome.ratelimit_policy, &ratelimit);
+        }
         Ok(DescriptorStatus {
             code: if decision.allowed {
                 Code::Ok

@@ -7,11 +7,13 @@ use tonic::Status;
 
 use crate::{limiter, store::StoreError};
 
+pub mod admin;
 pub mod envoy;
 mod rate_limiter;
 mod usage_quota;
 mod usage_stats;
 
+pub use admin::AdminService;
 pub use envoy::EnvoyService;
 pub use rate_limiter::RateLimiterService;
 pub use usage_quota::UsageQuotaService;

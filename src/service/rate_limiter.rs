@@ -7,7 +7,8 @@ use tracing::{Span, instrument};
 
 use super::wire_duration;
 use crate::{
-    limiter::{CheckRequest, Limiter},
+    headers,
+    limiter::{CheckOutcome, CheckRequest, Limiter},
     proto::{
         CheckLimitRequest, CheckLimitResponse, CheckLimitsRequest, CheckLimitsResponse,
         SettleLimitRequest, SettleLimitResponse, rate_limiter_server::RateLimiter,
@@ -50,20 +51,10 @@ impl<S: Store> RateLimiter for RateLimiterService<S> {
                 dry_run: request.dry_run,
             })
             .await?;
-        let decision = outcome.decision;
         Span::current()
-            .record("allowed", decision.allowed)
-            .record("remaining", decision.remaining);
-        Ok(Response::new(CheckLimitResponse {
-            allowed: decision.allowed,
-            limit: outcome.limit,
-            remaining: decision.remaining,
-            retry_after: wire_duration(decision.retry_after),
-            reset_after: wire_duration(decision.reset_after),
-            blocked: decision.blocked,
-            degraded: outcome.degraded,
-            ..CheckLimitResponse::default()
-        }))
+            .record("allowed", outcome.decision.allowed)
+            .record("remaining", outcome.decision.remaining);
+        Ok(Response::new(check_response(&request.rule, &outcome)))
     }
 
     // Placeholder until the multi-limit call lands (issue 11, part 1).
@@ -80,5 +71,31 @@ impl<S: Store> RateLimiter for RateLimiterService<S> {
         _request: Request<SettleLimitRequest>,
     ) -> Result<Response<SettleLimitResponse>, Status> {
         Err(Status::unimplemented("SettleLimit is not implemented yet"))
+    }
+}
+
+/// The wire answer for `outcome`, a decision of `rule`: the decision's
+/// figures and both RateLimit header values.
+fn check_response(rule: &str, outcome: &CheckOutcome) -> CheckLimitResponse {
+    let decision = outcome.decision;
+    // A degraded answer knows the rule (its policy) but not the window
+    // (remaining, reset): no RateLimit value rather than made-up figures.
+    let ratelimit = if outcome.degraded {
+        String::new()
+    } else {
+        headers::ratelimit_item(rule, decision.remaining, decision.reset_after)
+    };
+    CheckLimitResponse {
+        allowed: decision.allowed,
+        limit: outcome.limit,
+        remaining: decision.remaining,
+        retry_after: wire_duration(decision.retry_after),
+        reset_after: wire_duration(decision.reset_after),
+        blocked: decision.blocked,
+        degraded: outcome.degraded,
+        ratelimit_policy: outcome.ratelimit_policy.to_string(),
+        ratelimit,
+        shadowed: outcome.shadowed,
+        ..CheckLimitResponse::default()
     }
 }

@@ -24,8 +24,8 @@ use std::{
 use tokio::time::Instant;
 
 use super::{
-    ConversationCounters, LimitCheck, LimitDecision, Store, StoreError, UsageDecision,
-    UsageIncrement,
+    ConversationCounters, LimitCheck, LimitDecision, LimitInspect, LimitUsage, ResetListener,
+    Store, StoreError, UsageDecision, UsageIncrement,
 };
 use crate::stats::{StatsBatch, StatsQuery, StatsReport};
 
@@ -232,6 +232,27 @@ impl<S: Store> Store for CircuitBreaker<S> {
         self.call(self.inner.read_stats(query)).await
     }
 
+    async fn inspect_limit(&self, inspect: &LimitInspect<'_>) -> Result<LimitUsage, StoreError> {
+        self.call(self.inner.inspect_limit(inspect)).await
+    }
+
+    async fn reset_limit(&self, rule: &str, subject: &str) -> Result<bool, StoreError> {
+        self.call(self.inner.reset_limit(rule, subject)).await
+    }
+
+    async fn reset_usage(
+        &self,
+        user_id: &str,
+        character_id: Option<&str>,
+    ) -> Result<u32, StoreError> {
+        self.call(self.inner.reset_usage(user_id, character_id))
+            .await
+    }
+
+    fn on_reset(&self, listener: ResetListener) {
+        self.inner.on_reset(listener);
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         self.call(self.inner.ping()).await
     }
@@ -272,6 +293,15 @@ mod tests {
             _: &str,
             _: usize,
         ) -> Result<Vec<(String, ConversationCounters)>, StoreError> {
+            unreachable!("not used by these tests")
+        }
+        async fn inspect_limit(&self, _: &LimitInspect<'_>) -> Result<LimitUsage, StoreError> {
+            unreachable!("not used by these tests")
+        }
+        async fn reset_limit(&self, _: &str, _: &str) -> Result<bool, StoreError> {
+            unreachable!("not used by these tests")
+        }
+        async fn reset_usage(&self, _: &str, _: Option<&str>) -> Result<u32, StoreError> {
             unreachable!("not used by these tests")
         }
         async fn ping(&self) -> Result<(), StoreError> {

@@ -51,6 +51,18 @@
 //! store that fails with [`StoreError::Unavailable`] (a broken connection,
 //! often a restarted Redis that may have lost its counters) clears the cache.
 //!
+//! # Resets
+//!
+//! A reset through the admin door ([`Store::reset_limit`]) forgets the
+//! subject's denials here at once, and every other instance's cache hears
+//! of it through the store ([`Store::on_reset`]: Redis pub/sub) and forgets
+//! them too. A check already in flight when a reset is heard may come back
+//! with a denial made before the reset; no denial is cached from a check
+//! sent before the last reset this cache heard of, so none can outlive it.
+//! While the store says resets may go unheard ([`ResetNotice::Deaf`]: the
+//! subscription broke, or is not made yet) the cache is empty and caches
+//! nothing, so no instance keeps a denial that was reset elsewhere.
+//!
 //! # Memory
 //!
 //! Entries live in shards behind `std::sync::Mutex`es (never held across an
@@ -64,8 +76,8 @@ use std::{
     collections::HashMap,
     hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState},
     sync::{
-        Arc, Mutex, MutexGuard,
-        atomic::{AtomicUsize, Ordering},
+        Arc, Mutex, MutexGuard, Weak,
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -73,8 +85,8 @@ use std::{
 use tokio::time::Instant;
 
 use super::{
-    ConversationCounters, LimitCheck, LimitDecision, Store, StoreError, UsageDecision,
-    UsageIncrement,
+    ConversationCounters, LimitCheck, LimitDecision, LimitInspect, LimitUsage, ResetListener,
+    ResetNotice, Store, StoreError, UsageDecision, UsageIncrement,
 };
 use crate::{
     rules::Algorithm,
@@ -106,6 +118,13 @@ struct Shared {
     /// Entries in all shards, so that lookups skip the locks while nothing
     /// is cached (the common case: most subjects are allowed).
     len: AtomicUsize,
+    /// Resets heard so far: a denial is cached only if none was heard
+    /// while its check was in flight. Read under the shard's lock when
+    /// recording, and moved on before the shards are cleaned, so a reset
+    /// and a recording of the same key never cross.
+    resets: AtomicU64,
+    /// Resets may go unheard now: cache nothing.
+    deaf: AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -178,16 +197,23 @@ impl<S: Store> DenyCache<S> {
     /// Wraps `inner` with room for about `capacity` denials (at least one
     /// per shard).
     pub fn with_capacity(inner: S, capacity: usize) -> Self {
-        Self {
-            inner,
-            shared: Arc::new(Shared {
-                epoch: Instant::now(),
-                hasher: RandomState::new(),
-                shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
-                shard_capacity: capacity.div_ceil(SHARDS).max(1),
-                len: AtomicUsize::new(0),
-            }),
-        }
+        let shared = Arc::new(Shared {
+            epoch: Instant::now(),
+            hasher: RandomState::new(),
+            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            shard_capacity: capacity.div_ceil(SHARDS).max(1),
+            len: AtomicUsize::new(0),
+            resets: AtomicU64::new(0),
+            deaf: AtomicBool::new(false),
+        });
+        // Weak: the store must not keep a dropped cache alive.
+        let heard: Weak<Shared> = Arc::downgrade(&shared);
+        inner.on_reset(Arc::new(move |notice: &ResetNotice| {
+            if let Some(shared) = heard.upgrade() {
+                shared.hear(notice);
+            }
+        }));
+        Self { inner, shared }
     }
 
     /// The wrapped store.
@@ -221,15 +247,52 @@ impl Shared {
     }
 
     fn hash(&self, check: &LimitCheck<'_>) -> u64 {
+        self.hash_of(check.rule, check.algorithm, check.subject)
+    }
+
+    fn hash_of(&self, rule: &str, algorithm: Algorithm, subject: &str) -> u64 {
         let mut hasher = self.hasher.build_hasher();
-        hasher.write(check.rule.as_bytes());
+        hasher.write(rule.as_bytes());
         // Rule names are `[a-z0-9_-]`, so this byte ends the rule unambiguously.
-        hasher.write_u8(match check.algorithm {
+        hasher.write_u8(match algorithm {
             Algorithm::SlidingLog => 0xfe,
             Algorithm::SlidingCounter => 0xff,
         });
-        hasher.write(check.subject.as_bytes());
+        hasher.write(subject.as_bytes());
         hasher.finish()
+    }
+
+    /// Acts on a reset announced through the store.
+    fn hear(&self, notice: &ResetNotice) {
+        match notice {
+            ResetNotice::Limit { rule, subject } => self.forget_subject(rule, subject),
+            ResetNotice::Deaf => {
+                self.deaf.store(true, Ordering::SeqCst);
+                self.resets.fetch_add(1, Ordering::SeqCst);
+                self.clear();
+            }
+            ResetNotice::Listening => self.deaf.store(false, Ordering::SeqCst),
+        }
+    }
+
+    /// Forgets every denial of `subject` under `rule`, whatever the
+    /// algorithm, and every denial still in flight (see the module's
+    /// "Resets").
+    fn forget_subject(&self, rule: &str, subject: &str) {
+        self.resets.fetch_add(1, Ordering::SeqCst);
+        for algorithm in [Algorithm::SlidingLog, Algorithm::SlidingCounter] {
+            let hash = self.hash_of(rule, algorithm, subject);
+            let mut shard = self.shard(hash);
+            let of_subject = shard.entries.get(&hash).is_some_and(|entry| {
+                entry.algorithm == algorithm
+                    && entry.names[..entry.rule_len] == *rule
+                    && entry.names[entry.rule_len..] == *subject
+            });
+            if of_subject {
+                shard.entries.remove(&hash);
+                self.len.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
     }
 
     fn shard(&self, hash: u64) -> MutexGuard<'_, Shard> {
@@ -257,8 +320,13 @@ impl Shared {
         Some(decision)
     }
 
-    /// Learns from the store's answer to `check`, sent at `sent_us`.
-    fn record(&self, check: &LimitCheck<'_>, sent_us: u64, decision: &LimitDecision) {
+    /// Learns from the store's answer to `check`, sent at `sent_us` when
+    /// `resets` resets had been heard.
+    fn record(&self, check: &LimitCheck<'_>, sent: Sent, decision: &LimitDecision) {
+        let Sent {
+            at_us: sent_us,
+            resets,
+        } = sent;
         if decision.allowed {
             self.forget(check);
             return;
@@ -271,6 +339,11 @@ impl Shared {
         let hash = self.hash(check);
         let now_us = self.now_us();
         let mut shard = self.shard(hash);
+        if self.deaf.load(Ordering::SeqCst) || self.resets.load(Ordering::SeqCst) != resets {
+            // A reset was heard while the check was in flight (the denial
+            // may predate it), or resets may go unheard now.
+            return;
+        }
         if now_us >= shard.next_sweep_us {
             self.sweep(&mut shard, now_us);
         }
@@ -338,6 +411,13 @@ impl Shared {
     }
 }
 
+/// When a check was sent, for [`Shared::record`].
+#[derive(Debug, Clone, Copy)]
+struct Sent {
+    at_us: u64,
+    resets: u64,
+}
+
 /// A poisoned shard only means another thread panicked mid-update of plain
 /// values; each entry is still whole, so carry on.
 fn lock(shard: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
@@ -374,13 +454,16 @@ impl Hasher for PassThrough {
 
 impl<S: Store> Store for DenyCache<S> {
     async fn check_limit(&self, check: &LimitCheck<'_>) -> Result<LimitDecision, StoreError> {
-        let sent_us = self.shared.now_us();
-        if let Some(decision) = self.shared.lookup(check, sent_us) {
+        let sent = Sent {
+            resets: self.shared.resets.load(Ordering::SeqCst),
+            at_us: self.shared.now_us(),
+        };
+        if let Some(decision) = self.shared.lookup(check, sent.at_us) {
             return Ok(decision);
         }
         match self.inner.check_limit(check).await {
             Ok(decision) => {
-                self.shared.record(check, sent_us, &decision);
+                self.shared.record(check, sent, &decision);
                 Ok(decision)
             }
             Err(err) => {
@@ -421,6 +504,30 @@ impl<S: Store> Store for DenyCache<S> {
 
     async fn read_stats(&self, query: &StatsQuery<'_>) -> Result<StatsReport, StoreError> {
         self.inner.read_stats(query).await
+    }
+
+    async fn inspect_limit(&self, inspect: &LimitInspect<'_>) -> Result<LimitUsage, StoreError> {
+        self.inner.inspect_limit(inspect).await
+    }
+
+    /// Forgets the subject here whether or not the store answered: a reset
+    /// that timed out may have happened all the same.
+    async fn reset_limit(&self, rule: &str, subject: &str) -> Result<bool, StoreError> {
+        let reset = self.inner.reset_limit(rule, subject).await;
+        self.shared.forget_subject(rule, subject);
+        reset
+    }
+
+    async fn reset_usage(
+        &self,
+        user_id: &str,
+        character_id: Option<&str>,
+    ) -> Result<u32, StoreError> {
+        self.inner.reset_usage(user_id, character_id).await
+    }
+
+    fn on_reset(&self, listener: ResetListener) {
+        self.inner.on_reset(listener);
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
@@ -481,6 +588,22 @@ mod tests {
             max: usize,
         ) -> Result<Vec<(String, ConversationCounters)>, StoreError> {
             self.store.list_usage(user_id, max).await
+        }
+        async fn inspect_limit(
+            &self,
+            inspect: &LimitInspect<'_>,
+        ) -> Result<LimitUsage, StoreError> {
+            self.store.inspect_limit(inspect).await
+        }
+        async fn reset_limit(&self, rule: &str, subject: &str) -> Result<bool, StoreError> {
+            self.store.reset_limit(rule, subject).await
+        }
+        async fn reset_usage(
+            &self,
+            user_id: &str,
+            character_id: Option<&str>,
+        ) -> Result<u32, StoreError> {
+            self.store.reset_usage(user_id, character_id).await
         }
         async fn ping(&self) -> Result<(), StoreError> {
             self.store.ping().await
@@ -818,6 +941,66 @@ mod tests {
         assert!(!three.allowed);
         assert_eq!(three.retry_after, Duration::from_millis(2000));
         assert_eq!(store.checks(), 4);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_heard_reset_forgets_the_subject_and_a_deaf_cache_caches_nothing() {
+        let (cache, store, _clock) = cached(DEFAULT_CAPACITY);
+        let auth = LimitCheck {
+            block_for: Some(Duration::from_secs(60)),
+            ..check("auth", "u1", 1, 1)
+        };
+        let other = check("api", "u2", 1, 1);
+        for request in [auth, auth, other, other] {
+            cache.check_limit(&request).await.expect("memory");
+        }
+        assert_eq!((cache.len(), store.checks()), (2, 4));
+        // Another instance reset u1's auth: its denial is forgotten, the
+        // other subject's kept.
+        cache.shared.hear(&ResetNotice::Limit {
+            rule: "auth".to_owned(),
+            subject: "u1".to_owned(),
+        });
+        assert_eq!(cache.len(), 1);
+        assert!(!cache.check_limit(&other).await.expect("cached").allowed);
+        assert_eq!(store.checks(), 4);
+
+        // Deaf: emptied, and denials go to the store every time.
+        cache.shared.hear(&ResetNotice::Deaf);
+        assert!(cache.is_empty());
+        for _ in 0..3 {
+            assert!(!cache.check_limit(&other).await.expect("memory").allowed);
+        }
+        assert_eq!((cache.len(), store.checks()), (0, 7));
+        // Listening again: cached again.
+        cache.shared.hear(&ResetNotice::Listening);
+        for _ in 0..3 {
+            assert!(!cache.check_limit(&other).await.expect("memory").allowed);
+        }
+        assert_eq!((cache.len(), store.checks()), (1, 8));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_denial_in_flight_across_a_reset_is_not_cached() {
+        let (cache, _store, _clock) = cached(DEFAULT_CAPACITY);
+        let api = check("api", "u1", 1, 1);
+        cache.check_limit(&api).await.expect("memory");
+        let sent = Sent {
+            at_us: cache.shared.now_us(),
+            resets: cache.shared.resets.load(Ordering::SeqCst),
+        };
+        let denied = cache.inner().check_limit(&api).await.expect("memory");
+        assert!(!denied.allowed);
+        // The reset is heard before the denial comes back.
+        cache.shared.forget_subject("api", "u1");
+        cache.shared.record(&api, sent, &denied);
+        assert!(cache.is_empty());
+        // A reset through this cache forgets too, whatever the store says.
+        cache.check_limit(&api).await.expect("memory");
+        assert_eq!(cache.len(), 1);
+        assert!(cache.reset_limit("api", "u1").await.expect("memory"));
+        assert!(cache.is_empty());
+        assert!(cache.check_limit(&api).await.expect("memory").allowed);
     }
 
     #[tokio::test(start_paused = true)]

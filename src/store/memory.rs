@@ -32,8 +32,8 @@ use hashlink::LinkedHashMap;
 use prometheus_client::metrics::counter::Counter as EvictionCounter;
 
 use super::{
-    ConversationCounters, LimitCheck, LimitDecision, Store, StoreError, UsageDecision,
-    UsageIncrement, memory_stats::MemoryStats,
+    ConversationCounters, LimitCheck, LimitDecision, LimitInspect, LimitUsage, Store, StoreError,
+    UsageDecision, UsageIncrement, memory_stats::MemoryStats,
 };
 use crate::{
     rules::Algorithm,
@@ -416,6 +416,61 @@ impl Store for MemoryStore {
         Ok(lock(&self.inner.stats).read(query))
     }
 
+    /// A read that is not a use: inspecting leaves the LRU order alone.
+    async fn inspect_limit(&self, inspect: &LimitInspect<'_>) -> Result<LimitUsage, StoreError> {
+        let key = key_of(inspect.rule, inspect.algorithm, inspect.subject);
+        let shard = self.shard(&self.inner.limits, &key);
+        let now = self.now();
+        Ok(shard
+            .entries
+            .get(&key)
+            .map(|state| state.inspect(micros(inspect.window).max(1), now))
+            .unwrap_or_default())
+    }
+
+    async fn reset_limit(&self, rule: &str, subject: &str) -> Result<bool, StoreError> {
+        let mut existed = false;
+        for algorithm in [Algorithm::SlidingLog, Algorithm::SlidingCounter] {
+            let key = key_of(rule, algorithm, subject);
+            let mut shard = self.shard(&self.inner.limits, &key);
+            let now = self.now();
+            if let Some(state) = shard.entries.remove(&key) {
+                shard.budget.release(1);
+                existed |= state.is_live(now);
+            }
+        }
+        Ok(existed)
+    }
+
+    async fn reset_usage(
+        &self,
+        user_id: &str,
+        character_id: Option<&str>,
+    ) -> Result<u32, StoreError> {
+        let mut shard = self.shard(&self.inner.usage, user_id);
+        let now = self.now();
+        let removed: Vec<Conversation> = match character_id {
+            None => shard
+                .entries
+                .remove(user_id)
+                .map(|user| user.conversations.into_values())
+                .unwrap_or_default(),
+            Some(character_id) => {
+                let Some(user) = shard.entries.get_mut(user_id) else {
+                    return Ok(0);
+                };
+                let removed = user.conversations.remove(character_id);
+                if user.conversations.is_empty() {
+                    shard.entries.remove(user_id);
+                }
+                removed.into_iter().collect()
+            }
+        };
+        shard.budget.release(removed.len());
+        let live = removed.iter().filter(|c| c.is_live(now)).count();
+        Ok(u32::try_from(live).unwrap_or(u32::MAX))
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         Ok(())
     }
@@ -429,19 +484,23 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+fn limit_key(check: &LimitCheck<'_>) -> String {
+    key_of(check.rule, check.algorithm, check.subject)
+}
+
 /// Rule names never hold ':' (the config allows only `[a-z0-9_-]`) and the
 /// subject comes last, so distinct (rule, algorithm, subject) never share a key.
-fn limit_key(check: &LimitCheck<'_>) -> String {
-    let algorithm = match check.algorithm {
+fn key_of(rule: &str, algorithm: Algorithm, subject: &str) -> String {
+    let algorithm = match algorithm {
         Algorithm::SlidingLog => "log",
         Algorithm::SlidingCounter => "ctr",
     };
-    let mut key = String::with_capacity(check.rule.len() + check.subject.len() + 5);
-    key.push_str(check.rule);
+    let mut key = String::with_capacity(rule.len() + subject.len() + 5);
+    key.push_str(rule);
     key.push(':');
     key.push_str(algorithm);
     key.push(':');
-    key.push_str(check.subject);
+    key.push_str(subject);
     key
 }
 
@@ -499,6 +558,18 @@ impl Log {
             self.trimmed = total;
             self.hits.pop_front();
         }
+    }
+
+    /// Hits counted after `cutoff` (all of them when `None`), untrimmed.
+    fn count_after(&self, cutoff: Option<u64>) -> u64 {
+        let left = cutoff.map_or(0, |cutoff| {
+            self.hits.partition_point(|&(at, _)| at <= cutoff)
+        });
+        let before = match left.checked_sub(1) {
+            None => self.trimmed,
+            Some(last_gone) => self.hits[last_gone].1,
+        };
+        self.count().wrapping_sub(before.wrapping_sub(self.trimmed))
     }
 
     /// Hits in the window.
@@ -606,6 +677,48 @@ impl LimitState {
             decision.retry_after = block_for;
         }
         decision
+    }
+
+    /// The counter as it stands at `now`, changing nothing: the same
+    /// questions as [`Self::decide`] asks, answered without trimming.
+    fn inspect(&self, window: u64, now: u64) -> LimitUsage {
+        let blocked_for = self
+            .blocked_until
+            .filter(|&until| now < until)
+            .map(|until| from_micros(until - now));
+        let (used, reset_after) = match &self.counter {
+            Counter::Log(log) => (
+                log.count_after(now.checked_sub(window)),
+                log.until_empty(window, now),
+            ),
+            Counter::Weighted {
+                window_index,
+                current,
+                previous,
+            } => {
+                let index = now / window;
+                let (cur, prev) = if *window_index == index {
+                    (*current, *previous)
+                } else if *window_index + 1 == index {
+                    (0, *current)
+                } else {
+                    (0, 0)
+                };
+                let elapsed = now - index * window;
+                let (w, e) = (window as f64, elapsed as f64);
+                // The float expression of decide_weighted and the script.
+                let estimate = prev as f64 * (w - e) / w + cur as f64;
+                (
+                    estimate.ceil() as u64,
+                    weighted_reset(cur, prev, window, elapsed),
+                )
+            }
+        };
+        LimitUsage {
+            used,
+            reset_after: from_micros(reset_after),
+            blocked_for,
+        }
     }
 
     fn count(&mut self, check: &LimitCheck<'_>, now: u64) -> LimitDecision {
@@ -832,6 +945,32 @@ impl Conversations {
                 }
             }
             Self::Many(map) => map.retain(|_, c| c.is_live(now)),
+        }
+    }
+
+    /// Removes and returns the conversation under `id`.
+    fn remove(&mut self, id: &str) -> Option<Conversation> {
+        match std::mem::take(self) {
+            Self::None => None,
+            Self::One(key, conversation) if key == id => Some(conversation),
+            one @ Self::One(..) => {
+                *self = one;
+                None
+            }
+            Self::Many(mut map) => {
+                let removed = map.remove(id);
+                *self = Self::Many(map);
+                removed
+            }
+        }
+    }
+
+    /// Every conversation, taken out.
+    fn into_values(self) -> Vec<Conversation> {
+        match self {
+            Self::None => Vec::new(),
+            Self::One(_, conversation) => vec![conversation],
+            Self::Many(map) => map.into_values().collect(),
         }
     }
 

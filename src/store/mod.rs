@@ -11,7 +11,7 @@
 //! - [`breaker`]: a circuit breaker that wraps either.
 //! - [`deny_cache`]: answers surely-denied checks locally; wraps any store.
 
-use std::{future::Future, time::Duration};
+use std::{future::Future, sync::Arc, time::Duration};
 
 use crate::{
     rules::Algorithm,
@@ -107,6 +107,57 @@ impl ConversationCounters {
     }
 }
 
+/// Which rate-limit counter to look at, without counting anything.
+#[derive(Debug, Clone, Copy)]
+pub struct LimitInspect<'a> {
+    /// The rule's name.
+    pub rule: &'a str,
+    /// Whose counter.
+    pub subject: &'a str,
+    /// How the window is counted: which of the rule's counters is read.
+    pub algorithm: Algorithm,
+    /// The sliding window's length; at least one millisecond.
+    pub window: Duration,
+    /// The rule's lock-out, if it has one: a store reports a block as its
+    /// own [`Store::check_limit`] would see it for this rule.
+    pub block_for: Option<Duration>,
+}
+
+/// A rate-limit counter as it stands.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LimitUsage {
+    /// Hits in the window now. For `sliding_counter`, the weighted estimate
+    /// rounded up, so that `limit - used` is the `remaining` a check of
+    /// cost 0 would report.
+    pub used: u64,
+    /// How long until the window holds no hits.
+    pub reset_after: Duration,
+    /// How long the subject stays locked out; `None` when it is not.
+    pub blocked_for: Option<Duration>,
+}
+
+/// What an instance must forget because a counter was reset, by this
+/// instance or by another one sharing the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ResetNotice {
+    /// One subject's counters of one rule (every algorithm) were cleared.
+    Limit {
+        /// The rule's name.
+        rule: String,
+        /// The subject.
+        subject: String,
+    },
+    /// Resets may have been missed (the channel that carries them broke):
+    /// forget everything, and cache nothing until [`ResetNotice::Listening`].
+    Deaf,
+    /// The channel carries resets again; every reset from now on is heard.
+    Listening,
+}
+
+/// Told of every [`ResetNotice`], on the task that hears it; must be quick
+/// and must not block.
+pub type ResetListener = Arc<dyn Fn(&ResetNotice) + Send + Sync>;
+
 /// Why a store could not decide.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -178,6 +229,38 @@ pub trait Store: Send + Sync + 'static {
     ) -> impl Future<Output = Result<StatsReport, StoreError>> + Send {
         let _ = query;
         std::future::ready(Err(no_statistics()))
+    }
+
+    /// A rate-limit counter as it stands; reads only, counts nothing.
+    fn inspect_limit(
+        &self,
+        inspect: &LimitInspect<'_>,
+    ) -> impl Future<Output = Result<LimitUsage, StoreError>> + Send;
+
+    /// Clears `subject`'s window of `rule` (under either algorithm, since an
+    /// operator may have switched it) and any block; whether there was
+    /// anything to clear. Stores shared by several instances announce the
+    /// reset to each of them (see [`Store::on_reset`]).
+    fn reset_limit(
+        &self,
+        rule: &str,
+        subject: &str,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// Deletes the counters of one conversation of `user_id`, or of every
+    /// conversation when `character_id` is `None`; a reset conversation is
+    /// gone, from listings too. Returns how many had live counters.
+    fn reset_usage(
+        &self,
+        user_id: &str,
+        character_id: Option<&str>,
+    ) -> impl Future<Output = Result<u32, StoreError>> + Send;
+
+    /// Registers `listener` to hear of limit resets made through any
+    /// instance that shares this store. A store only this instance uses has
+    /// nothing to announce and ignores it (the default); wrappers forward it.
+    fn on_reset(&self, listener: ResetListener) {
+        let _ = listener;
     }
 
     /// Succeeds when the store answers; drives the health service.

@@ -50,6 +50,25 @@
 //! caches it on that node. `EVAL` is routed by its keys like `EVALSHA`, so it
 //! reaches exactly the node that said `NOSCRIPT`, however the rest of the
 //! cluster is doing.
+//!
+//! # Resets
+//!
+//! A reset (`lua/limit_reset.lua`) publishes what it cleared on the channel
+//! `<prefix>admin:resets` ([`KeyBuilder::reset_channel`]), in the same
+//! script. Once something listens ([`Store::on_reset`]: the deny cache), a
+//! task subscribes to that channel through a connection of its own, to the
+//! server or to one seed of a cluster (a cluster's PUBLISH reaches the
+//! subscribers of every node), and hands every announcement to the
+//! listeners. It PINGs every [`RESET_PING_EVERY`]; when the connection
+//! breaks it says [`ResetNotice::Deaf`] (announcements may be lost), and
+//! reconnects, trying the next seed each time, backing off up to a second,
+//! and says [`ResetNotice::Listening`] once subscribed again.
+//!
+//! Why not the cluster connection's own SUBSCRIBE (redis-rs 0.28 and later,
+//! redis-rs/redis-rs#1449): it needs RESP3 on every connection, and it
+//! resubscribes after a disconnection by itself, silently, so the deny
+//! cache could not know that announcements were lost meanwhile. A plain
+//! RESP2 subscription on one node says when it breaks.
 
 use std::{
     collections::BTreeMap,
@@ -65,7 +84,7 @@ use std::{
 use redis::{
     Arg, AsyncConnectionConfig, Client, Cmd, ErrorKind, FromRedisValue, Pipeline, RedisError,
     RedisFuture, RedisResult, Script, ToRedisArgs, Value,
-    aio::{ConnectionLike, MultiplexedConnection},
+    aio::{ConnectionLike, MultiplexedConnection, PubSub},
     cluster::ClusterClient,
     cluster_async::ClusterConnection,
     cluster_routing::{Route, SingleNodeRoutingInfo, SlotAddr},
@@ -73,13 +92,13 @@ use redis::{
 use tokio::time::{Instant, timeout_at};
 
 use super::{
-    ConversationCounters, LimitCheck, LimitDecision, Store, StoreError, UsageDecision,
-    UsageIncrement,
+    ConversationCounters, LimitCheck, LimitDecision, LimitInspect, LimitUsage, ResetListener,
+    ResetNotice, Store, StoreError, UsageDecision, UsageIncrement,
 };
+use crate::stats::{BucketFigures, StatsBatch, StatsQuery, StatsReport, rank};
 use crate::{
-    keys::{KeyBuilder, cluster_slot},
+    keys::{KeyBuilder, UsageKeys, cluster_slot},
     rules::Algorithm,
-    stats::{BucketFigures, StatsBatch, StatsQuery, StatsReport, rank},
 };
 
 /// A Lua script under `lua/`: its source, for `EVAL`, and its SHA1, for
@@ -122,6 +141,36 @@ static USAGE_INCREMENT: LazyLock<LuaScript> = LazyLock::new(|| {
 /// A user's live conversations; see `lua/usage_list.lua`.
 static USAGE_LIST: LazyLock<LuaScript> =
     LazyLock::new(|| LuaScript::new("usage_list.lua", include_str!("../../lua/usage_list.lua")));
+
+/// A counter as it stands; see `lua/limit_inspect.lua`.
+static LIMIT_INSPECT: LazyLock<LuaScript> = LazyLock::new(|| {
+    LuaScript::new(
+        "limit_inspect.lua",
+        include_str!("../../lua/limit_inspect.lua"),
+    )
+});
+/// Clears a subject's counters and announces it; see `lua/limit_reset.lua`.
+static LIMIT_RESET: LazyLock<LuaScript> =
+    LazyLock::new(|| LuaScript::new("limit_reset.lua", include_str!("../../lua/limit_reset.lua")));
+/// Deletes conversations a batch at a time; see `lua/usage_reset.lua`.
+static USAGE_RESET: LazyLock<LuaScript> =
+    LazyLock::new(|| LuaScript::new("usage_reset.lua", include_str!("../../lua/usage_reset.lua")));
+
+/// Conversations one `usage_reset.lua` call deletes when resetting every
+/// conversation of a user: bounds each call's work in Redis.
+const RESET_BATCH: usize = 100;
+/// The most batches one reset of every conversation runs (100,000
+/// conversations), so that a user whose conversations are being opened as
+/// fast as they are deleted cannot hold the call for ever.
+const RESET_MAX_BATCHES: usize = 1000;
+
+/// How often the reset subscriber PINGs its connection, to notice one that
+/// died without a word (the announcements it would miss make resets late).
+pub const RESET_PING_EVERY: Duration = Duration::from_secs(1);
+/// The first wait before subscribing again after a failed attempt.
+const RESET_MIN_BACKOFF: Duration = Duration::from_millis(20);
+/// The longest wait between attempts to subscribe again.
+const RESET_MAX_BACKOFF: Duration = Duration::from_secs(1);
 
 /// The cluster client's wait before retrying after `TRYAGAIN` or
 /// `CLUSTERDOWN` grows from 10 ms, doubling, and is capped here; the store
@@ -346,6 +395,200 @@ struct Shared {
     /// message or a log.
     masked_url: String,
     health: Arc<Health>,
+    resets: Arc<Resets>,
+}
+
+/// Who listens for reset announcements, and the task that hears them.
+struct Resets {
+    channel: String,
+    /// Where the subscriber subscribes: the server, or each seed of a
+    /// cluster in turn; with each node's URL, masked, for logs.
+    nodes: Vec<(Client, String)>,
+    timeout: Duration,
+    /// The runtime the store was connected on, where the subscriber runs.
+    runtime: tokio::runtime::Handle,
+    state: Mutex<ResetState>,
+}
+
+#[derive(Default)]
+struct ResetState {
+    listeners: Vec<ResetListener>,
+    listening: bool,
+    subscriber: Option<tokio::task::AbortHandle>,
+}
+
+impl Drop for Resets {
+    fn drop(&mut self) {
+        let state = self.state.get_mut().unwrap_or_else(PoisonError::into_inner);
+        if let Some(subscriber) = state.subscriber.take() {
+            subscriber.abort();
+        }
+    }
+}
+
+impl Resets {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ResetState> {
+        // Listeners and a flag: whole even if a listener panicked.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Adds `listener`, telling it at once whether resets are heard now,
+    /// and starts the subscriber if it is the first.
+    fn listen(self: &Arc<Self>, listener: ResetListener) {
+        let mut state = self.lock();
+        listener(if state.listening {
+            &ResetNotice::Listening
+        } else {
+            &ResetNotice::Deaf
+        });
+        state.listeners.push(listener);
+        if state.subscriber.is_none() {
+            let task = self.runtime.spawn(subscribe_to_resets(
+                Arc::downgrade(self),
+                self.nodes.clone(),
+                self.channel.clone(),
+                self.timeout,
+            ));
+            state.subscriber = Some(task.abort_handle());
+        }
+    }
+
+    fn tell(&self, notice: &ResetNotice) {
+        let mut state = self.lock();
+        match notice {
+            ResetNotice::Deaf => state.listening = false,
+            ResetNotice::Listening => state.listening = true,
+            ResetNotice::Limit { .. } => {}
+        }
+        for listener in &state.listeners {
+            listener(notice);
+        }
+    }
+}
+
+/// Tells the listeners `notice`; false once the store is gone.
+fn tell(resets: &std::sync::Weak<Resets>, notice: &ResetNotice) -> bool {
+    match resets.upgrade() {
+        Some(resets) => {
+            resets.tell(notice);
+            true
+        }
+        None => false,
+    }
+}
+
+/// The message `lua/limit_reset.lua` publishes for a reset of `rule` for
+/// `subject`. Rule names hold no ':', and the subject comes last, so any
+/// subject reads back whole.
+fn reset_message(rule: &str, subject: &str) -> String {
+    format!("limit:{rule}:{subject}")
+}
+
+fn parse_reset_message(message: &str) -> Option<ResetNotice> {
+    let (rule, subject) = message.strip_prefix("limit:")?.split_once(':')?;
+    Some(ResetNotice::Limit {
+        rule: rule.to_owned(),
+        subject: subject.to_owned(),
+    })
+}
+
+/// Subscribes to the reset channel and tells the listeners what it hears,
+/// for as long as the store exists; see the module's "Resets".
+async fn subscribe_to_resets(
+    resets: std::sync::Weak<Resets>,
+    nodes: Vec<(Client, String)>,
+    channel: String,
+    timeout: Duration,
+) {
+    // A connection, a SUBSCRIBE or a PING gets at least a second: hearing
+    // resets is not on any request's path.
+    let wait = timeout.max(Duration::from_secs(1));
+    let mut backoff = RESET_MIN_BACKOFF;
+    let mut failures: u64 = 0;
+    for (client, node) in nodes.iter().cycle() {
+        let pubsub = match subscribe(client, &channel, wait).await {
+            Ok(pubsub) => pubsub,
+            Err(err) => {
+                failures += 1;
+                // The first failure in a row is worth a warning; the rest
+                // of an outage, a second apart, only at debug.
+                if failures == 1 {
+                    tracing::warn!(%node, error = %err, "cannot subscribe to resets; retrying");
+                } else {
+                    tracing::debug!(%node, error = %err, "cannot subscribe to resets");
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(RESET_MAX_BACKOFF);
+                continue;
+            }
+        };
+        if failures > 0 {
+            tracing::info!(%node, "subscribed to resets again");
+        }
+        failures = 0;
+        backoff = RESET_MIN_BACKOFF;
+        let Some(why) = relay(&resets, pubsub, wait).await else {
+            return;
+        };
+        tracing::warn!(%node, reason = %why, "reset subscription lost; resubscribing");
+        if !tell(&resets, &ResetNotice::Deaf) {
+            return;
+        }
+    }
+}
+
+/// A connection of its own to `client`'s node, subscribed to `channel`.
+async fn subscribe(client: &Client, channel: &str, wait: Duration) -> Result<PubSub, String> {
+    let subscribed = tokio::time::timeout(wait, async {
+        let mut pubsub = client.get_async_pubsub().await?;
+        pubsub.subscribe(channel).await?;
+        Ok::<_, RedisError>(pubsub)
+    })
+    .await;
+    match subscribed {
+        Ok(Ok(pubsub)) => Ok(pubsub),
+        Ok(Err(err)) => Err(err.to_string()),
+        Err(_) => Err(format!("no answer within {wait:?}")),
+    }
+}
+
+/// Tells the listeners they hear resets, then each reset `pubsub` brings,
+/// PINGing it every [`RESET_PING_EVERY`], until it breaks: why it broke,
+/// or `None` once the store is gone.
+async fn relay(resets: &std::sync::Weak<Resets>, pubsub: PubSub, wait: Duration) -> Option<String> {
+    use tokio_stream::StreamExt as _;
+    if !tell(resets, &ResetNotice::Listening) {
+        return None;
+    }
+    let (mut sink, mut messages) = pubsub.split();
+    let mut ping = tokio::time::interval(RESET_PING_EVERY);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            message = messages.next() => {
+                let Some(message) = message else {
+                    return Some("the connection closed".to_owned());
+                };
+                let payload = message.get_payload_bytes();
+                let notice = std::str::from_utf8(payload).ok().and_then(parse_reset_message);
+                match notice {
+                    Some(notice) => {
+                        if !tell(resets, &notice) {
+                            return None;
+                        }
+                    }
+                    None => tracing::debug!(?payload, "ignoring an unknown reset message"),
+                }
+            }
+            _ = ping.tick() => {
+                match tokio::time::timeout(wait, sink.ping::<Value>()).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(err)) => return Some(format!("PING failed: {err}")),
+                    Err(_) => return Some(format!("no answer to PING within {wait:?}")),
+                }
+            }
+        }
+    }
 }
 
 impl fmt::Debug for RedisStore {
@@ -406,11 +649,36 @@ impl RedisStore {
             StoreError::Unavailable(format!("invalid Redis URL {masked_url}: {err}"))
         };
         let health = Arc::new(Health::default());
+        let keys = KeyBuilder::new(options.key_prefix.as_str());
+        // Where the reset subscriber subscribes: made now, connected only
+        // once something listens.
+        let node_urls = if is_cluster_url(&options.url) {
+            cluster_seed_urls(&options.url).map_err(|err| invalid(&err))?
+        } else {
+            vec![options.url.clone()]
+        };
+        let mut nodes = Vec::with_capacity(node_urls.len());
+        for url in node_urls {
+            let client = match tls.certificates() {
+                None => Client::open(url.as_str()),
+                Some(certificates) => Client::build_with_tls(url.as_str(), certificates),
+            }
+            .map_err(|err| invalid(&err))?;
+            nodes.push((client, mask_url_password(&url)));
+        }
+        let resets = Arc::new(Resets {
+            channel: keys.reset_channel(),
+            nodes,
+            timeout: options.timeout,
+            runtime: tokio::runtime::Handle::current(),
+            state: Mutex::default(),
+        });
         let shared = Arc::new(Shared {
-            keys: KeyBuilder::new(options.key_prefix.as_str()),
+            keys,
             timeout: options.timeout,
             masked_url: masked_url.clone(),
             health: Arc::clone(&health),
+            resets,
         });
         let unreachable = |err: StoreError| match err {
             StoreError::Timeout(timeout) => StoreError::Unavailable(format!(
@@ -515,6 +783,9 @@ impl RedisStore {
             &SLIDING_COUNTER,
             &USAGE_INCREMENT,
             &USAGE_LIST,
+            &LIMIT_INSPECT,
+            &LIMIT_RESET,
+            &USAGE_RESET,
         ] {
             let hash: String = self
                 .call(
@@ -848,6 +1119,10 @@ fn micros(duration: Duration) -> u64 {
 }
 
 impl Store for RedisStore {
+    fn on_reset(&self, listener: ResetListener) {
+        self.shared.resets.listen(listener);
+    }
+
     async fn check_limit(&self, check: &LimitCheck<'_>) -> Result<LimitDecision, StoreError> {
         let script = match check.algorithm {
             Algorithm::SlidingLog => &*SLIDING_LOG,
@@ -1125,6 +1400,74 @@ impl Store for RedisStore {
         })
     }
 
+    async fn inspect_limit(&self, inspect: &LimitInspect<'_>) -> Result<LimitUsage, StoreError> {
+        let what = LIMIT_INSPECT.name;
+        let keys = self
+            .shared
+            .keys
+            .limit(inspect.rule, inspect.algorithm, inspect.subject);
+        // The block key only with a lock-out, as the checking scripts read it.
+        let invocation = if inspect.block_for.is_some() {
+            Invocation::new(&LIMIT_INSPECT, 2)
+                .key(keys.counter)
+                .key(keys.block)
+        } else {
+            Invocation::new(&LIMIT_INSPECT, 1).key(keys.counter)
+        }
+        .arg(inspect.algorithm.as_str())
+        .arg(micros(inspect.window));
+        let reply = self.run_script(&invocation).await?;
+        let (used, reset_after_us, blocked, block_remaining_us): (u64, u64, u64, u64) =
+            decode(what, reply)?;
+        Ok(LimitUsage {
+            used,
+            reset_after: Duration::from_micros(reset_after_us),
+            blocked_for: flag(what, blocked)?.then(|| Duration::from_micros(block_remaining_us)),
+        })
+    }
+
+    async fn reset_limit(&self, rule: &str, subject: &str) -> Result<bool, StoreError> {
+        let [log, counter, block] = self.shared.keys.limit_all(rule, subject);
+        let invocation = Invocation::new(&LIMIT_RESET, 3)
+            .key(log)
+            .key(counter)
+            .key(block)
+            .arg(self.shared.resets.channel.as_str())
+            .arg(reset_message(rule, subject));
+        let existed: u64 = decode(LIMIT_RESET.name, self.run_script(&invocation).await?)?;
+        Ok(existed > 0)
+    }
+
+    async fn reset_usage(
+        &self,
+        user_id: &str,
+        character_id: Option<&str>,
+    ) -> Result<u32, StoreError> {
+        let keys = self.shared.keys.usage(user_id);
+        if let Some(character_id) = character_id {
+            let (deleted, _) = self
+                .reset_conversations(&keys, &[character_id.to_owned()], 0)
+                .await?;
+            return Ok(deleted);
+        }
+        let mut total: u32 = 0;
+        let mut batch = Vec::new();
+        for _ in 0..RESET_MAX_BATCHES {
+            let (deleted, next) = self.reset_conversations(&keys, &batch, RESET_BATCH).await?;
+            total = total.saturating_add(deleted);
+            if next.is_empty() {
+                return Ok(total);
+            }
+            batch = next;
+        }
+        tracing::warn!(
+            user_id,
+            reset = total,
+            "conversations kept appearing while resetting; stopped after {RESET_MAX_BATCHES} batches"
+        );
+        Ok(total)
+    }
+
     /// On a cluster, PING goes to every master and succeeds only if all
     /// answer: a master down means some subjects get no answer.
     async fn ping(&self) -> Result<(), StoreError> {
@@ -1243,6 +1586,37 @@ impl RedisStore {
             return Err(self.classify(&RedisError::from(err.clone())));
         }
         Ok(replies)
+    }
+
+    /// Deletes the conversations `ids` of a user with `usage_reset.lua`;
+    /// how many had live counters, and up to `next` ids still listed.
+    async fn reset_conversations(
+        &self,
+        keys: &UsageKeys,
+        ids: &[String],
+        next: usize,
+    ) -> Result<(u32, Vec<String>), StoreError> {
+        let what = USAGE_RESET.name;
+        let mut invocation = Invocation::new(&USAGE_RESET, 2 + ids.len())
+            .key(&keys.index)
+            .key(&keys.by_id);
+        for id in ids {
+            invocation = invocation.key(keys.conversation(id));
+        }
+        invocation = invocation.arg(next);
+        for id in ids {
+            invocation = invocation.arg(id);
+        }
+        let reply: Vec<Value> = decode(what, self.run_script(&invocation).await?)?;
+        let mut reply = reply.into_iter();
+        let deleted: u32 = match reply.next() {
+            Some(deleted) => decode(what, deleted)?,
+            None => return Err(StoreError::Protocol(format!("{what} returned nothing"))),
+        };
+        let next = reply
+            .map(|id| decode(what, id))
+            .collect::<Result<Vec<String>, _>>()?;
+        Ok((deleted, next))
     }
 
     /// The counters of each conversation hash in `keys`, `None` for one that
@@ -1391,6 +1765,22 @@ impl bb8::ManageConnection for Manager {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_reset_message_reads_back_whatever_the_subject() {
+        for subject in ["u1", "a:b:c", "", "x}:{rl:y", "é\nnew line"] {
+            assert_eq!(
+                parse_reset_message(&reset_message("auth", subject)),
+                Some(ResetNotice::Limit {
+                    rule: "auth".to_owned(),
+                    subject: subject.to_owned(),
+                })
+            );
+        }
+        assert_eq!(reset_message("auth", "u1"), "limit:auth:u1");
+        assert_eq!(parse_reset_message("usage:u1"), None);
+        assert_eq!(parse_reset_message("limit:auth"), None);
+    }
 
     #[test]
     fn masks_passwords() {

@@ -25,7 +25,8 @@ use tollgate::{
     proto::{
         CheckLimitRequest, CheckLimitResponse, GetUsageRequest, GetUsageResponse,
         IncrementUsageRequest, IncrementUsageResponse, ListUsageRequest, ListUsageResponse,
-        rate_limiter_client::RateLimiterClient, usage_quota_client::UsageQuotaClient,
+        admin_client::AdminClient, rate_limiter_client::RateLimiterClient,
+        usage_quota_client::UsageQuotaClient,
     },
     server::{self, ServerError},
     stats::StatsClock,
@@ -114,6 +115,35 @@ impl Backend {
             .expect("only a Redis backend has a redis-server")
     }
 
+    /// EVALSHA calls the backend's Redis has served so far, summed over
+    /// every master of a cluster: whether a check reached Redis. 0 for the
+    /// memory store.
+    pub(crate) fn evalsha_calls(&self) -> u64 {
+        if let Some(cluster) = &self.cluster {
+            return cluster
+                .masters()
+                .iter()
+                .map(|master| {
+                    cluster
+                        .command_counts(master.port)
+                        .get("evalsha")
+                        .copied()
+                        .unwrap_or(0)
+                })
+                .sum();
+        }
+        let Some(redis) = &self.redis else {
+            return 0;
+        };
+        redis
+            .cli(&["INFO", "commandstats"])
+            .lines()
+            .find_map(|line| line.trim().strip_prefix("cmdstat_evalsha:calls="))
+            .and_then(|rest| rest.split(',').next())
+            .and_then(|calls| calls.parse().ok())
+            .unwrap_or(0)
+    }
+
     /// The Redis connection options an instance of `config` uses: the
     /// config's timeout and pool size, this backend's server.
     pub(crate) fn redis_options(&self, config: &Config) -> RedisOptions {
@@ -164,6 +194,22 @@ impl Backend {
             .expect("only a Cluster backend has a cluster")
     }
 
+    /// [`Backend::serve`], with the admin door on a port of its own.
+    pub(crate) async fn serve_with_admin(&self, config: &Config) -> TestServer {
+        match self.kind {
+            StoreKind::Memory => {
+                TestServer::start_with_admin(DenyCache::new(self.memory.clone()), config).await
+            }
+            StoreKind::Redis | StoreKind::Cluster => {
+                let store = RedisStore::connect(&self.redis_options(config))
+                    .await
+                    .expect("RedisStore connects to the test's redis-server");
+                let store = CircuitBreaker::new(store, config.settings.store.breaker);
+                TestServer::start_with_admin(DenyCache::new(store), config).await
+            }
+        }
+    }
+
     /// An instance with the shipped config.
     pub(crate) async fn serve_shipped(&self) -> TestServer {
         self.serve(&shipped_config()).await
@@ -194,18 +240,17 @@ pub(crate) struct TestServer {
     /// `grpc.reflection.v1alpha.ServerReflection`.
     pub(crate) reflection_v1alpha:
         v1alpha::server_reflection_client::ServerReflectionClient<Channel>,
+    /// The admin door's address and client, when started with one.
+    pub(crate) admin: Option<(SocketAddr, AdminClient<Channel>)>,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), ServerError>>>,
+    admin_shutdown: Option<oneshot::Sender<()>>,
+    admin_task: Option<JoinHandle<Result<(), ServerError>>>,
 }
 
 impl TestServer {
-    /// Serves `store` under `config`'s policy on a fresh loopback port.
-    pub(crate) async fn start<S: Store>(store: S, config: &Config) -> Self {
-        Self::start_with(store, config, StatsClock::System).await
-    }
-
-    /// Like [`Self::start`], with usage statistics on `clock`.
-    pub(crate) async fn start_with<S: Store>(store: S, config: &Config, clock: StatsClock) -> Self {
+    /// [`TestServer::start`], with the admin door on a second loopback port.
+    pub(crate) async fn start_with_admin<S: Store>(store: S, config: &Config) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind a free loopback port");
@@ -213,9 +258,60 @@ impl TestServer {
             .local_addr()
             .expect("a bound listener has an address");
         let limiter = Arc::new(
+            Limiter::new(store, Arc::new(config.policy.clone())).with_stats(config.settings.stats),
+        );
+        let (shutdown, stop) = oneshot::channel::<()>();
+        let task = tokio::spawn(server::run_admin(
+            limiter.clone(),
+            listener,
+            async {
+                let _ = stop.await;
+            },
+            server::ServeOptions::default(),
+        ));
+        let mut server = Self::start_limiter(limiter, config).await;
+        let channel = Channel::from_shared(format!("http://{addr}"))
+            .expect("a loopback URL is valid")
+            .connect_timeout(Duration::from_secs(5))
+            .connect()
+            .await
+            .expect("connect to the test server's admin door");
+        server.admin = Some((addr, AdminClient::new(channel)));
+        server.admin_shutdown = Some(shutdown);
+        server.admin_task = Some(task);
+        server
+    }
+
+    /// The admin door's client; panics if started without one.
+    pub(crate) fn admin(&self) -> AdminClient<Channel> {
+        self.admin
+            .as_ref()
+            .expect("started with start_with_admin")
+            .1
+            .clone()
+    }
+
+    /// Serves `store` under `config`'s policy on a fresh loopback port.
+    pub(crate) async fn start<S: Store>(store: S, config: &Config) -> Self {
+        Self::start_with(store, config, StatsClock::System).await
+    }
+
+    /// Like [`Self::start`], with usage statistics on `clock`.
+    pub(crate) async fn start_with<S: Store>(store: S, config: &Config, clock: StatsClock) -> Self {
+        let limiter = Arc::new(
             Limiter::new(store, Arc::new(config.policy.clone()))
                 .with_stats_clock(config.settings.stats, clock),
         );
+        Self::start_limiter(limiter, config).await
+    }
+
+    async fn start_limiter<S: Store>(limiter: Arc<Limiter<S>>, config: &Config) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind a free loopback port");
+        let addr = listener
+            .local_addr()
+            .expect("a bound listener has an address");
         let metrics = Arc::clone(limiter.metrics());
         let (shutdown, stop) = oneshot::channel::<()>();
         let task = tokio::spawn(server::run(limiter, listener, async {
@@ -243,8 +339,11 @@ impl TestServer {
             reflection_v1alpha: v1alpha::server_reflection_client::ServerReflectionClient::new(
                 channel,
             ),
+            admin: None,
             shutdown: Some(shutdown),
             task: Some(task),
+            admin_shutdown: None,
+            admin_task: None,
         }
     }
 
@@ -373,18 +472,26 @@ impl TestServer {
         if let Some(shutdown) = self.shutdown.take() {
             let _ = shutdown.send(());
         }
-        let task = self.task.take().expect("a running server has a task");
-        let result = tokio::time::timeout(Duration::from_secs(5), task)
-            .await
-            .expect("the server stops within 5 s of shutdown")
-            .expect("the server task does not panic");
-        result.expect("the server stops without error");
+        if let Some(shutdown) = self.admin_shutdown.take() {
+            let _ = shutdown.send(());
+        }
+        let tasks = [self.task.take(), self.admin_task.take()];
+        for task in tasks.into_iter().flatten() {
+            let result = tokio::time::timeout(Duration::from_secs(5), task)
+                .await
+                .expect("the server stops within 5 s of shutdown")
+                .expect("the server task does not panic");
+            result.expect("the server stops without error");
+        }
     }
 }
 
 impl Drop for TestServer {
     fn drop(&mut self) {
-        if let Some(shutdown) = self.shutdown.take() {
+        for shutdown in [self.shutdown.take(), self.admin_shutdown.take()]
+            .into_iter()
+            .flatten()
+        {
             let _ = shutdown.send(());
         }
     }

@@ -32,7 +32,9 @@
 #       10,000 requests/s for the latency target
 #   (b) the same with api_sliding_counter (sliding_counter)
 #   (c) abuse: one subject far over its limit (rule api, 100 per 15m)
-#   (d) IncrementUsage on 10,000 conversations (premium: unlimited, counted)
+#   (d) IncrementUsage on 10,000 conversations (premium: unlimited, counted),
+#       and once more on a tollgate with stats.enabled = false: the cost of
+#       usage statistics
 #   (e) ShouldRateLimit, one descriptor (generic_key api_log), as (a)
 #   (f) (a) on the memory store
 #   (g) cost-heavy: CheckLimit on Redis, rule tokens (sliding_log,
@@ -70,10 +72,10 @@ CORES=$(nproc)
 TOLLGATE_THREADS=${TOLLGATE_THREADS:-$((CORES > 1 ? CORES - 1 : 1))}
 SKIP_BUILD=${SKIP_BUILD:-0}
 KEEP=${KEEP:-0}
-# 17 scenarios of DURATION (plus set-up, which takes seconds on a busy
+# 18 scenarios of DURATION (plus set-up, which takes seconds on a busy
 # machine) per run, the memory measurements and start-up; a build is
 # bounded on its own.
-MAX_SECONDS=${MAX_SECONDS:-$((180 + RUNS * 18 * (DURATION + WARMUP + 8)))}
+MAX_SECONDS=${MAX_SECONDS:-$((180 + RUNS * 19 * (DURATION + WARMUP + 8)))}
 CONFIG=bench/tollgate-bench.toml
 TOLLGATE=target/release/tollgate
 BENCH=target/release/tollgate-bench
@@ -164,6 +166,8 @@ start_tollgate() { # name store_url -> sets <name>_PID, <name>_ADDR
 }
 start_tollgate REDIS_TG "redis://127.0.0.1:$REDIS_PORT/0"
 start_tollgate MEMORY_TG "memory://"
+# (d) once more without usage statistics (on by default), for their cost.
+TOLLGATE_STATS__ENABLED=false start_tollgate NOSTATS_TG "redis://127.0.0.1:$REDIS_PORT/0"
 
 # Commands Redis has processed (INFO stats: the commands a script runs count
 # too, so one sliding_log decision is 6).
@@ -241,6 +245,7 @@ scenario() { # run id label server(redis|memory) args...
     shift 4
     local pid addr
     if [[ $server == memory ]]; then pid=$MEMORY_TG_PID addr=$MEMORY_TG_ADDR; else pid=$REDIS_TG_PID addr=$REDIS_TG_ADDR; fi
+    if [[ $server == nostats ]]; then pid=$NOSTATS_TG_PID addr=$NOSTATS_TG_ADDR; fi
     local t0 r0 c0 k0 t1 r1 c1 k1 json
     children_cpu
     c0=$CHILDREN_CPU
@@ -307,6 +312,7 @@ EOF
 # Warm both servers up (connections, allocator, caches), uncounted.
 bench "$REDIS_TG_ADDR" --rule api_log -d 2s -c 50 >/dev/null
 bench "$MEMORY_TG_ADDR" --rule api_log -d 2s -c 50 >/dev/null
+bench "$NOSTATS_TG_ADDR" --rule api_log -d 2s -c 50 >/dev/null
 
 ENVOY_OK=1
 if timeout 10 "$BENCH" --addr "$REDIS_TG_ADDR" --call should-rate-limit -n 1 >/dev/null 2>&1; then
@@ -339,6 +345,7 @@ for run in $(seq "$RUNS"); do
     scenario "$run" b_200 "(b) CheckLimit, Redis, sliding_counter" redis --rule api_sliding_counter --subjects "$SUBJECTS" -c 200
     scenario "$run" c_50 "(c) abuse: 1 subject far over its limit" redis --rule api --subjects 1 -c 50
     scenario "$run" d_50 "(d) IncrementUsage, 10k conversations" redis --call increment-usage --tier premium --subjects "$SUBJECTS" -c 50
+    scenario "$run" d_nostats_50 "(d) IncrementUsage, stats.enabled = false" nostats --call increment-usage --tier premium --subjects "$SUBJECTS" -c 50
     if ((ENVOY_OK)); then
         scenario "$run" e_50 "(e) ShouldRateLimit, 1 descriptor" redis "${ENVOY_ARGS[@]}" --subjects "$SUBJECTS" -c 50
     else
@@ -421,6 +428,7 @@ checks = [
     ("(a) c=50 tollgate CPU µs/decision", med("a_50", "tg"), "<= 32", lambda v: v <= 32),
     ("(a) at 10,000 req/s: p99 ms", None if med("a_10k", "p99") is None else med("a_10k", "p99") / 1000, "<= 2", lambda v: v <= 2),
     ("(c) / (f) req/s, c=50", ratio("c_50", "f_50"), ">= 0.9", lambda v: v >= 0.9),
+    ("(d) / (d) with stats.enabled = false req/s, c=50", ratio("d_50", "d_nostats_50"), ">= 0.95", lambda v: v >= 0.95),
     ("(c) Redis commands / denied request, c=50", med("c_50", "cmds"), "< 0.01", lambda v: v < 0.01),
     ("(f) c=50 tollgate CPU µs/decision", med("f_50", "tg"), "<= 30", lambda v: v <= 30),
     ("(g) / (a) c=50 Redis CPU µs/decision", None if med("g_50", "rd") is None or med("a_50", "rd") is None

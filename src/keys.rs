@@ -6,13 +6,15 @@
 //!   script runs on a single Redis Cluster slot: rate-limit keys are tagged
 //!   by subject alone, so that every rule of one subject shares a slot and
 //!   several limits of one subject can be decided by one script; usage keys
-//!   are tagged by user.
+//!   are tagged by user. Statistics keys are tagged by bucket, and by
+//!   character for a character's figures, so that they spread over the
+//!   masters of a cluster rather than heating one slot.
 //! - Caller-controlled ids are [`encode`]d: the encoding is injective and
 //!   never yields `:`, `{` or `}`, so no crafted id can reach another
 //!   subject's counters or escape its hash tag. Rule and kind names come
 //!   from the operator's config and are restricted to `[a-z0-9_-]`.
 
-use crate::rules::Algorithm;
+use crate::{rules::Algorithm, stats::Granularity};
 
 /// Builds keys under one configured prefix.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -78,6 +80,21 @@ impl UsageKeys {
         encode_into(&mut key, request_id);
         key
     }
+}
+
+/// The keys of one statistics bucket, globally or for one character. All
+/// of them share one hash tag, and the tag names the bucket (and the
+/// character): on a Redis Cluster each bucket, and each character's figures
+/// in it, land on their own slot, so a flush spreads over every master.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatsKeys {
+    /// A hash: `m:<kind>` messages counted, `d:<kind>` calls denied.
+    pub counts: String,
+    /// A HyperLogLog of the users with a counted message.
+    pub users: String,
+    /// For the global figures only: a sorted set of character ids scored
+    /// by their messages in the bucket.
+    pub top: Option<String>,
 }
 
 impl KeyBuilder {
@@ -173,6 +190,60 @@ impl KeyBuilder {
     }
 }
 
+impl KeyBuilder {
+    /// The keys of the `granularity` bucket starting at `start` (Unix
+    /// seconds), for `character_id` or, with `None`, every character.
+    pub fn stats(
+        &self,
+        granularity: Granularity,
+        start: i64,
+        character_id: Option<&str>,
+    ) -> StatsKeys {
+        let mut tag = String::with_capacity(self.prefix.len() + 32);
+        tag.push_str(&self.prefix);
+        tag.push_str("{st:");
+        tag.push(granularity.code());
+        tag.push(':');
+        tag.push_str(&start.to_string());
+        if let Some(id) = character_id {
+            tag.push_str(":c:");
+            encode_into(&mut tag, id);
+        }
+        tag.push('}');
+        StatsKeys {
+            counts: format!("{tag}:n"),
+            users: format!("{tag}:u"),
+            top: character_id.is_none().then(|| format!("{tag}:top")),
+        }
+    }
+}
+
+/// The Redis Cluster slot of `key`: CRC16 (XMODEM) of its hash tag (the
+/// part between the first `{` and the next `}`, when not empty) or else of
+/// the whole key, modulo 16384.
+pub fn cluster_slot(key: &str) -> u16 {
+    let bytes = key.as_bytes();
+    let hashed = match bytes.iter().position(|&b| b == b'{') {
+        Some(open) => match bytes[open + 1..].iter().position(|&b| b == b'}') {
+            Some(len) if len > 0 => &bytes[open + 1..open + 1 + len],
+            _ => bytes,
+        },
+        None => bytes,
+    };
+    let mut crc: u16 = 0;
+    for &byte in hashed {
+        crc ^= u16::from(byte) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    crc % 16384
+}
+
 /// Percent-encodes every byte outside `[A-Za-z0-9._~@-]`, `%` included, so
 /// the result is injective and holds no `:`, `{` or `}`. Readable ids (most
 /// user ids, API keys, IPv4 addresses) stay readable in `redis-cli`.
@@ -254,6 +325,31 @@ mod tests {
         assert_eq!(keys.index, "aim:{uq:u1}:convs");
         assert_eq!(keys.by_id, "aim:{uq:u1}:ids");
         assert_eq!(keys.conversation("luna"), "aim:{uq:u1}:c:luna");
+    }
+
+    #[test]
+    fn cluster_slots_match_redis() {
+        // Values from CLUSTER KEYSLOT.
+        assert_eq!(cluster_slot("foo"), 12182);
+        assert_eq!(cluster_slot("123456789"), 0x31C3);
+        assert_eq!(
+            cluster_slot("{user1000}.following"),
+            cluster_slot("user1000")
+        );
+        assert_eq!(cluster_slot("foo{}{bar}"), cluster_slot("foo{}{bar}"));
+    }
+
+    #[test]
+    fn stats_keys_are_pinned() {
+        let b = KeyBuilder::new("aim:");
+        let global = b.stats(Granularity::Hour, 1_796_043_600, None);
+        assert_eq!(global.counts, "aim:{st:h:1796043600}:n");
+        assert_eq!(global.users, "aim:{st:h:1796043600}:u");
+        assert_eq!(global.top.as_deref(), Some("aim:{st:h:1796043600}:top"));
+        let luna = b.stats(Granularity::Week, 0, Some("lu:na"));
+        assert_eq!(luna.counts, "aim:{st:w:0:c:lu%3Ana}:n");
+        assert_eq!(luna.users, "aim:{st:w:0:c:lu%3Ana}:u");
+        assert_eq!(luna.top, None);
     }
 
     #[test]

@@ -16,6 +16,8 @@
 //!   the store for a decision. gRPC is one door into it.
 //! - [`store`]: the small [`store::Store`] trait and its backends,
 //!   [`store::memory`] and [`store::redis`]; [`keys`] builds every Redis key.
+//! - [`stats`]: usage statistics of IncrementUsage, aggregated in process
+//!   and flushed to the store once a second, off the decision's path.
 //! - [`service`]: the tonic services, mapping wire types to domain types and
 //!   errors to gRPC status in one place.
 //! - [`headers`]: the RateLimit header values (IETF draft 11) that
@@ -34,6 +36,7 @@ pub mod reload;
 pub mod rules;
 pub mod server;
 pub mod service;
+pub mod stats;
 pub mod store;
 pub mod telemetry;
 pub mod tls;

@@ -17,6 +17,7 @@ pub use group::{GroupOutcome, MAX_GROUP_REQUEST_ID_BYTES};
 use crate::{
     metrics::{Metrics, Operation, Outcome, PolicyCounters},
     rules::{FailureMode, Policy, Quota, Tier},
+    stats::{Decided, Granularity, Stats, StatsClock, StatsQuery, StatsReport, StatsSettings},
     store::{
         ConversationCounters, LimitCheck, LimitDecision, LimitInspect, LimitSettle, LimitUsage,
         Once, Store, StoreError, UsageIncrement, UsageSettle,
@@ -272,6 +273,8 @@ pub struct Limiter<S> {
     store: S,
     in_force: ArcSwap<InForce>,
     metrics: Arc<Metrics>,
+    /// Usage statistics, or `None` when `stats.enabled` is false.
+    stats: Option<Arc<Stats>>,
 }
 
 /// The policy in force and its metric counters, replaced together, so that
@@ -290,13 +293,19 @@ impl InForce {
 }
 
 impl<S: Store> Limiter<S> {
-    /// A limiter enforcing `policy` with counters in `store`.
+    /// A limiter enforcing `policy` with counters in `store`, and usage
+    /// statistics with the default settings.
     pub fn new(store: S, policy: Arc<Policy>) -> Self {
         let metrics = Arc::new(Metrics::new());
+        let stats = Arc::new(Stats::new(
+            StatsSettings::default(),
+            metrics.stats_dropped(),
+        ));
         Self {
             store,
             in_force: ArcSwap::new(InForce::new(policy, &metrics)),
             metrics,
+            stats: Some(stats),
         }
     }
 
@@ -305,7 +314,33 @@ impl<S: Store> Limiter<S> {
         let policy = self.policy();
         self.in_force = ArcSwap::new(InForce::new(policy, &metrics));
         self.metrics = metrics;
+        if let Some(stats) = self.stats.take() {
+            self = self.with_stats_clock(*stats.settings(), stats.clock().clone());
+        }
         self
+    }
+
+    /// Keeps usage statistics as `settings` say (none when disabled), on
+    /// the system clock.
+    pub fn with_stats(self, settings: StatsSettings) -> Self {
+        self.with_stats_clock(settings, StatsClock::System)
+    }
+
+    /// Keeps usage statistics as `settings` say, on `clock`.
+    pub fn with_stats_clock(mut self, settings: StatsSettings, clock: StatsClock) -> Self {
+        self.stats = settings.enabled.then(|| {
+            Arc::new(Stats::with_clock(
+                settings,
+                clock,
+                self.metrics.stats_dropped(),
+            ))
+        });
+        self
+    }
+
+    /// The usage statistics, unless disabled.
+    pub fn stats(&self) -> Option<&Arc<Stats>> {
+        self.stats.as_ref()
     }
 
     /// The policy in force now.
@@ -451,6 +486,11 @@ impl<S: Store> Limiter<S> {
             outcome.decision.allowed = true;
             outcome.shadowed = true;
         }
+        // A replay is the first answer again, already counted once (as
+        // CheckLimits does for a replayed group).
+        if outcome.replayed {
+            return Ok(outcome);
+        }
         let counted_as = if outcome.degraded {
             Outcome::degraded
         } else if outcome.shadowed {
@@ -533,6 +573,22 @@ impl<S: Store> Limiter<S> {
                 }
             }
         };
+        // A replay is the first answer again, already counted once.
+        if outcome.replayed {
+            return Ok(outcome);
+        }
+        // A degraded answer is not a decision about usage (the store did
+        // not count anything), so statistics leave it out.
+        if let Some(stats) = &self.stats
+            && !outcome.degraded
+        {
+            let decided = if outcome.allowed {
+                Decided::Counted(u64::from(request.amount.max(1)))
+            } else {
+                Decided::Denied
+            };
+            stats.record(request.user_id, request.character_id, kind.name(), decided);
+        }
         let counted_as = match (outcome.degraded, outcome.allowed) {
             (true, _) => Outcome::degraded,
             (false, true) => Outcome::allowed,
@@ -657,6 +713,118 @@ impl<S: Store> Limiter<S> {
                 (character_id, usage)
             })
             .collect())
+    }
+}
+
+/// A GetStats question, validated by [`Limiter::get_stats`].
+#[derive(Debug, Clone, Copy)]
+pub struct StatsRequest<'a> {
+    /// The size of the buckets.
+    pub granularity: Granularity,
+    /// How many, ending with the current one; 0 means 1.
+    pub buckets: u32,
+    /// Empty: every character.
+    pub character_id: &'a str,
+    /// Also rank this many characters of the current bucket.
+    pub top_characters: u32,
+}
+
+/// The most characters GetStats ranks.
+pub const MAX_TOP_CHARACTERS: u32 = 100;
+
+impl<S: Store> Limiter<S> {
+    /// The statistics of the last `buckets` buckets, oldest first, every
+    /// configured kind present in each (0 included), and the top
+    /// characters of the current one. `Ok(None)` when statistics are
+    /// disabled.
+    pub async fn get_stats(&self, request: StatsRequest<'_>) -> Result<Option<StatsReport>, Error> {
+        let Some(stats) = &self.stats else {
+            return Ok(None);
+        };
+        let retention = stats.settings().retention.buckets(request.granularity);
+        let buckets = request.buckets.max(1);
+        if buckets > retention {
+            return Err(Error::InvalidArgument {
+                field: "buckets",
+                problem: format!(
+                    "{buckets} is more than the {retention} {:?} buckets kept (stats retention)",
+                    request.granularity
+                ),
+            });
+        }
+        if request.top_characters > MAX_TOP_CHARACTERS {
+            return Err(Error::InvalidArgument {
+                field: "top_characters",
+                problem: format!(
+                    "must be at most {MAX_TOP_CHARACTERS}, got {}",
+                    request.top_characters
+                ),
+            });
+        }
+        if request.character_id.len() > MAX_ID_BYTES {
+            return Err(Error::InvalidArgument {
+                field: "character_id",
+                problem: format!(
+                    "must be at most {MAX_ID_BYTES} bytes, got {}",
+                    request.character_id.len()
+                ),
+            });
+        }
+        let now = stats.clock().now();
+        let current = request.granularity.start_of(now);
+        let size = request.granularity.seconds();
+        let starts = (0..i64::from(buckets))
+            .rev()
+            .map(|back| current - back * size)
+            .collect();
+        let query = StatsQuery {
+            granularity: request.granularity,
+            starts,
+            character_id: (!request.character_id.is_empty()).then_some(request.character_id),
+            top: request.top_characters as usize,
+            now,
+        };
+        let mut report = self
+            .metrics
+            .store_call(Operation::read_stats, self.store.read_stats(&query))
+            .await?;
+        // Every configured kind, and only those: a kind removed from the
+        // config is no longer reported.
+        let policy = self.policy();
+        let kinds = policy.quotas().kinds();
+        for bucket in &mut report.buckets {
+            for figures in [&mut bucket.messages, &mut bucket.denials] {
+                figures.retain(|kind, _| kinds.iter().any(|k| k.name() == kind));
+                for kind in kinds {
+                    figures.entry(kind.name().to_owned()).or_insert(0);
+                }
+            }
+        }
+        Ok(Some(report))
+    }
+
+    /// Writes the statistics recorded since the last flush to the store;
+    /// on failure they wait for the next flush. Nothing to do when
+    /// statistics are disabled.
+    pub async fn flush_stats(&self) -> Result<(), StoreError> {
+        let Some(stats) = &self.stats else {
+            return Ok(());
+        };
+        let batch = stats.take();
+        if batch.is_empty() {
+            return Ok(());
+        }
+        match self
+            .metrics
+            .store_call(Operation::flush_stats, self.store.flush_stats(&batch))
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(err) => {
+                stats.keep(batch);
+                Err(err)
+            }
+        }
     }
 }
 

@@ -1,4 +1,4 @@
-//! The `tollgate` binary: `serve`, `check-config`, `health` and `admin`.
+//! The `tollgate` binary: `serve`, `check-config`, `health`, `stats` and `admin`.
 //!
 //! Thin on purpose: it parses flags, loads the config, sets up logging,
 //! builds the store and hands a bound listener to [`tollgate::server::run`].
@@ -73,6 +73,23 @@ enum Command {
         timeout: std::time::Duration,
         #[command(flatten)]
         tls: HealthTls,
+    },
+    /// Print a running tollgate's usage statistics: the last 24 hours and
+    /// the last 7 days, per message kind.
+    Stats {
+        /// The server's address. By default the config's `server.listen`
+        /// (on loopback when that is 0.0.0.0 or [::]).
+        #[arg(long)]
+        addr: Option<String>,
+        /// The config file whose `server.listen` is the default address.
+        #[arg(long, default_value_os_t = config::default_path())]
+        config: PathBuf,
+        /// Only this character's figures.
+        #[arg(long)]
+        character: Option<String>,
+        /// Give up after this long (humantime).
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
     },
     /// Look at a rate-limit counter, or reset one or a user's usage
     /// counters, through a running tollgate's admin door
@@ -242,6 +259,21 @@ fn main() -> ExitCode {
             };
             return health(&addr, timeout, &tls);
         }
+        Command::Stats {
+            addr,
+            config,
+            character,
+            timeout,
+        } => {
+            let addr = match addr {
+                Some(addr) => addr,
+                None => match config::load_file(&config, &Overrides::default()) {
+                    Ok(loaded) => loopback_url(loaded.settings.listen),
+                    Err(err) => return fail(&err),
+                },
+            };
+            return stats(&addr, character.as_deref().unwrap_or_default(), timeout);
+        }
         Command::Serve {
             config,
             listen,
@@ -339,7 +371,11 @@ async fn serve_with<S: Store>(
             Some(listener)
         }
     };
-    let limiter = Arc::new(Limiter::new(store, policy).with_metrics(metrics));
+    let limiter = Arc::new(
+        Limiter::new(store, policy)
+            .with_metrics(metrics)
+            .with_stats(settings.stats),
+    );
     let metrics = match settings.metrics_listen {
         None => None,
         Some(address) => {
@@ -359,7 +395,12 @@ async fn serve_with<S: Store>(
         ..watch
     };
     let reloader = tokio::spawn(reload::run(limiter.clone(), watch));
-    let served = serve_until_shutdown(limiter, listener, admin, options).await;
+    let served = serve_until_shutdown(limiter.clone(), listener, admin, options).await;
+    // The statistics of the last interval, once more: the server may have
+    // been dropped before its own last flush, once no request was in flight.
+    if let Err(err) = limiter.flush_stats().await {
+        tracing::warn!(error = %err, "cannot flush statistics at shutdown; the last interval is lost");
+    }
     reloader.abort();
     if let Some(metrics) = metrics {
         metrics.abort();
@@ -382,9 +423,14 @@ fn default_health_addr(listen: Option<&str>) -> Result<String, String> {
     let Some(listen) = listen else {
         return Ok("http://127.0.0.1:50051".to_owned());
     };
-    let mut addr: SocketAddr = listen.parse().map_err(|_| {
+    let addr: SocketAddr = listen.parse().map_err(|_| {
         format!("{LISTEN_VARIABLE}: {listen:?} is not an address such as 0.0.0.0:50051")
     })?;
+    Ok(loopback_url(addr))
+}
+
+/// `http://addr`, dialled on loopback when `addr` means every interface.
+fn loopback_url(mut addr: SocketAddr) -> String {
     if addr.ip().is_unspecified() {
         let loopback: IpAddr = match addr {
             SocketAddr::V4(_) => Ipv4Addr::LOCALHOST.into(),
@@ -392,7 +438,115 @@ fn default_health_addr(listen: Option<&str>) -> Result<String, String> {
         };
         addr.set_ip(loopback);
     }
-    Ok(format!("http://{addr}"))
+    format!("http://{addr}")
+}
+
+/// `tollgate stats`: two GetStats calls, printed as tables.
+fn stats(addr: &str, character_id: &str, timeout: std::time::Duration) -> ExitCode {
+    use tollgate::proto::{GetStatsRequest, Granularity, usage_stats_client::UsageStatsClient};
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => return fail(&format!("cannot start the async runtime: {err}")),
+    };
+    let read = async {
+        let endpoint = tonic::transport::Endpoint::from_shared(addr.to_owned())
+            .map_err(|err| format!("{addr:?} is not a valid address: {err}"))?;
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|err| format!("cannot connect to {addr}: {err}"))?;
+        let mut client = UsageStatsClient::new(channel);
+        let mut tables = String::new();
+        for (granularity, buckets, title, format) in [
+            (
+                Granularity::Hour,
+                24,
+                "Last 24 hours (UTC)",
+                "%Y-%m-%d %H:00",
+            ),
+            (Granularity::Day, 7, "Last 7 days (UTC)", "%Y-%m-%d"),
+        ] {
+            let response = client
+                .get_stats(GetStatsRequest {
+                    granularity: granularity.into(),
+                    buckets,
+                    character_id: character_id.to_owned(),
+                    top_characters: 0,
+                })
+                .await
+                .map_err(|status| format!("GetStats failed: {}", status.message()))?
+                .into_inner();
+            tables.push_str(&stats_table(title, format, &response));
+            tables.push('\n');
+        }
+        Ok::<_, String>(tables)
+    };
+    match runtime.block_on(async { tokio::time::timeout(timeout, read).await }) {
+        Ok(Ok(tables)) => {
+            print!("{tables}");
+            ExitCode::SUCCESS
+        }
+        Ok(Err(message)) => fail(&message),
+        Err(_) => fail(&format!("no answer from {addr} within {timeout:?}")),
+    }
+}
+
+/// One table: a row per bucket, a column per kind's messages and denials,
+/// and the active users.
+fn stats_table(title: &str, format: &str, response: &tollgate::proto::GetStatsResponse) -> String {
+    use std::fmt::Write as _;
+    let mut kinds: Vec<&String> = response
+        .buckets
+        .iter()
+        .flat_map(|bucket| bucket.messages.keys())
+        .collect();
+    kinds.sort();
+    kinds.dedup();
+    let mut out = format!("{title}\n{:<17}", "start");
+    for kind in &kinds {
+        let _ = write!(
+            out,
+            " {:>12} {:>12}",
+            format!("{kind}"),
+            format!("{kind} denied")
+        );
+    }
+    let _ = writeln!(out, " {:>12}", "active users");
+    for bucket in &response.buckets {
+        let start = bucket.start.map_or(0, |start| start.seconds);
+        let _ = write!(out, "{:<17}", utc(start, format));
+        for kind in &kinds {
+            let messages = bucket.messages.get(*kind).copied().unwrap_or(0);
+            let denied = bucket.quota_denials.get(*kind).copied().unwrap_or(0);
+            let _ = write!(out, " {messages:>12} {denied:>12}");
+        }
+        let _ = writeln!(out, " {:>12}", bucket.active_users);
+    }
+    out
+}
+
+/// `unix` as a UTC date (`%Y-%m-%d`), with the hour when `format` has one.
+fn utc(unix: i64, format: &str) -> String {
+    // Days since the epoch to a civil date (Howard Hinnant's algorithm).
+    let days = unix.div_euclid(86_400);
+    let hour = unix.rem_euclid(86_400) / 3600;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    if format.contains("%H") {
+        format!("{year:04}-{month:02}-{day:02} {hour:02}:00")
+    } else {
+        format!("{year:04}-{month:02}-{day:02}")
+    }
 }
 
 fn health(addr: &str, timeout: std::time::Duration, tls: &HealthTls) -> ExitCode {
@@ -736,7 +890,14 @@ fn fail(message: &dyn std::fmt::Display) -> ExitCode {
 
 #[cfg(test)]
 mod tests {
-    use super::default_health_addr;
+    use super::{default_health_addr, utc};
+
+    #[test]
+    fn bucket_starts_print_as_utc_dates() {
+        assert_eq!(utc(0, "%Y-%m-%d"), "1970-01-01");
+        assert_eq!(utc(1_796_043_600, "%Y-%m-%d %H:00"), "2026-11-30 13:00");
+        assert_eq!(utc(951_782_400, "%Y-%m-%d"), "2000-02-29");
+    }
 
     #[test]
     fn health_dials_where_serve_listens_on_loopback() {

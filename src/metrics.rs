@@ -11,6 +11,7 @@
 //! | `tollgate_requests_in_flight` | gauge | |
 //! | `tollgate_store_evictions_total` | counter | (entries the memory store evicted at `store.max_entries`) |
 //! | `tollgate_envoy_untrusted_values_total` | counter | `reason` = subject_too_long, subject_empty, tier_unknown |
+//! | `tollgate_stats_dropped_total` | counter | (statistics entries dropped unflushed: too many waiting for the store) |
 //!
 //! Subjects, user ids and store URLs never become labels: they are unbounded
 //! or secret.
@@ -73,6 +74,10 @@ pub enum Operation {
     settle_limit,
     /// Pay after use on a usage quota.
     settle_usage,
+    /// Writing a flush of usage statistics.
+    flush_stats,
+    /// Reading usage statistics (GetStats).
+    read_stats,
 }
 
 /// Why the Envoy door counted a descriptor value other than as sent,
@@ -132,6 +137,7 @@ pub struct Metrics {
     in_flight: Gauge<i64, AtomicI64>,
     store_evictions: Counter,
     untrusted: Family<UntrustedLabels, Counter>,
+    stats_dropped: Counter,
 }
 
 impl Default for Metrics {
@@ -195,8 +201,15 @@ impl Metrics {
             "Envoy descriptor values counted other than as sent, by reason",
             Family::clone(&untrusted),
         );
+        let stats_dropped = Counter::default();
+        registry.register(
+            "stats_dropped",
+            "Usage statistics entries dropped before reaching the store: too many waited for it",
+            stats_dropped.clone(),
+        );
         Self {
             registry,
+            stats_dropped,
             decisions,
             increments,
             store_latency,
@@ -213,6 +226,12 @@ impl Metrics {
     /// `evicted_keys`).
     pub fn store_evictions(&self) -> Counter {
         self.store_evictions.clone()
+    }
+
+    /// The handle statistics count what they drop into
+    /// (`tollgate_stats_dropped_total`).
+    pub fn stats_dropped(&self) -> Counter {
+        self.stats_dropped.clone()
     }
 
     /// Counts one rate-limit decision. Builds the labels each time; the

@@ -16,9 +16,11 @@ use crate::{
     limiter::Limiter,
     proto::{
         self, admin_server::AdminServer, rate_limiter_server::RateLimiterServer,
-        usage_quota_server::UsageQuotaServer,
+        usage_quota_server::UsageQuotaServer, usage_stats_server::UsageStatsServer,
     },
-    service::{AdminService, EnvoyService, RateLimiterService, UsageQuotaService},
+    service::{
+        AdminService, EnvoyService, RateLimiterService, UsageQuotaService, UsageStatsService,
+    },
     store::Store,
     tls::{ReloadableTls, TlsError},
 };
@@ -28,10 +30,11 @@ pub const HEALTH_PROBE_INTERVAL: Duration = Duration::from_millis(500);
 
 /// The names the health service reports: the whole server ("") and each
 /// service it serves.
-const HEALTH_NAMES: [&str; 4] = [
+const HEALTH_NAMES: [&str; 5] = [
     "",
     "tollgate.v1.RateLimiter",
     "tollgate.v1.UsageQuota",
+    "tollgate.v1.UsageStats",
     "envoy.service.ratelimit.v3.RateLimitService",
 ];
 
@@ -120,6 +123,7 @@ pub async fn run_with<S: Store>(
     let builder = Server::builder();
 
     let prober = tokio::spawn(probe_store(limiter.clone(), reporter.clone()));
+    let flusher = tokio::spawn(flush_stats(limiter.clone()));
     // On shutdown, turn NOT_SERVING first, so load balancers stop sending
     // while in-flight requests finish.
     let stop_prober = prober.abort_handle();
@@ -146,9 +150,13 @@ pub async fn run_with<S: Store>(
             UsageQuotaServer::new(UsageQuotaService::new(limiter.clone()))
                 .max_decoding_message_size(limit),
         )
+        .add_service(
+            UsageStatsServer::new(UsageStatsService::new(limiter.clone()))
+                .max_decoding_message_size(limit),
+        )
         // Envoy's rate limit service, for gateways.
         .add_service(
-            RateLimitServiceServer::new(EnvoyService::new(limiter))
+            RateLimitServiceServer::new(EnvoyService::new(limiter.clone()))
                 .max_decoding_message_size(limit),
         );
     let served = match options.tls {
@@ -164,6 +172,12 @@ pub async fn run_with<S: Store>(
         }
     };
     prober.abort();
+    flusher.abort();
+    // What the last interval recorded, once more, if the store answers
+    // within its timeout; else it is lost, as in a crash.
+    if let Err(err) = limiter.flush_stats().await {
+        tracing::warn!(error = %err, "cannot flush statistics at shutdown; the last interval is lost");
+    }
     set_health(&reporter, ServingStatus::NotServing).await;
     Ok(served?)
 }
@@ -264,6 +278,34 @@ async fn probe_store<S: Store>(limiter: Arc<Limiter<S>>, reporter: HealthReporte
         if last != Some(status) {
             set_health(&reporter, status).await;
             last = Some(status);
+        }
+    }
+}
+
+/// Writes the statistics to the store every `stats.flush`. A failure is
+/// logged once per outage and retried with the next flush; it never reaches
+/// a decision.
+async fn flush_stats<S: Store>(limiter: Arc<Limiter<S>>) {
+    let Some(every) = limiter.stats().map(|stats| stats.settings().flush) else {
+        return;
+    };
+    let mut interval = tokio::time::interval(every);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing = false;
+    loop {
+        interval.tick().await;
+        match limiter.flush_stats().await {
+            Ok(()) if failing => {
+                tracing::info!("statistics flushed again");
+                failing = false;
+            }
+            Ok(()) => {}
+            Err(err) => {
+                if !failing {
+                    tracing::warn!(error = %err, "cannot flush statistics; keeping them for the next flush");
+                }
+                failing = true;
+            }
         }
     }
 }

@@ -169,6 +169,16 @@ const BROKEN: &[(&str, &str, &str)] = &[
         "0 is not a thread count from 1 to 1024 (leave it out for one per CPU core)",
     ),
     (
+        "zero_stats_hours.toml",
+        "stats.hours",
+        "0 is not a bucket count from 1 to 87600",
+    ),
+    (
+        "bad_stats_flush.toml",
+        "stats.flush",
+        "\"often\" is not a duration such as 500ms, 2s, 15m or 24h...",
+    ),
+    (
         "tls_cert_without_key.toml",
         "server.tls.key",
         "required with server.tls.cert: the certificate's private key (PEM)",

@@ -19,6 +19,7 @@ use std::{
 
 use crate::{
     rules::Policy,
+    stats::StatsSettings,
     store::{
         breaker::BreakerOptions,
         memory::MemoryOptions,
@@ -107,6 +108,8 @@ pub struct Settings {
     pub store: StoreSettings,
     /// How to log.
     pub log: LogSettings,
+    /// `[stats]`: usage statistics.
+    pub stats: StatsSettings,
 }
 
 /// `[server.tls]`: PEM files, every one checked readable when the config

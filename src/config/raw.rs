@@ -17,6 +17,8 @@ use crate::{
     },
     store::{breaker::BreakerOptions, memory::DEFAULT_MAX_ENTRIES, redis::mask_url_password},
 };
+// Its own statement, apart from the list above that other sections extend.
+use crate::stats::{Retention, StatsSettings};
 
 /// Names what an untagged fallback caught. A table fails through one of its
 /// entries, so that entry is named (the first by name, as the table's own
@@ -70,6 +72,32 @@ pub(super) struct RawConfig {
     quotas: RawQuotas,
     #[serde(default)]
     envoy: RawEnvoy,
+    #[serde(default)]
+    stats: RawStats,
+}
+
+/// `[stats]`: usage statistics.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawStats {
+    enabled: bool,
+    flush: String,
+    hours: i64,
+    days: i64,
+    weeks: i64,
+}
+
+impl Default for RawStats {
+    fn default() -> Self {
+        let defaults = StatsSettings::default();
+        Self {
+            enabled: defaults.enabled,
+            flush: "1s".to_owned(),
+            hours: defaults.retention.hours.into(),
+            days: defaults.retention.days.into(),
+            weeks: defaults.retention.weeks.into(),
+        }
+    }
 }
 
 /// `[envoy]`: the Envoy rate-limit door.
@@ -298,6 +326,7 @@ impl RawConfig {
             tls: server_tls,
             store: self.store.validate(at)?,
             log: self.log.validate(at)?,
+            stats: self.stats.validate(at)?,
         };
         let tiers = self.tiers.validate(at)?;
         let mut rules = BTreeMap::new();
@@ -428,6 +457,32 @@ impl RawStore {
             tls_ca,
             tls_client,
             max_entries,
+        })
+    }
+}
+
+/// The most buckets of one granularity kept: ten years of hours, more than
+/// anyone reads, low enough to catch a typo.
+const MAX_STATS_BUCKETS: i64 = 87_600;
+
+impl RawStats {
+    fn validate(self, at: At<'_>) -> Result<StatsSettings, ConfigError> {
+        let flush = parse_duration(&self.flush).map_err(|p| at("stats.flush", p))?;
+        let count = |key: &str, value: i64| match u32::try_from(value) {
+            Ok(count) if (1..=MAX_STATS_BUCKETS).contains(&value) => Ok(count),
+            _ => Err(at(
+                key,
+                format!("{value} is not a bucket count from 1 to {MAX_STATS_BUCKETS}"),
+            )),
+        };
+        Ok(StatsSettings {
+            enabled: self.enabled,
+            flush,
+            retention: Retention {
+                hours: count("stats.hours", self.hours)?,
+                days: count("stats.days", self.days)?,
+                weeks: count("stats.weeks", self.weeks)?,
+            },
         })
     }
 }

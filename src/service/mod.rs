@@ -11,11 +11,13 @@ pub mod admin;
 pub mod envoy;
 mod rate_limiter;
 mod usage_quota;
+mod usage_stats;
 
 pub use admin::AdminService;
 pub use envoy::EnvoyService;
 pub use rate_limiter::RateLimiterService;
 pub use usage_quota::UsageQuotaService;
+pub use usage_stats::UsageStatsService;
 
 impl From<limiter::Error> for Status {
     fn from(err: limiter::Error) -> Self {

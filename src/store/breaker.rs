@@ -27,6 +27,7 @@ use super::{
     ConversationCounters, GroupDecision, LimitCheck, LimitDecision, LimitInspect, LimitSettle,
     LimitUsage, Once, ResetListener, Store, StoreError, UsageDecision, UsageIncrement, UsageSettle,
 };
+use crate::stats::{StatsBatch, StatsQuery, StatsReport};
 
 /// When the breaker opens and for how long.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -249,6 +250,20 @@ impl<S: Store> Store for CircuitBreaker<S> {
         max: usize,
     ) -> Result<Vec<(String, ConversationCounters)>, StoreError> {
         self.call(self.inner.list_usage(user_id, max)).await
+    }
+
+    /// Not while the breaker is open (the store is failing; the batch waits
+    /// for the next flush), and never counted towards opening it: a slow or
+    /// failed flush must not change how decisions are answered.
+    async fn flush_stats(&self, batch: &StatsBatch) -> Result<(), StoreError> {
+        if self.state() == BreakerState::Open {
+            return Err(StoreError::CircuitOpen(Duration::ZERO));
+        }
+        self.inner.flush_stats(batch).await
+    }
+
+    async fn read_stats(&self, query: &StatsQuery<'_>) -> Result<StatsReport, StoreError> {
+        self.call(self.inner.read_stats(query)).await
     }
 
     async fn inspect_limit(&self, inspect: &LimitInspect<'_>) -> Result<LimitUsage, StoreError> {

@@ -106,7 +106,10 @@ use super::{
     LimitUsage, Once, ResetListener, ResetNotice, Store, StoreError, UsageDecision, UsageIncrement,
     UsageSettle,
 };
-use crate::rules::Algorithm;
+use crate::{
+    rules::Algorithm,
+    stats::{StatsBatch, StatsQuery, StatsReport},
+};
 
 /// The most denials cached by [`DenyCache::new`]: about 15 MB with
 /// 64-byte subjects.
@@ -610,6 +613,14 @@ impl<S: Store> Store for DenyCache<S> {
         max: usize,
     ) -> Result<Vec<(String, ConversationCounters)>, StoreError> {
         self.inner.list_usage(user_id, max).await
+    }
+
+    async fn flush_stats(&self, batch: &StatsBatch) -> Result<(), StoreError> {
+        self.inner.flush_stats(batch).await
+    }
+
+    async fn read_stats(&self, query: &StatsQuery<'_>) -> Result<StatsReport, StoreError> {
+        self.inner.read_stats(query).await
     }
 
     async fn inspect_limit(&self, inspect: &LimitInspect<'_>) -> Result<LimitUsage, StoreError> {

@@ -36,9 +36,12 @@ use prometheus_client::metrics::counter::Counter as EvictionCounter;
 use super::{
     ConversationCounters, GroupDecision, LimitCheck, LimitDecision, LimitInspect, LimitSettle,
     LimitUsage, Once, SETTLE_REWRITES, Store, StoreError, UsageDecision, UsageIncrement,
-    UsageSettle,
+    UsageSettle, memory_stats::MemoryStats,
 };
-use crate::rules::Algorithm;
+use crate::{
+    rules::Algorithm,
+    stats::{StatsBatch, StatsQuery, StatsReport},
+};
 
 /// How often a shard drops state that has expired.
 pub const SWEEP_EVERY: Duration = Duration::from_secs(10);
@@ -90,6 +93,9 @@ struct Inner {
     /// CheckLimits answers remembered by request_id.
     groups: Mutex<group::GroupRecords>,
     budget: Arc<Budget>,
+    /// Usage statistics: flushed once a second per instance, never on a
+    /// decision's path, so one lock is enough.
+    stats: Mutex<MemoryStats>,
 }
 
 /// The store-wide entry count against `store.max_entries`.
@@ -280,6 +286,7 @@ impl MemoryStore {
                 usage: Shard::many(shards, &budget),
                 groups: Mutex::default(),
                 budget,
+                stats: Mutex::default(),
             }),
         }
     }
@@ -501,6 +508,15 @@ impl Store for MemoryStore {
             .collect())
     }
 
+    async fn flush_stats(&self, batch: &StatsBatch) -> Result<(), StoreError> {
+        lock(&self.inner.stats).flush(batch);
+        Ok(())
+    }
+
+    async fn read_stats(&self, query: &StatsQuery<'_>) -> Result<StatsReport, StoreError> {
+        Ok(lock(&self.inner.stats).read(query))
+    }
+
     /// A read that is not a use: inspecting leaves the LRU order alone.
     async fn inspect_limit(&self, inspect: &LimitInspect<'_>) -> Result<LimitUsage, StoreError> {
         let key = key_of(inspect.rule, inspect.algorithm, inspect.subject);
@@ -569,6 +585,14 @@ impl Store for MemoryStore {
     async fn ping(&self) -> Result<(), StoreError> {
         Ok(())
     }
+}
+
+/// A poisoned lock only means a thread panicked mid-update of plain
+/// counters; they are still usable.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Rule names never hold ':' (the config allows only `[a-z0-9_-]`) and the

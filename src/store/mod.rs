@@ -14,7 +14,10 @@
 
 use std::{future::Future, sync::Arc, time::Duration};
 
-use crate::rules::Algorithm;
+use crate::{
+    rules::Algorithm,
+    stats::{StatsBatch, StatsQuery, StatsReport},
+};
 
 pub use group::{GroupDecision, MAX_GROUP_CHECKS};
 
@@ -22,6 +25,7 @@ pub mod breaker;
 pub mod deny_cache;
 pub mod group;
 pub mod memory;
+mod memory_stats;
 pub mod redis;
 
 /// One rate-limit decision to make: may `subject` spend `cost` hits of `rule`?
@@ -308,6 +312,28 @@ pub trait Store: Send + Sync + 'static {
         max: usize,
     ) -> impl Future<Output = Result<Vec<(String, ConversationCounters)>, StoreError>> + Send;
 
+    /// Adds one flush of usage statistics (see [`crate::stats`]): counts,
+    /// distinct users and per-character totals of every bucket the batch
+    /// touches, each bucket kept until its retention ends. Never called on
+    /// a decision's path. A store that keeps no statistics (a test double)
+    /// refuses.
+    fn flush_stats(
+        &self,
+        batch: &StatsBatch,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        let _ = batch;
+        std::future::ready(Err(no_statistics()))
+    }
+
+    /// The statistics of the buckets `query` names, and its top characters.
+    fn read_stats(
+        &self,
+        query: &StatsQuery<'_>,
+    ) -> impl Future<Output = Result<StatsReport, StoreError>> + Send {
+        let _ = query;
+        std::future::ready(Err(no_statistics()))
+    }
+
     /// A rate-limit counter as it stands; reads only, counts nothing.
     fn inspect_limit(
         &self,
@@ -348,4 +374,8 @@ pub trait Store: Send + Sync + 'static {
     fn circuit_open(&self) -> bool {
         false
     }
+}
+
+fn no_statistics() -> StoreError {
+    StoreError::Protocol("this store keeps no statistics".to_owned())
 }

@@ -87,6 +87,7 @@ use redis::{
     aio::{ConnectionLike, MultiplexedConnection, PubSub},
     cluster::ClusterClient,
     cluster_async::ClusterConnection,
+    cluster_routing::{Route, SingleNodeRoutingInfo, SlotAddr},
 };
 use tokio::time::{Instant, timeout_at};
 
@@ -95,8 +96,9 @@ use super::{
     LimitUsage, Once, ResetListener, ResetNotice, SETTLE_REWRITES, Store, StoreError,
     UsageDecision, UsageIncrement, UsageSettle,
 };
+use crate::stats::{BucketFigures, StatsBatch, StatsQuery, StatsReport, rank};
 use crate::{
-    keys::{KeyBuilder, UsageKeys},
+    keys::{KeyBuilder, UsageKeys, cluster_slot},
     rules::Algorithm,
 };
 
@@ -1082,6 +1084,32 @@ impl Invocation {
 
 /// Whether `err` shows the connection itself is unusable (as opposed to a
 /// request the server rejected).
+/// Each master's slot ranges: (first, last, "host:port").
+async fn cluster_masters(cluster: &mut ClusterConnection) -> RedisResult<Vec<(u16, u16, String)>> {
+    let reply: Vec<Value> = redis::cmd("CLUSTER")
+        .arg("SLOTS")
+        .query_async(cluster)
+        .await?;
+    let mut masters = Vec::with_capacity(reply.len());
+    for range in reply {
+        let Value::Array(parts) = range else { continue };
+        let (Some(first), Some(last), Some(Value::Array(master))) =
+            (parts.first(), parts.get(1), parts.get(2))
+        else {
+            continue;
+        };
+        let first: u16 = FromRedisValue::from_redis_value_ref(first)?;
+        let last: u16 = FromRedisValue::from_redis_value_ref(last)?;
+        let (Some(host), Some(port)) = (master.first(), master.get(1)) else {
+            continue;
+        };
+        let host: String = FromRedisValue::from_redis_value_ref(host)?;
+        let port: u16 = FromRedisValue::from_redis_value_ref(port)?;
+        masters.push((first, last, format!("{host}:{port}")));
+    }
+    Ok(masters)
+}
+
 fn breaks_connection(err: &RedisError) -> bool {
     !err.is_timeout() && (err.is_io_error() || err.is_unrecoverable_error())
 }
@@ -1249,6 +1277,149 @@ impl Store for RedisStore {
             }
         }
         Ok(listed)
+    }
+
+    /// One pipeline (per master, on a cluster) of HINCRBY for the counts,
+    /// PFADD for the users, ZINCRBY for the characters' totals, and EXPIRE
+    /// at the end of each bucket's retention.
+    async fn flush_stats(&self, batch: &StatsBatch) -> Result<(), StoreError> {
+        let mut commands = Vec::new();
+        for update in batch.updates() {
+            let keys =
+                self.shared
+                    .keys
+                    .stats(update.granularity, update.start, update.character_id);
+            // At least a second: a bucket about to expire is still written.
+            let ttl = (update.expires_at - batch.now).max(1);
+            let mut counted = false;
+            for (kind, (messages, denials)) in &update.kinds {
+                for (field, by) in [("m:", messages), ("d:", denials)] {
+                    if *by > 0 {
+                        let mut cmd = redis::cmd("HINCRBY");
+                        cmd.arg(&keys.counts).arg(format!("{field}{kind}")).arg(*by);
+                        commands.push((keys.counts.clone(), cmd));
+                        counted = true;
+                    }
+                }
+            }
+            if counted {
+                let mut cmd = redis::cmd("EXPIRE");
+                cmd.arg(&keys.counts).arg(ttl);
+                commands.push((keys.counts.clone(), cmd));
+            }
+            if !update.users.is_empty() {
+                let mut cmd = redis::cmd("PFADD");
+                cmd.arg(&keys.users);
+                for user in &update.users {
+                    cmd.arg(*user);
+                }
+                commands.push((keys.users.clone(), cmd));
+                let mut cmd = redis::cmd("EXPIRE");
+                cmd.arg(&keys.users).arg(ttl);
+                commands.push((keys.users.clone(), cmd));
+            }
+            // A character's total goes to the global bucket's ranking.
+            if let Some(id) = update.character_id
+                && update.messages() > 0
+            {
+                let top = self
+                    .shared
+                    .keys
+                    .stats(update.granularity, update.start, None);
+                if let Some(top) = top.top {
+                    let mut cmd = redis::cmd("ZINCRBY");
+                    cmd.arg(&top).arg(update.messages()).arg(id);
+                    commands.push((top.clone(), cmd));
+                    let mut cmd = redis::cmd("EXPIRE");
+                    cmd.arg(&top).arg(ttl);
+                    commands.push((top, cmd));
+                }
+            }
+        }
+        if commands.is_empty() {
+            return Ok(());
+        }
+        self.pipeline_per_node(&commands).await.map(|_| ())
+    }
+
+    /// HGETALL + PFCOUNT per bucket and ZREVRANGE of the current bucket's
+    /// ranking, in one pipeline per master; a second round trip only when
+    /// characters tie at the last place of the ranking.
+    async fn read_stats(&self, query: &StatsQuery<'_>) -> Result<StatsReport, StoreError> {
+        let mut commands = Vec::with_capacity(query.starts.len() * 2 + 1);
+        for &start in &query.starts {
+            let keys = self
+                .shared
+                .keys
+                .stats(query.granularity, start, query.character_id);
+            let mut cmd = redis::cmd("HGETALL");
+            cmd.arg(&keys.counts);
+            commands.push((keys.counts.clone(), cmd));
+            let mut cmd = redis::cmd("PFCOUNT");
+            cmd.arg(&keys.users);
+            commands.push((keys.users, cmd));
+        }
+        let top_key = match (query.top, query.starts.last()) {
+            (0, _) | (_, None) => None,
+            (_, Some(&current)) => self.shared.keys.stats(query.granularity, current, None).top,
+        };
+        if let Some(top_key) = &top_key {
+            let mut cmd = redis::cmd("ZREVRANGE");
+            cmd.arg(top_key)
+                .arg(0)
+                .arg(query.top.saturating_sub(1))
+                .arg("WITHSCORES");
+            commands.push((top_key.clone(), cmd));
+        }
+        let mut replies = self.pipeline_per_node(&commands).await?.into_iter();
+        let mut buckets = Vec::with_capacity(query.starts.len());
+        for &start in &query.starts {
+            let (Some(counts), Some(users)) = (replies.next(), replies.next()) else {
+                return Err(StoreError::Protocol(
+                    "statistics: fewer replies than commands".to_owned(),
+                ));
+            };
+            let counts: BTreeMap<String, u64> = decode("HGETALL", counts)?;
+            let mut figures = BucketFigures {
+                start,
+                active_users: decode("PFCOUNT", users)?,
+                ..BucketFigures::default()
+            };
+            for (field, count) in counts {
+                if let Some(kind) = field.strip_prefix("m:") {
+                    figures.messages.insert(kind.to_owned(), count);
+                } else if let Some(kind) = field.strip_prefix("d:") {
+                    figures.denials.insert(kind.to_owned(), count);
+                }
+            }
+            buckets.push(figures);
+        }
+        let mut top = Vec::new();
+        if let (Some(top_key), Some(ranked)) = (top_key, replies.next()) {
+            let ranked: Vec<(String, f64)> = decode("ZREVRANGE", ranked)?;
+            let last = ranked.last().map(|(_, score)| *score);
+            let full = ranked.len() >= query.top;
+            top = ranked;
+            // Characters tied with the last one may sort before it by id.
+            if let (true, Some(last)) = (full, last) {
+                let mut cmd = redis::cmd("ZRANGEBYSCORE");
+                cmd.arg(&top_key).arg(last).arg(last).arg("WITHSCORES");
+                let tied = self.pipeline_per_node(&[(top_key, cmd)]).await?;
+                if let Some(tied) = tied.into_iter().next() {
+                    let tied: Vec<(String, f64)> = decode("ZRANGEBYSCORE", tied)?;
+                    top.retain(|(_, score)| *score != last);
+                    top.extend(tied);
+                }
+            }
+        }
+        let top = top
+            .into_iter()
+            .map(|(id, score)| (id, score.max(0.0) as u64))
+            .collect();
+        Ok(StatsReport {
+            buckets,
+            top: rank(top, query.top),
+        })
     }
 
     async fn inspect_limit(&self, inspect: &LimitInspect<'_>) -> Result<LimitUsage, StoreError> {
@@ -1451,6 +1622,104 @@ impl RedisStore {
             },
             replayed: flag(what, replayed)?,
         })
+    }
+
+    /// Sends `commands` (each with the key it touches) and returns their
+    /// replies in order, within one store timeout: to one server as one
+    /// pipeline; to a cluster as one pipeline per master, after asking for
+    /// the slot map (`CLUSTER SLOTS`), since a cluster pipeline must
+    /// otherwise stay within one slot. Commands in different slots of one
+    /// master may share a pipeline: only MULTI and multi-key commands must
+    /// not cross slots. A reply that is an error fails the whole call.
+    async fn pipeline_per_node(
+        &self,
+        commands: &[(String, Cmd)],
+    ) -> Result<Vec<Value>, StoreError> {
+        let deadline = self.deadline();
+        let mut conn = self.checkout(deadline).await?;
+        let replies = match &mut conn.redis {
+            Link::Server(_) => {
+                let mut pipe = redis::pipe();
+                for (_, cmd) in commands {
+                    pipe.add_command(cmd.clone());
+                }
+                self.call(
+                    deadline,
+                    conn.generation,
+                    pipe.query_async::<Vec<Value>>(&mut conn.redis),
+                )
+                .await?
+            }
+            Link::Cluster(cluster) => {
+                let mut cluster = cluster.clone();
+                let masters = self
+                    .call(deadline, None, cluster_masters(&mut cluster))
+                    .await?;
+                // Master -> (a slot it serves, indexes of its commands).
+                let mut groups: BTreeMap<&str, (u16, Vec<usize>)> = BTreeMap::new();
+                for (index, (key, _)) in commands.iter().enumerate() {
+                    let slot = cluster_slot(key);
+                    let owner = masters
+                        .iter()
+                        .find(|(first, last, _)| (*first..=*last).contains(&slot))
+                        .map_or("", |(_, _, node)| node.as_str());
+                    groups
+                        .entry(owner)
+                        .or_insert_with(|| (slot, Vec::new()))
+                        .1
+                        .push(index);
+                }
+                let mut sent = tokio::task::JoinSet::new();
+                for (slot, indexes) in groups.into_values() {
+                    let mut pipe = redis::pipe();
+                    for &index in &indexes {
+                        pipe.add_command(commands[index].1.clone());
+                    }
+                    let mut cluster = cluster.clone();
+                    let route =
+                        SingleNodeRoutingInfo::SpecificNode(Route::new(slot, SlotAddr::Master));
+                    sent.spawn(async move {
+                        let count = indexes.len();
+                        let replies = cluster.route_pipeline(pipe, 0, count, route).await;
+                        (indexes, replies)
+                    });
+                }
+                let mut replies = vec![Value::Nil; commands.len()];
+                let gathered = async {
+                    while let Some(joined) = sent.join_next().await {
+                        let Ok((indexes, answered)) = joined else {
+                            return Err(StoreError::Protocol(
+                                "a statistics pipeline task failed".to_owned(),
+                            ));
+                        };
+                        let answered = answered.map_err(|err| self.classify(&err))?;
+                        for (index, reply) in indexes.into_iter().zip(answered) {
+                            replies[index] = reply;
+                        }
+                    }
+                    Ok(())
+                };
+                match timeout_at(deadline, gathered).await {
+                    Ok(result) => result?,
+                    Err(_) => return Err(StoreError::Timeout(self.shared.timeout)),
+                }
+                replies
+            }
+        };
+        if replies.len() != commands.len() {
+            return Err(StoreError::Protocol(format!(
+                "{} replies for {} statistics commands",
+                replies.len(),
+                commands.len()
+            )));
+        }
+        if let Some(Value::ServerError(err)) = replies
+            .iter()
+            .find(|reply| matches!(reply, Value::ServerError(_)))
+        {
+            return Err(self.classify(&RedisError::from(err.clone())));
+        }
+        Ok(replies)
     }
 
     /// Deletes the conversations `ids` of a user with `usage_reset.lua`;

@@ -29,6 +29,7 @@ use tollgate::{
         usage_quota_client::UsageQuotaClient,
     },
     server::{self, ServerError},
+    stats::StatsClock,
     store::{
         Store,
         breaker::CircuitBreaker,
@@ -162,18 +163,35 @@ impl Backend {
     /// backend's store, built as `tollgate serve` builds it: behind a deny
     /// cache, and Redis behind the circuit breaker configured in `[store]`.
     pub(crate) async fn serve(&self, config: &Config) -> TestServer {
+        self.serve_with_stats_clock(config, StatsClock::System)
+            .await
+    }
+
+    /// Like [`Self::serve`], with usage statistics on `clock`.
+    pub(crate) async fn serve_with_stats_clock(
+        &self,
+        config: &Config,
+        clock: StatsClock,
+    ) -> TestServer {
         match self.kind {
             StoreKind::Memory => {
-                TestServer::start(DenyCache::new(self.memory.clone()), config).await
+                TestServer::start_with(DenyCache::new(self.memory.clone()), config, clock).await
             }
             StoreKind::Redis | StoreKind::Cluster => {
                 let store = RedisStore::connect(&self.redis_options(config))
                     .await
                     .expect("RedisStore connects to the test's redis-server");
                 let store = CircuitBreaker::new(store, config.settings.store.breaker);
-                TestServer::start(DenyCache::new(store), config).await
+                TestServer::start_with(DenyCache::new(store), config, clock).await
             }
         }
+    }
+
+    /// The cluster behind a Cluster backend.
+    pub(crate) fn cluster(&self) -> &RedisCluster {
+        self.cluster
+            .as_ref()
+            .expect("only a Cluster backend has a cluster")
     }
 
     /// [`Backend::serve`], with the admin door on a port of its own.
@@ -239,7 +257,9 @@ impl TestServer {
         let addr = listener
             .local_addr()
             .expect("a bound listener has an address");
-        let limiter = Arc::new(Limiter::new(store, Arc::new(config.policy.clone())));
+        let limiter = Arc::new(
+            Limiter::new(store, Arc::new(config.policy.clone())).with_stats(config.settings.stats),
+        );
         let (shutdown, stop) = oneshot::channel::<()>();
         let task = tokio::spawn(server::run_admin(
             limiter.clone(),
@@ -273,7 +293,15 @@ impl TestServer {
 
     /// Serves `store` under `config`'s policy on a fresh loopback port.
     pub(crate) async fn start<S: Store>(store: S, config: &Config) -> Self {
-        let limiter = Arc::new(Limiter::new(store, Arc::new(config.policy.clone())));
+        Self::start_with(store, config, StatsClock::System).await
+    }
+
+    /// Like [`Self::start`], with usage statistics on `clock`.
+    pub(crate) async fn start_with<S: Store>(store: S, config: &Config, clock: StatsClock) -> Self {
+        let limiter = Arc::new(
+            Limiter::new(store, Arc::new(config.policy.clone()))
+                .with_stats_clock(config.settings.stats, clock),
+        );
         Self::start_limiter(limiter, config).await
     }
 

@@ -7,6 +7,7 @@
 // includes them; in one binary that is unreachable by construction.
 #![allow(unreachable_pub)]
 
+#[macro_use]
 mod common;
 
 use std::time::{Duration, Instant};
@@ -53,35 +54,6 @@ block_for = "5m"
 
 fn config() -> Config {
     test_config(TOML)
-}
-
-macro_rules! on_every_store {
-    ($($case:ident),* $(,)?) => {
-        mod memory {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $case() {
-                    super::$case(super::Backend::new(super::StoreKind::Memory)).await;
-                }
-            )*
-        }
-        mod redis {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $case() {
-                    super::$case(super::Backend::new(super::StoreKind::Redis)).await;
-                }
-            )*
-        }
-        mod cluster {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $case() {
-                    super::$case(super::Backend::new(super::StoreKind::Cluster)).await;
-                }
-            )*
-        }
-    };
 }
 
 on_every_store!(

@@ -12,6 +12,7 @@
 // includes them; in one binary that is unreachable by construction.
 #![allow(unreachable_pub)]
 
+#[macro_use]
 mod common;
 
 use std::time::{Duration, Instant};
@@ -27,37 +28,7 @@ use tollgate::proto::{
 use tonic::{Code, Status};
 use tonic_health::pb::health_check_response::ServingStatus;
 
-/// Expands each case into a test per store.
-macro_rules! conformance {
-    ($($case:ident),* $(,)?) => {
-        mod memory {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $case() {
-                    super::$case(super::Backend::new(super::StoreKind::Memory)).await;
-                }
-            )*
-        }
-        mod redis {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $case() {
-                    super::$case(super::Backend::new(super::StoreKind::Redis)).await;
-                }
-            )*
-        }
-        mod cluster {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $case() {
-                    super::$case(super::Backend::new(super::StoreKind::Cluster)).await;
-                }
-            )*
-        }
-    };
-}
-
-conformance!(
+on_every_store!(
     request_ids_replay_the_first_answer_and_count_nothing,
     request_ids_are_forgotten_after_the_window,
     concurrent_duplicate_request_ids_count_once,
@@ -2090,7 +2061,7 @@ mod headers_and_shadow {
     use super::*;
     use common::ratelimit_headers;
 
-    conformance!(
+    on_every_store!(
         ratelimit_values_parse_back_as_the_draft_writes_them,
         ratelimit_values_follow_the_window_to_a_denial,
         shadow_rules_allow_and_say_shadowed,

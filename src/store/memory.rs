@@ -2089,6 +2089,17 @@ mod tests {
         assert_eq!((store.entries(), evictions.get()), (2, 0));
     }
 
+    /// This process's resident memory in bytes, for the measurements below.
+    fn rss() -> u64 {
+        let statm = std::fs::read_to_string("/proc/self/statm").expect("Linux");
+        let pages: u64 = statm
+            .split_whitespace()
+            .nth(1)
+            .and_then(|n| n.parse().ok())
+            .expect("statm's resident pages");
+        pages * 4096
+    }
+
     /// Resident memory per counter of the shipped `api` rule (one hit each),
     /// an in-process cross-check of README's figure from a release server
     /// (here 196 bytes, debug build with the system allocator): `cargo test
@@ -2097,15 +2108,6 @@ mod tests {
     #[tokio::test]
     #[ignore = "a measurement, not a test"]
     async fn bytes_per_entry() {
-        fn rss() -> u64 {
-            let statm = std::fs::read_to_string("/proc/self/statm").expect("Linux");
-            let pages: u64 = statm
-                .split_whitespace()
-                .nth(1)
-                .and_then(|n| n.parse().ok())
-                .expect("statm's resident pages");
-            pages * 4096
-        }
         const N: usize = 1_000_000;
         let store = MemoryStore::new();
         let subjects: Vec<String> = (0..N).map(|i| format!("bench-{i}")).collect();
@@ -2139,15 +2141,6 @@ mod tests {
     #[tokio::test]
     #[ignore = "a measurement, not a test"]
     async fn bytes_per_request_id() {
-        fn rss() -> u64 {
-            let statm = std::fs::read_to_string("/proc/self/statm").expect("Linux");
-            let pages: u64 = statm
-                .split_whitespace()
-                .nth(1)
-                .and_then(|n| n.parse().ok())
-                .expect("statm's resident pages");
-            pages * 4096
-        }
         const N: usize = 100_000;
         let store = MemoryStore::new();
         let subjects: Vec<String> = (0..1000).map(|i| format!("user-{i}")).collect();

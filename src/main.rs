@@ -333,6 +333,7 @@ async fn serve(config: Config, watch: reload::Watch) -> Result<(), String> {
             let store = RedisStore::connect_with_tls(&options, &tls)
                 .await
                 .map_err(|err| format!("cannot use the store: {err}"))?;
+            store.observe_batches(metrics.store_batch_sizes());
             let store = CircuitBreaker::new(store, settings.store.breaker);
             // In front of the breaker: a cached denial needs neither.
             serve_with(DenyCache::new(store), policy, watch, metrics).await

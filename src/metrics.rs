@@ -138,6 +138,7 @@ pub struct Metrics {
     store_evictions: Counter,
     untrusted: Family<UntrustedLabels, Counter>,
     stats_dropped: Counter,
+    store_batch_size: Histogram,
 }
 
 impl Default for Metrics {
@@ -207,9 +208,17 @@ impl Metrics {
             "Usage statistics entries dropped before reaching the store: too many waited for it",
             stats_dropped.clone(),
         );
+        // Powers of two up to the largest batch store.max_batch allows.
+        let store_batch_size = Histogram::new(exponential_buckets(1.0, 2.0, 10));
+        registry.register(
+            "store_batch_size",
+            "Decisions per Redis script call sent while others waited for the connection (1: sent alone)",
+            store_batch_size.clone(),
+        );
         Self {
             registry,
             stats_dropped,
+            store_batch_size,
             decisions,
             increments,
             store_latency,
@@ -226,6 +235,12 @@ impl Metrics {
     /// `evicted_keys`).
     pub fn store_evictions(&self) -> Counter {
         self.store_evictions.clone()
+    }
+
+    /// The handle the Redis store counts its batches' sizes into
+    /// (`tollgate_store_batch_size`).
+    pub fn store_batch_sizes(&self) -> Histogram {
+        self.store_batch_size.clone()
     }
 
     /// The handle statistics count what they drop into

@@ -56,6 +56,7 @@ fn options(url: String, key_prefix: &str) -> RedisOptions {
         key_prefix: key_prefix.to_owned(),
         timeout: Duration::from_secs(1),
         pool_size: 4,
+        max_batch: tollgate::store::redis::DEFAULT_MAX_BATCH,
     }
 }
 

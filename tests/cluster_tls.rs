@@ -67,6 +67,7 @@ fn options(url: String) -> RedisOptions {
         // Generous: TLS handshakes with three nodes in a debug build.
         timeout: Duration::from_secs(2),
         pool_size: 1,
+        max_batch: tollgate::store::redis::DEFAULT_MAX_BATCH,
     }
 }
 

@@ -159,6 +159,11 @@ const BROKEN: &[(&str, &str, &str)] = &[
         "must be at least 1",
     ),
     (
+        "big_max_batch.toml",
+        "store.max_batch",
+        "513 is not a batch size from 1 (no batching) to 512",
+    ),
+    (
         "zero_max_entries.toml",
         "store.max_entries",
         "0 is not an entry count of at least 1 (leave it out for 4000000)",
@@ -271,6 +276,7 @@ fn the_shipped_config_holds_the_documented_defaults() {
     assert_eq!(settings.store.key_prefix, "aim:");
     assert_eq!(settings.store.timeout, Duration::from_millis(250));
     assert_eq!(settings.store.pool_size, 1);
+    assert_eq!(settings.store.max_batch, 64);
     assert_eq!(
         settings.store.max_entries,
         tollgate::store::memory::DEFAULT_MAX_ENTRIES

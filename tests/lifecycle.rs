@@ -124,6 +124,7 @@ fn redis_store_options(redis: &RedisServer, timeout: Duration) -> RedisOptions {
         key_prefix: "lifecycle:".to_owned(),
         timeout,
         pool_size: 2,
+        max_batch: tollgate::store::redis::DEFAULT_MAX_BATCH,
     }
 }
 

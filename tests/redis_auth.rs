@@ -44,6 +44,7 @@ fn options(url: String) -> RedisOptions {
         // Generous: a TLS handshake in a debug build on a busy machine.
         timeout: Duration::from_secs(2),
         pool_size: 2,
+        max_batch: tollgate::store::redis::DEFAULT_MAX_BATCH,
     }
 }
 

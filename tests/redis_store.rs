@@ -38,6 +38,7 @@ fn options(url: String) -> RedisOptions {
         key_prefix: PREFIX.to_owned(),
         timeout: Duration::from_secs(1),
         pool_size: 4,
+        max_batch: tollgate::store::redis::DEFAULT_MAX_BATCH,
     }
 }
 

@@ -180,6 +180,7 @@ async fn redis_store(redis: &RedisServer, toml: &str) -> impl Store + use<> {
         key_prefix: "shadow:".to_owned(),
         timeout: config.settings.store.timeout,
         pool_size: 1,
+        max_batch: tollgate::store::redis::DEFAULT_MAX_BATCH,
     })
     .await
     .expect("connect to the test's redis-server");

@@ -621,6 +621,7 @@ async fn memory_per_day_for_10000_users_over_1000_characters() {
         key_prefix: KEY_PREFIX.to_owned(),
         timeout: Duration::from_secs(30),
         pool_size: 1,
+        max_batch: tollgate::store::redis::DEFAULT_MAX_BATCH,
     })
     .await
     .expect("RedisStore connects");

@@ -136,6 +136,9 @@ pub struct StoreSettings {
     pub timeout: Duration,
     /// Redis connections in the pool.
     pub pool_size: u32,
+    /// `store.max_batch`: the most decisions sent to Redis in one script
+    /// call when several wait for a connection; 1: no batching.
+    pub max_batch: u32,
     /// When to stop waiting on a failing store, and for how long.
     pub breaker: BreakerOptions,
     /// PEM CA certificates that a `rediss://` server's certificate must
@@ -198,6 +201,7 @@ impl StoreSettings {
                 key_prefix: self.key_prefix.clone(),
                 timeout: self.timeout,
                 pool_size: self.pool_size,
+                max_batch: self.max_batch,
             }),
         }
     }

@@ -15,7 +15,11 @@ use crate::{
         Algorithm, EnvoyHeaders, EnvoyMatch, FailureMode, Kind, Policy, Quota, Quotas, Rule, Tier,
         Tiers,
     },
-    store::{breaker::BreakerOptions, memory::DEFAULT_MAX_ENTRIES, redis::mask_url_password},
+    store::{
+        breaker::BreakerOptions,
+        memory::DEFAULT_MAX_ENTRIES,
+        redis::{DEFAULT_MAX_BATCH, MAX_BATCH_LIMIT, mask_url_password},
+    },
 };
 // Its own statement, apart from the list above that other sections extend.
 use crate::stats::{Retention, StatsSettings};
@@ -166,6 +170,7 @@ struct RawStore {
     key_prefix: String,
     timeout: String,
     pool_size: u32,
+    max_batch: i64,
     breaker_failures: u32,
     breaker_cool_down: String,
     tls_ca: Option<String>,
@@ -183,6 +188,9 @@ impl Default for RawStore {
             // One multiplexed connection pipelines every request: faster
             // than several (README, "Performance").
             pool_size: 1,
+            // Decisions that queue while a script is in flight go as one
+            // script call (README, "Performance").
+            max_batch: i64::from(DEFAULT_MAX_BATCH),
             breaker_failures: 5,
             breaker_cool_down: "1s".to_owned(),
             tls_ca: None,
@@ -396,6 +404,18 @@ impl RawStore {
         if self.pool_size == 0 {
             return Err(at("store.pool_size", "must be at least 1".to_owned()));
         }
+        let max_batch = match u32::try_from(self.max_batch) {
+            Ok(max) if (1..=MAX_BATCH_LIMIT).contains(&max) => max,
+            _ => {
+                return Err(at(
+                    "store.max_batch",
+                    format!(
+                        "{} is not a batch size from 1 (no batching) to {MAX_BATCH_LIMIT}",
+                        self.max_batch
+                    ),
+                ));
+            }
+        };
         if self.breaker_failures == 0 {
             return Err(at(
                 "store.breaker_failures",
@@ -453,6 +473,7 @@ impl RawStore {
             key_prefix: self.key_prefix,
             timeout,
             pool_size: self.pool_size,
+            max_batch,
             breaker,
             tls_ca,
             tls_client,

@@ -156,6 +156,7 @@ impl Backend {
             key_prefix: KEY_PREFIX.to_owned(),
             timeout: config.settings.store.timeout,
             pool_size: config.settings.store.pool_size,
+            max_batch: config.settings.store.max_batch,
         }
     }
 
@@ -181,8 +182,12 @@ impl Backend {
                 let store = RedisStore::connect(&self.redis_options(config))
                     .await
                     .expect("RedisStore connects to the test's redis-server");
+                let batches = store.clone();
                 let store = CircuitBreaker::new(store, config.settings.store.breaker);
-                TestServer::start_with(DenyCache::new(store), config, clock).await
+                let server = TestServer::start_with(DenyCache::new(store), config, clock).await;
+                // As `tollgate serve` does: batch sizes in the metrics.
+                batches.observe_batches(server.metrics.store_batch_sizes());
+                server
             }
         }
     }

@@ -1,0 +1,110 @@
+--[[
+decide_batch.lua: many callers' decisions in one script call, each decided
+exactly as if it had been sent alone, one after another, in order.
+
+This file is not a script by itself: src/store/redis/batch.rs builds the
+script by putting, before this text, the decision scripts each wrapped as a
+local function of (KEYS, ARGV, redis):
+  local function sliding_log(KEYS, ARGV, redis) <lua/sliding_log.lua> end
+  local function sliding_counter(KEYS, ARGV, redis) <lua/sliding_counter.lua> end
+  local function usage_increment(KEYS, ARGV, redis) <lua/usage_increment.lua> end
+So a decision in a batch is made by exactly the code that makes it alone.
+The `redis` each one gets answers TIME with the one instant read here: the
+batch is a run of calls arriving one after another within one microsecond.
+Every other command goes to Redis.
+
+Why: tollgate sends a batch when several decisions are waiting for the
+same connection while a script is in flight. One script call of n
+decisions saves Redis n - 1 commands to parse, n - 1 replies to write and
+n - 1 TIME calls, and tollgate n - 1 round trips through its connection.
+
+KEYS     every decision's keys, in decision order: each decision's own KEYS,
+         as its script takes them. All share one Cluster slot.
+
+ARGV[1]  n          decisions in the batch (>= 1)
+then, for each decision in order:
+         script     'sliding_log', 'sliding_counter' or 'usage_increment'
+         nkeys      how many of KEYS are this decision's
+         nargs      how many ARGV follow for this decision
+         args...    the decision's own ARGV, as its script takes them
+
+Returns one reply per decision, in order: the script's own reply (an
+array), or, when that script raised an error, the error's message as a
+string. One decision's error (a key of the wrong type, say) is that
+decision's alone: the others are still decided and answered, as they would
+be if each had been sent alone. (A nested error reply would make clients
+fail the whole batch, hence a plain string.)
+
+Bounded work: the sum of the decisions' scripts' work (each bounded by its
+own header) plus O(n) to split the arguments; tollgate sends at most
+store.max_batch decisions (at most 512) in one batch.
+
+Worked example: ARGV {2, 'sliding_log', 1, 5, 100, 60000000, 1, 0, 0,
+'sliding_log', 1, 5, 100, 60000000, 1, 0, 0} with KEYS {log, log}: two
+hits on one empty log of limit 100, the second seeing the first: {{1, 99,
+0, 60000000, 0}, {1, 98, 0, 60000000, 0}}.
+]]
+
+local n = tonumber(ARGV[1])
+assert(n and n >= 1 and n == math.floor(n), 'decide_batch.lua: ARGV[1] (n) must be a positive integer')
+
+local SCRIPTS = {
+  sliding_log = sliding_log,
+  sliding_counter = sliding_counter,
+  usage_increment = usage_increment,
+}
+
+local frozen = redis.call('TIME')
+local at_once = setmetatable({
+  call = function(command, ...)
+    if command == 'TIME' then
+      return frozen
+    end
+    return redis.call(command, ...)
+  end,
+}, { __index = redis })
+
+-- An error raised in a script is a string (assert, error) or, from
+-- redis.call, a table holding the server's error.
+local function message(err)
+  if type(err) == 'table' then
+    return tostring(err.err or err.message or 'unknown error')
+  end
+  return tostring(err)
+end
+
+-- The layout is checked whole before anything is decided, so a malformed
+-- batch changes nothing.
+local decisions = {}
+local next_key, next_arg = 1, 2
+for i = 1, n do
+  local script = SCRIPTS[ARGV[next_arg]]
+  local nkeys = tonumber(ARGV[next_arg + 1])
+  local nargs = tonumber(ARGV[next_arg + 2])
+  assert(script, 'decide_batch.lua: decision ' .. i .. ': unknown script ' .. tostring(ARGV[next_arg]))
+  assert(nkeys and nargs, 'decide_batch.lua: decision ' .. i .. ': nkeys and nargs must be integers')
+  local keys, args = {}, {}
+  for j = 1, nkeys do
+    keys[j] = KEYS[next_key + j - 1]
+  end
+  for j = 1, nargs do
+    args[j] = ARGV[next_arg + 2 + j]
+  end
+  next_key = next_key + nkeys
+  next_arg = next_arg + 3 + nargs
+  decisions[i] = { script = script, keys = keys, args = args }
+end
+assert(next_key - 1 == #KEYS, 'decide_batch.lua: the decisions take ' .. (next_key - 1) .. ' KEYS, got ' .. #KEYS)
+assert(next_arg - 1 == #ARGV, 'decide_batch.lua: the decisions take ' .. (next_arg - 1) .. ' ARGV, got ' .. #ARGV)
+
+local replies = {}
+for i = 1, n do
+  local decision = decisions[i]
+  local ok, reply = pcall(decision.script, decision.keys, decision.args, at_once)
+  if ok then
+    replies[i] = reply
+  else
+    replies[i] = message(reply)
+  end
+end
+return replies

@@ -1,0 +1,366 @@
+//! Many decisions per script: while a decision's script is in flight,
+//! the decisions that arrive for the same connection wait, and go next as
+//! one call of `decide_batch.lua`, which decides each of them in order,
+//! exactly as if each had been sent alone, one after another.
+//!
+//! Decisions are grouped into lanes: one lane for a Redis server, one per
+//! slot on a Redis Cluster (a script reaches one slot only). A lane with
+//! nothing in flight sends a decision at once, from the caller's own task,
+//! as it would without batching: latency comes first and nothing ever
+//! waits to fill a batch. A decision that finds its lane busy queues; when
+//! the call in flight answers, whatever queued meanwhile (up to
+//! `store.max_batch`, in arrival order) goes as one script call, from a
+//! task that keeps the lane until its queue is empty. So under light load
+//! every decision is one `EVALSHA` as before, and under heavy load Redis
+//! parses one command, runs one `TIME` and writes one reply per batch, not
+//! per decision, and tollgate makes one round trip instead of many.
+//!
+//! Ordering: a decision is sent only after every decision that queued
+//! before it in its lane, and within a batch in queue order, so a
+//! decision's answer never depends on one that came after it. Each waiting
+//! caller keeps its own deadline; one that gave up (its timeout, or its
+//! client went away) is left out of the batch rather than counted.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    sync::{LazyLock, Mutex, MutexGuard, OnceLock},
+};
+
+use prometheus_client::metrics::histogram::Histogram;
+use redis::{Arg, Value};
+use tokio::{sync::oneshot, time::timeout_at};
+
+use super::{Connections, Invocation, LuaScript, RedisStore};
+use crate::{keys::cluster_slot, store::StoreError};
+
+/// The batch script: the decision scripts as functions, then the batch's
+/// own text; see the contract in `lua/decide_batch.lua`.
+static DECIDE_BATCH: LazyLock<LuaScript> = LazyLock::new(|| {
+    LuaScript::new(
+        "decide_batch.lua",
+        concat!(
+            "local function sliding_log(KEYS, ARGV, redis)\n",
+            include_str!("../../../lua/sliding_log.lua"),
+            "\nend\n",
+            "local function sliding_counter(KEYS, ARGV, redis)\n",
+            include_str!("../../../lua/sliding_counter.lua"),
+            "\nend\n",
+            "local function usage_increment(KEYS, ARGV, redis)\n",
+            include_str!("../../../lua/usage_increment.lua"),
+            "\nend\n",
+            include_str!("../../../lua/decide_batch.lua"),
+        ),
+    )
+});
+
+/// The batch script, for loading at start-up.
+pub(super) fn scripts() -> [&'static LuaScript; 1] {
+    [&DECIDE_BATCH]
+}
+
+/// The most decisions one batch may carry, whatever `store.max_batch`
+/// says: a script blocks Redis while it runs, and 512 decisions take it
+/// a few milliseconds.
+pub const MAX_BATCH_LIMIT: u32 = 512;
+
+/// What a decision's caller gets back: its script's reply, or why there
+/// is none.
+type Answer = Result<Value, StoreError>;
+
+/// A decision waiting in its lane.
+struct Waiting {
+    invocation: Invocation,
+    reply: oneshot::Sender<Answer>,
+}
+
+/// One lane: whether a call is in flight, and what waits for it to end.
+#[derive(Default)]
+struct Lane {
+    queue: VecDeque<Waiting>,
+}
+
+/// The lanes of one store. A lane present in the map is busy (a call is
+/// in flight); an idle lane has no entry, so the map holds at most the
+/// lanes in use.
+pub(super) struct Combiner {
+    max_batch: usize,
+    lanes: Mutex<HashMap<u16, Lane>>,
+    /// Decisions per script call sent from a lane
+    /// (`tollgate_store_batch_size`), once metrics are attached.
+    sizes: OnceLock<Histogram>,
+}
+
+/// How a decision joined its lane.
+enum Joined {
+    /// The lane was idle: the caller sends its decision now, and hands the
+    /// lane on when done.
+    Sender(Invocation),
+    /// The lane was busy: the answer comes here.
+    Queued(oneshot::Receiver<Answer>),
+}
+
+impl Combiner {
+    /// Lanes that send at most `max_batch` decisions per script call
+    /// (at least 2; 1 means no batching and no combiner at all).
+    pub(super) fn new(max_batch: u32) -> Self {
+        Self {
+            max_batch: usize::try_from(max_batch.clamp(2, MAX_BATCH_LIMIT)).unwrap_or(2),
+            lanes: Mutex::default(),
+            sizes: OnceLock::new(),
+        }
+    }
+
+    /// The most decisions one script call carries.
+    pub(super) fn max_batch(&self) -> usize {
+        self.max_batch
+    }
+
+    /// Counts every script call's decisions into `sizes` from now on.
+    pub(super) fn observe(&self, sizes: Histogram) {
+        // Attached once, at start-up; a second attach keeps the first.
+        let _ = self.sizes.set(sizes);
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<u16, Lane>> {
+        // A panic while holding the lock leaves only plain queues behind.
+        self.lanes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn count(&self, decisions: usize) {
+        if let Some(sizes) = self.sizes.get() {
+            #[allow(clippy::cast_precision_loss)]
+            sizes.observe(decisions as f64);
+        }
+    }
+
+    fn join(&self, lane: u16, invocation: Invocation) -> Joined {
+        let mut lanes = self.lock();
+        match lanes.get_mut(&lane) {
+            None => {
+                lanes.insert(lane, Lane::default());
+                Joined::Sender(invocation)
+            }
+            Some(busy) => {
+                let (reply, answer) = oneshot::channel();
+                busy.queue.push_back(Waiting { invocation, reply });
+                Joined::Queued(answer)
+            }
+        }
+    }
+
+    /// The next batch of a busy lane, in arrival order, leaving out callers
+    /// that gave up; or `None`, and the lane is idle again, when nothing
+    /// waits.
+    fn next_batch(&self, lane: u16) -> Option<Vec<Waiting>> {
+        let mut lanes = self.lock();
+        let queue = &mut lanes.get_mut(&lane)?.queue;
+        let mut batch = Vec::with_capacity(queue.len().min(self.max_batch));
+        while batch.len() < self.max_batch {
+            match queue.pop_front() {
+                Some(waiting) if waiting.reply.is_closed() => {}
+                Some(waiting) => batch.push(waiting),
+                None => break,
+            }
+        }
+        if batch.is_empty() {
+            lanes.remove(&lane);
+            return None;
+        }
+        Some(batch)
+    }
+}
+
+/// The lane a caller is sending on; dropping it (when the call ends, or
+/// when the caller's future is dropped mid-call) hands the lane to what
+/// queued meanwhile, so a caller that goes away never stalls its lane.
+struct Turn<'a> {
+    store: &'a RedisStore,
+    combiner: &'a Combiner,
+    lane: u16,
+}
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        let Some(batch) = self.combiner.next_batch(self.lane) else {
+            return;
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(self.store.clone().drain(self.lane, batch));
+            }
+            // No runtime (it is shutting down): nobody is left to answer;
+            // the waiting callers see their senders dropped.
+            Err(_) => {
+                self.combiner.lock().remove(&self.lane);
+            }
+        }
+    }
+}
+
+impl RedisStore {
+    /// Runs one decision's script, in a batch when others are waiting for
+    /// its lane (see the module docs); the reply is the script's own
+    /// either way.
+    pub(super) async fn run_decision(&self, invocation: Invocation) -> Answer {
+        let Some(combiner) = self.shared.combiner.as_ref() else {
+            return self.run_script(&invocation).await;
+        };
+        let lane = match &self.connections {
+            Connections::Server(_) => 0,
+            Connections::Cluster(_) => invocation.first_key().map_or(0, slot_of),
+        };
+        match combiner.join(lane, invocation) {
+            Joined::Sender(invocation) => {
+                let _turn = Turn {
+                    store: self,
+                    combiner,
+                    lane,
+                };
+                combiner.count(1);
+                self.run_script(&invocation).await
+            }
+            Joined::Queued(answer) => match timeout_at(self.deadline(), answer).await {
+                Ok(Ok(answer)) => answer,
+                // The lane's task ended without answering: the runtime is
+                // shutting down.
+                Ok(Err(_)) => Err(StoreError::Unavailable(format!(
+                    "Redis at {}: the batch was dropped",
+                    self.shared.masked_url
+                ))),
+                Err(_) => Err(StoreError::Timeout(self.shared.timeout)),
+            },
+        }
+    }
+
+    /// Keeps a lane busy, sending what queues in it a batch at a time,
+    /// until nothing waits.
+    async fn drain(self, lane: u16, mut batch: Vec<Waiting>) {
+        let Some(combiner) = self.shared.combiner.as_ref() else {
+            return;
+        };
+        loop {
+            combiner.count(batch.len());
+            let (invocations, replies): (Vec<_>, Vec<_>) = batch
+                .into_iter()
+                .map(|waiting| (waiting.invocation, waiting.reply))
+                .unzip();
+            let answers = self.decide_together(&invocations).await;
+            for (reply, answer) in replies.into_iter().zip(answers) {
+                // A caller that gave up meanwhile no longer listens.
+                let _ = reply.send(answer);
+            }
+            match combiner.next_batch(lane) {
+                Some(next) => batch = next,
+                None => return,
+            }
+        }
+    }
+
+    /// Runs `invocations`, all decision scripts with keys in one slot, in
+    /// order: one alone as itself, several as one `decide_batch.lua`.
+    /// Returns one answer per invocation, in order.
+    pub(super) async fn decide_together(&self, invocations: &[Invocation]) -> Vec<Answer> {
+        if let [alone] = invocations {
+            return vec![self.run_script(alone).await];
+        }
+        let batch = batch_invocation(invocations);
+        let replies = match self.run_script(&batch).await {
+            Ok(Value::Array(replies)) if replies.len() == invocations.len() => replies,
+            Ok(other) => {
+                let problem = format!(
+                    "malformed reply to {}: {other:?} for {} decisions",
+                    DECIDE_BATCH.name,
+                    invocations.len()
+                );
+                return invocations
+                    .iter()
+                    .map(|_| Err(StoreError::Protocol(problem.clone())))
+                    .collect();
+            }
+            Err(err) => return invocations.iter().map(|_| Err(copy_error(&err))).collect(),
+        };
+        invocations
+            .iter()
+            .zip(replies)
+            .map(|(invocation, reply)| match reply {
+                Value::BulkString(message) => {
+                    Err(self
+                        .script_error(invocation.script.name, &String::from_utf8_lossy(&message)))
+                }
+                Value::SimpleString(message) => {
+                    Err(self.script_error(invocation.script.name, &message))
+                }
+                reply => Ok(reply),
+            })
+            .collect()
+    }
+
+    /// A decision's error inside a batch, classified as the same error
+    /// would be for the script alone.
+    fn script_error(&self, script: &str, message: &str) -> StoreError {
+        let code = message.split_whitespace().next().unwrap_or("");
+        if super::TRANSIENT_CODES.contains(&code) {
+            StoreError::Unavailable(format!(
+                "Redis at {}: {script}: {message}",
+                self.shared.masked_url
+            ))
+        } else {
+            StoreError::Protocol(format!("Redis replied with an error: {script}: {message}"))
+        }
+    }
+}
+
+/// The cluster slot of a key given as a script argument.
+pub(super) fn slot_of(key: &[u8]) -> u16 {
+    cluster_slot(&String::from_utf8_lossy(key))
+}
+
+/// One `decide_batch.lua` call carrying `invocations` in order (see its
+/// header for the layout).
+fn batch_invocation(invocations: &[Invocation]) -> Invocation {
+    let keys: usize = invocations.iter().map(Invocation::numkeys).sum();
+    let args: usize = invocations
+        .iter()
+        .map(|invocation| 3 + invocation.args().count())
+        .sum();
+    let bytes: usize = invocations.iter().map(Invocation::packed_len).sum();
+    let mut batch = Invocation::with_capacity(&DECIDE_BATCH, keys, 1 + args, bytes + 16);
+    for invocation in invocations {
+        for key in invocation.keys() {
+            batch = batch.key(key);
+        }
+    }
+    batch = batch.arg(invocations.len());
+    for invocation in invocations {
+        let function = invocation.script.function.unwrap_or(invocation.script.name);
+        batch = batch
+            .arg(function)
+            .arg(invocation.numkeys())
+            .arg(invocation.args().count());
+        for arg in invocation.args() {
+            batch = batch.arg(arg);
+        }
+    }
+    batch
+}
+
+/// The same error again, for each decision of a batch that failed whole.
+fn copy_error(err: &StoreError) -> StoreError {
+    match err {
+        StoreError::Timeout(timeout) => StoreError::Timeout(*timeout),
+        StoreError::Unavailable(message) => StoreError::Unavailable(message.clone()),
+        StoreError::CircuitOpen(wait) => StoreError::CircuitOpen(*wait),
+        StoreError::Protocol(message) => StoreError::Protocol(message.clone()),
+    }
+}
+
+/// The bytes of a packed argument (`Cmd` never holds a cursor argument for
+/// these scripts).
+pub(super) fn arg_bytes(arg: Arg<&[u8]>) -> &[u8] {
+    match arg {
+        Arg::Simple(bytes) => bytes,
+        _ => &[],
+    }
+}

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # bench/run.sh: tollgate's speed, measured in one command, as one table.
 #
-# Starts a redis-server and two `tollgate serve` (one on that Redis, one on
-# the embedded memory store) on free loopback ports, drives them with
+# Starts a redis-server, `tollgate serve` on it and on the embedded memory
+# store, and the floor (bench/floor.rs: a bare server doing one EVALSHA per
+# request) on that Redis, on free loopback ports, drives them with
 # `tollgate-bench`, runs redis-benchmark baselines against the same Redis,
 # and prints one table: requests/s, p50/p99 latency and CPU microseconds per
 # decision for each process, from /proc/<pid>/stat (utime + stime) read
@@ -35,7 +36,12 @@
 #   (d) IncrementUsage on 10,000 conversations (premium: unlimited, counted),
 #       and once more on a tollgate with stats.enabled = false: the cost of
 #       usage statistics
-#   (e) ShouldRateLimit, one descriptor (generic_key api_log), as (a)
+#   (e) ShouldRateLimit, one descriptor (generic_key api_log), as (a),
+#       concurrency 50 and 200
+#   (floor) (a) and (e) against the floor, concurrency 50 and 200: what a
+#       service that calls Redis itself would do; tollgate / floor is a goal
+#   (a) unbatched: (a) at c=200 on a tollgate with store.max_batch = 1
+#       (every decision its own EVALSHA): the Redis CPU batching saves
 #   (f) (a) on the memory store
 #   (g) cost-heavy: CheckLimit on Redis, rule tokens (sliding_log,
 #       100,000,000 per minute), costs drawn from 1 to 100,000
@@ -48,12 +54,17 @@
 #       1000 under a fresh request_id and settles it to 500 (two RPCs)
 # Baselines on the same Redis: redis-benchmark -P 1 with tollgate's own
 # sliding_log script by EVALSHA over 10,000 keys, and a plain INCR.
+# Every scenario on rule api_log (tollgate's or the floor's) and the EVALSHA
+# baselines start from empty logs, so that each compares like with like.
+# After (a) c=200 and (a) at 10,000 req/s the table gives the batch sizes of
+# tollgate's Redis script calls (the tollgate_store_batch_size histogram of
+# its metrics), "-" when this tollgate has none.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
 # shellcheck source=bench/lib.sh
 source bench/lib.sh
-for tool in redis-server redis-cli redis-benchmark python3 nproc; do
+for tool in redis-server redis-cli redis-benchmark python3 curl nproc; do
     command -v "$tool" >/dev/null || { echo "bench/run.sh: needs $tool" >&2; exit 1; }
 done
 RUNS=${RUNS:-1}
@@ -72,13 +83,14 @@ CORES=$(nproc)
 TOLLGATE_THREADS=${TOLLGATE_THREADS:-$((CORES > 1 ? CORES - 1 : 1))}
 SKIP_BUILD=${SKIP_BUILD:-0}
 KEEP=${KEEP:-0}
-# 18 scenarios of DURATION (plus set-up, which takes seconds on a busy
+# 24 scenarios of DURATION (plus set-up, which takes seconds on a busy
 # machine) per run, the memory measurements and start-up; a build is
 # bounded on its own.
-MAX_SECONDS=${MAX_SECONDS:-$((180 + RUNS * 19 * (DURATION + WARMUP + 8)))}
+MAX_SECONDS=${MAX_SECONDS:-$((180 + RUNS * 25 * (DURATION + WARMUP + 8)))}
 CONFIG=bench/tollgate-bench.toml
 TOLLGATE=target/release/tollgate
 BENCH=target/release/tollgate-bench
+FLOOR=target/release/examples/floor
 
 case "$RUNS$DURATION$SUBJECTS$WARMUP$CLIENT_THREADS$TOLLGATE_THREADS" in *[!0-9]*)
     echo "bench/run.sh: RUNS, DURATION, SUBJECTS, WARMUP, CLIENT_THREADS and TOLLGATE_THREADS are whole numbers" >&2
@@ -93,6 +105,9 @@ fi
 if [[ $SKIP_BUILD != 1 ]]; then
     echo "building (cargo build --release) ..." >&2
     timeout 1800 cargo build --release --quiet --bin tollgate --bin tollgate-bench
+    # On its own: an example brings in the dev-dependencies, whose features
+    # (tokio's test-util) would otherwise be built into tollgate too.
+    timeout 1800 cargo build --release --quiet --example floor
 fi
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/tollgate-bench.XXXXXX")
@@ -164,10 +179,45 @@ start_tollgate() { # name store_url -> sets <name>_PID, <name>_ADDR
     printf -v "${name}_PID" %s "$pid"
     printf -v "${name}_ADDR" %s "http://127.0.0.1:$port"
 }
-start_tollgate REDIS_TG "redis://127.0.0.1:$REDIS_PORT/0"
+# The Redis tollgate serves its metrics too: the batch sizes.
+METRICS_PORT=$(free_port)
+TOLLGATE_SERVER__METRICS_LISTEN=127.0.0.1:$METRICS_PORT start_tollgate REDIS_TG "redis://127.0.0.1:$REDIS_PORT/0"
 start_tollgate MEMORY_TG "memory://"
 # (d) once more without usage statistics (on by default), for their cost.
 TOLLGATE_STATS__ENABLED=false start_tollgate NOSTATS_TG "redis://127.0.0.1:$REDIS_PORT/0"
+# (a) once more with every decision its own script call, when this tollgate
+# batches at all (store.max_batch).
+UNBATCHED_OK=0
+if TOLLGATE_STORE__MAX_BATCH=1 "$TOLLGATE" check-config "$CONFIG" >/dev/null 2>&1; then
+    TOLLGATE_STORE__MAX_BATCH=1 start_tollgate UNBATCHED_TG "redis://127.0.0.1:$REDIS_PORT/0"
+    UNBATCHED_OK=1
+else
+    echo "this tollgate has no store.max_batch: no (a) unbatched" >&2
+fi
+
+# The floor, on the same Redis and as many worker threads, under keys of its
+# own (prefix floor:), with api_log's limit and window.
+start_floor() {
+    local port pid
+    port=$(free_port)
+    "$FLOOR" --listen "127.0.0.1:$port" --redis "redis://127.0.0.1:$REDIS_PORT/0" \
+        --limit 1000000 --window 15m --key-prefix floor: --worker-threads "$TOLLGATE_THREADS" \
+        >"$WORK/floor.log" 2>&1 &
+    pid=$!
+    PIDS+=("$pid")
+    FLOOR_PID=$pid
+    FLOOR_ADDR="http://127.0.0.1:$port"
+    # It has no health service: one CheckLimit answered means it serves.
+    for _ in $(seq 100); do
+        timeout 5 "$BENCH" --addr "$FLOOR_ADDR" --rule api_log -n 1 >/dev/null 2>&1 && return 0
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    echo "bench/run.sh: the floor did not serve; its log:" >&2
+    cat "$WORK/floor.log" >&2
+    exit 1
+}
+start_floor
 
 # Commands Redis has processed (INFO stats: the commands a script runs count
 # too, so one sliding_log decision is 6).
@@ -231,7 +281,76 @@ measure_memory
 
 # ---- Scenarios -------------------------------------------------------------
 RESULTS="$WORK/results.tsv"
+BATCHES="$WORK/batches.tsv"
+: >"$BATCHES"
 SLIDING_LOG_SHA=$(rcli SCRIPT LOAD "$(cat lua/sliding_log.lua)")
+
+# Deletes the keys matching each pattern, in one script call per pattern
+# (SCAN inside the script: one round trip, between scenarios only). A
+# sliding log's cost in Redis grows with its length, so every compared
+# scenario starts from empty logs and grows them at its own pace.
+RESET_LUA='local n, cursor = 0, "0"
+repeat
+  local page = redis.call("SCAN", cursor, "MATCH", ARGV[1], "COUNT", 1000)
+  cursor = page[1]
+  for _, key in ipairs(page[2]) do redis.call("UNLINK", key); n = n + 1 end
+until cursor == "0"
+return n'
+reset_logs() { # pattern...
+    local pattern
+    for pattern; do
+        rcli EVAL "$RESET_LUA" 0 "$pattern" >/dev/null
+    done
+}
+# The logs of rule api_log, tollgate's and the floor's.
+reset_api_log() { reset_logs 'aim:{rl:*}:api_log:calls' 'floor:{rl:*}:api_log:calls'; }
+
+# The Redis tollgate's tollgate_store_batch_size histogram, on one line:
+# count, sum and the cumulative buckets le=1 2 4 8 16 32 64 128 256 +Inf
+# (summed over any labels), or "-" when it has none.
+batch_snapshot() {
+    curl -sf --max-time 2 "http://127.0.0.1:$METRICS_PORT/metrics" 2>/dev/null | python3 -c '
+import re, sys
+les = ["1", "2", "4", "8", "16", "32", "64", "128", "256", "+Inf"]
+count = total = None
+buckets = dict.fromkeys(les, 0.0)
+for line in sys.stdin:
+    m = re.match(r"tollgate_store_batch_size_(bucket|sum|count)(\{[^}]*\})?\s+(\S+)", line)
+    if not m:
+        continue
+    kind, labels, value = m.group(1), m.group(2) or "", float(m.group(3))
+    if kind == "count":
+        count = (count or 0) + value
+    elif kind == "sum":
+        total = (total or 0) + value
+    else:
+        le = re.search(r"le=\"([^\"]*)\"", labels)
+        if le:
+            key = le.group(1)
+            key = key if key in ("+Inf", "Inf", "inf") else format(float(key), "g")
+            key = "+Inf" if key in ("Inf", "inf") else key
+            if key in buckets:
+                buckets[key] += value
+if count is None or total is None:
+    print("-")
+else:
+    print(" ".join(format(v, ".0f") for v in [count, total] + [buckets[le] for le in les]))
+' || echo "-"
+}
+
+# Appends the histogram's growth over a scenario to BATCHES: run, id and
+# the differences of batch_snapshot's fields, or "-".
+record_batches() { # run id before after
+    python3 - "$@" >>"$BATCHES" <<'EOF'
+import sys
+run, id, before, after = sys.argv[1:]
+if before == "-" or after == "-":
+    print(f"{run}\t{id}\t-")
+else:
+    b, a = before.split(), after.split()
+    print("\t".join([run, id] + [str(int(float(y) - float(x))) for x, y in zip(b, a)]))
+EOF
+}
 
 # Runs one tollgate-bench scenario and appends a row:
 # run, id, label, server, rps, p50_us, p99_us, count, denied, errors,
@@ -244,8 +363,13 @@ scenario() { # run id label server(redis|memory) args...
     local run=$1 id=$2 label=$3 server=$4
     shift 4
     local pid addr
-    if [[ $server == memory ]]; then pid=$MEMORY_TG_PID addr=$MEMORY_TG_ADDR; else pid=$REDIS_TG_PID addr=$REDIS_TG_ADDR; fi
-    if [[ $server == nostats ]]; then pid=$NOSTATS_TG_PID addr=$NOSTATS_TG_ADDR; fi
+    case $server in
+    memory) pid=$MEMORY_TG_PID addr=$MEMORY_TG_ADDR ;;
+    nostats) pid=$NOSTATS_TG_PID addr=$NOSTATS_TG_ADDR ;;
+    unbatched) pid=$UNBATCHED_TG_PID addr=$UNBATCHED_TG_ADDR ;;
+    floor) pid=$FLOOR_PID addr=$FLOOR_ADDR ;;
+    *) pid=$REDIS_TG_PID addr=$REDIS_TG_ADDR ;;
+    esac
     local t0 r0 c0 k0 t1 r1 c1 k1 json
     children_cpu
     c0=$CHILDREN_CPU
@@ -286,6 +410,8 @@ baseline() { # run id label concurrency command...
         -r "$SUBJECTS" --csv "$@" | tail -n 1)
     rps=$(python3 -c 'import csv,sys; print(float(next(csv.reader([sys.argv[1]]))[1]))' "$probe")
     n=$(python3 -c "print(max(1000, min(int($rps * $DURATION), 5_000_000)))")
+    # The EVALSHA baselines' logs start empty, as (a)'s do.
+    reset_logs 'aim:{rl:*}:rb:calls'
     children_cpu
     c0=$CHILDREN_CPU
     k0=$(redis_commands)
@@ -313,6 +439,8 @@ EOF
 bench "$REDIS_TG_ADDR" --rule api_log -d 2s -c 50 >/dev/null
 bench "$MEMORY_TG_ADDR" --rule api_log -d 2s -c 50 >/dev/null
 bench "$NOSTATS_TG_ADDR" --rule api_log -d 2s -c 50 >/dev/null
+if ((UNBATCHED_OK)); then bench "$UNBATCHED_TG_ADDR" --rule api_log -d 2s -c 50 >/dev/null; fi
+bench "$FLOOR_ADDR" --rule api_log -d 2s -c 50 >/dev/null
 
 ENVOY_OK=1
 if timeout 10 "$BENCH" --addr "$REDIS_TG_ADDR" --call should-rate-limit -n 1 >/dev/null 2>&1; then
@@ -338,25 +466,52 @@ for run in $(seq "$RUNS"); do
         EVALSHA "$SLIDING_LOG_SHA" 1 'aim:{rl:__rand_int__}:rb:calls' \
         1000000 900000000 1 0 0
     baseline "$run" base_incr_50 "redis-benchmark INCR, 10k keys" 50 INCR 'rb:ctr:__rand_int__'
+    # Each tollgate scenario on api_log next to its floor scenario, so both
+    # meet the same moment of a shared machine; each from empty logs.
+    reset_api_log
     scenario "$run" a_50 "(a) CheckLimit, Redis, sliding_log" redis --rule api_log --subjects "$SUBJECTS" -c 50
+    reset_api_log
+    scenario "$run" floor_a_50 "floor: CheckLimit, one EVALSHA per request" floor --rule api_log --subjects "$SUBJECTS" -c 50
+    reset_api_log
+    before=$(batch_snapshot)
     scenario "$run" a_200 "(a) CheckLimit, Redis, sliding_log" redis --rule api_log --subjects "$SUBJECTS" -c 200
+    record_batches "$run" a_200 "$before" "$(batch_snapshot)"
+    reset_api_log
+    scenario "$run" floor_a_200 "floor: CheckLimit, one EVALSHA per request" floor --rule api_log --subjects "$SUBJECTS" -c 200
+    if ((UNBATCHED_OK)); then
+        reset_api_log
+        scenario "$run" a_unbatched_200 "(a) unbatched: store.max_batch = 1" unbatched --rule api_log --subjects "$SUBJECTS" -c 200
+    else
+        printf '%s\ta_unbatched_200\t(a) unbatched: store.max_batch = 1\tn/a\n' "$run" >>"$RESULTS"
+    fi
+    reset_api_log
+    before=$(batch_snapshot)
     scenario "$run" a_10k "(a) at a fixed 10,000 req/s" redis --rule api_log --subjects "$SUBJECTS" -c 200 --rps 10000
+    record_batches "$run" a_10k "$before" "$(batch_snapshot)"
     scenario "$run" b_50 "(b) CheckLimit, Redis, sliding_counter" redis --rule api_sliding_counter --subjects "$SUBJECTS" -c 50
     scenario "$run" b_200 "(b) CheckLimit, Redis, sliding_counter" redis --rule api_sliding_counter --subjects "$SUBJECTS" -c 200
     scenario "$run" c_50 "(c) abuse: 1 subject far over its limit" redis --rule api --subjects 1 -c 50
     scenario "$run" d_50 "(d) IncrementUsage, 10k conversations" redis --call increment-usage --tier premium --subjects "$SUBJECTS" -c 50
     scenario "$run" d_nostats_50 "(d) IncrementUsage, stats.enabled = false" nostats --call increment-usage --tier premium --subjects "$SUBJECTS" -c 50
-    if ((ENVOY_OK)); then
-        scenario "$run" e_50 "(e) ShouldRateLimit, 1 descriptor" redis "${ENVOY_ARGS[@]}" --subjects "$SUBJECTS" -c 50
-    else
-        printf '%s\te_50\t(e) ShouldRateLimit, 1 descriptor\tn/a\n' "$run" >>"$RESULTS"
-    fi
+    for c in 50 200; do
+        if ((ENVOY_OK)); then
+            reset_api_log
+            scenario "$run" "e_$c" "(e) ShouldRateLimit, 1 descriptor" redis "${ENVOY_ARGS[@]}" --subjects "$SUBJECTS" -c "$c"
+            reset_api_log
+            scenario "$run" "floor_e_$c" "floor: ShouldRateLimit, one EVALSHA per request" floor "${ENVOY_ARGS[@]}" \
+                --subjects "$SUBJECTS" -c "$c"
+        else
+            printf '%s\te_%s\t(e) ShouldRateLimit, 1 descriptor\tn/a\n' "$run" "$c" >>"$RESULTS"
+            printf '%s\tfloor_e_%s\tfloor: ShouldRateLimit, one EVALSHA per request\tn/a\n' "$run" "$c" >>"$RESULTS"
+        fi
+    done
     scenario "$run" f_50 "(f) CheckLimit, memory store" memory --rule api_log --subjects "$SUBJECTS" -c 50
     scenario "$run" f_200 "(f) CheckLimit, memory store" memory --rule api_log --subjects "$SUBJECTS" -c 200
     scenario "$run" g_50 "(g) CheckLimit, Redis, costs 1..100,000" redis --rule tokens --cost 1 --cost-max 100000 \
         --subjects "$SUBJECTS" -c 50
     scenario "$run" h_50 "(h) CheckLimits, Redis, 3 checks" redis --call check-limits \
         --rule api_log,api_sliding_counter,api_counter --tier premium --subjects "$SUBJECTS" -c 50
+    reset_api_log
     scenario "$run" rid_50 "(rid) CheckLimit with a request_id, Redis, sliding_log" redis --rule api_log \
         --request-ids --subjects "$SUBJECTS" -c 50
     scenario "$run" settle_50 "(settle) reserve + SettleLimit pairs, Redis, sliding_log" redis \
@@ -367,13 +522,13 @@ read -r STEAL1 TOTAL1 < <(cpu_steal)
 STEAL_PERCENT=$(python3 -c "print(round(100 * ($STEAL1 - $STEAL0) / max(1, $TOTAL1 - $TOTAL0), 1))")
 
 # ---- The table -------------------------------------------------------------
-python3 - "$RESULTS" "$MEMORY" "$RUNS" "$DURATION" "$(getconf CLK_TCK)" "$CORES" \
+python3 - "$RESULTS" "$MEMORY" "$BATCHES" "$RUNS" "$DURATION" "$(getconf CLK_TCK)" "$CORES" \
     "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')" "$(redis-server --version | cut -d' ' -f3)" \
     "$STEAL_PERCENT" "$WARMUP" "$CLIENT_THREADS" "$TOLLGATE_THREADS" <<'EOF'
 import statistics, sys
 from collections import OrderedDict
 
-results, memory, runs, duration, tck, cores, cpu, redis, steal, warmup, client_threads, tollgate_threads = sys.argv[1:]
+results, memory, batches, runs, duration, tck, cores, cpu, redis, steal, warmup, client_threads, tollgate_threads = sys.argv[1:]
 tck = int(tck)
 rows = OrderedDict()
 for line in open(results):
@@ -424,7 +579,14 @@ def ratio(a, b):
     return None if x is None or y is None else x / y
 checks = [
     ("(a) c=50 / EVALSHA c=50 req/s", ratio("a_50", "base_evalsha_50"), ">= 0.6", lambda v: v >= 0.6),
-    ("(a) c=200 / EVALSHA c=200 req/s", ratio("a_200", "base_evalsha_200"), ">= 0.6", lambda v: v >= 0.6),
+    ("(a) c=200 / EVALSHA c=200 req/s", ratio("a_200", "base_evalsha_200"), ">= 1.0", lambda v: v >= 1.0),
+    ("(a) / floor CheckLimit req/s, c=50", ratio("a_50", "floor_a_50"), ">= 1.0", lambda v: v >= 1.0),
+    ("(a) / floor CheckLimit req/s, c=200", ratio("a_200", "floor_a_200"), ">= 1.0", lambda v: v >= 1.0),
+    ("(e) / floor ShouldRateLimit req/s, c=50", ratio("e_50", "floor_e_50"), ">= 1.0", lambda v: v >= 1.0),
+    ("(e) / floor ShouldRateLimit req/s, c=200", ratio("e_200", "floor_e_200"), ">= 1.0", lambda v: v >= 1.0),
+    ("(a) c=200 Redis CPU µs/decision, batched / unbatched",
+     None if med("a_200", "rd") is None or med("a_unbatched_200", "rd") is None
+     else med("a_200", "rd") / med("a_unbatched_200", "rd"), "<= 0.5", lambda v: v <= 0.5),
     ("(a) c=50 tollgate CPU µs/decision", med("a_50", "tg"), "<= 32", lambda v: v <= 32),
     ("(a) at 10,000 req/s: p99 ms", None if med("a_10k", "p99") is None else med("a_10k", "p99") / 1000, "<= 2", lambda v: v <= 2),
     ("(c) / (f) req/s, c=50", ratio("c_50", "f_50"), ">= 0.9", lambda v: v >= 0.9),
@@ -449,7 +611,58 @@ for name, value, goal, ok in checks:
 print()
 print("Redis commands/req counts the commands each script runs as well (one allowed")
 print("sliding_log decision with nothing to trim: EVALSHA, TIME, ZRANGE oldest, ZRANGE")
-print("newest, ZADD, PEXPIRE = 6).")
+print("newest, ZADD, PEXPIRE = 6). On the floor's rows the tollgate CPU column is the")
+print("floor's process (bench/floor.rs).")
+
+# Batch sizes: the growth of tollgate_store_batch_size over each scenario,
+# added up over the runs. Its buckets count script calls; a call of the
+# bucket (lo, hi] decided lo+1 to hi requests, so the decisions per size
+# class are exact for sizes 1 and 2 and otherwise taken at each bucket's
+# middle, scaled so that they add up to the histogram's exact sum.
+print()
+print("Batch sizes of tollgate's Redis script calls (tollgate_store_batch_size, all runs;")
+print("shares of decisions by the size of the call that decided them):")
+print()
+print("| scenario | script calls | decisions | decisions per call | 1 | 2-4 | 5-16 | 17-64 | >64 |")
+print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+sums = OrderedDict()
+for line in open(batches):
+    f = line.rstrip("\n").split("\t")
+    if f[2] == "-":
+        sums.setdefault(f[1], None)
+        continue
+    vals = [int(x) for x in f[2:]]
+    prev = sums.get(f[1])
+    sums[f[1]] = vals if prev is None else [a + b for a, b in zip(prev, vals)]
+labels = {"a_200": "(a) c=200", "a_10k": "(a) at a fixed 10,000 req/s"}
+bounds = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+classes = [("1", 1), ("2-4", 4), ("5-16", 16), ("17-64", 64), (">64", None)]
+for key, vals in sums.items():
+    label = labels.get(key, key)
+    if vals is None or vals[0] <= 0:
+        print(f"| {label} | - | - | - | - | - | - | - | - |")
+        continue
+    calls, decisions, cumulative = vals[0], vals[1], vals[2:]
+    per_bucket = [c - (cumulative[i - 1] if i else 0) for i, c in enumerate(cumulative)]
+    exact, estimated = {}, {}
+    lo = 0
+    for i, n in enumerate(per_bucket):
+        hi = bounds[i] if i < len(bounds) else None
+        if hi is not None and hi - lo == 1:
+            exact[i] = n * hi
+        else:
+            estimated[i] = n * ((lo + 1 + hi) / 2 if hi is not None else 2 * lo)
+        lo = hi if hi is not None else lo
+    rest = max(decisions - sum(exact.values()), 0)
+    scale = rest / sum(estimated.values()) if sum(estimated.values()) > 0 else 0
+    share = {i: exact.get(i, estimated.get(i, 0) * scale) for i in range(len(per_bucket))}
+    cells = []
+    first = 0
+    for name, top in classes:
+        idx = [i for i in range(len(per_bucket)) if i >= first and (top is None or (bounds[i] if i < len(bounds) else 1e18) <= top)]
+        first = max(idx) + 1 if idx else first
+        cells.append(f"{100 * sum(share[i] for i in idx) / max(decisions, 1):.0f} %")
+    print(f"| {label} | {calls:,} | {decisions:,} | {decisions / calls:.2f} | " + " | ".join(cells) + " |")
 print()
 print("Redis memory per subject (MEMORY USAGE, shipped rules, at the free tier's limit):")
 print()

@@ -68,11 +68,11 @@ Bounded work: O(1) whatever the cost or the traffic: three hash fields and
 the block key (and the record), never more.
 ]]
 
-assert(#ARGV == 5 or #ARGV == 6, 'sliding_counter.lua: expected 5 or 6 ARGV (limit, window_us, cost, dry_run, block_us[, record]), got ' .. #ARGV)
+if not (#ARGV == 5 or #ARGV == 6) then error('sliding_counter.lua: expected 5 or 6 ARGV (limit, window_us, cost, dry_run, block_us[, record]), got ' .. #ARGV, 0) end
 
 local function int_arg(i, name)
   local value = tonumber(ARGV[i])
-  assert(value and value >= 0 and value == math.floor(value), 'sliding_counter.lua: ' .. name .. ' must be a non-negative integer')
+  if not (value and value >= 0 and value == math.floor(value)) then error('sliding_counter.lua: ' .. name .. ' must be a non-negative integer', 0) end
   return value
 end
 local limit = int_arg(1, 'limit')
@@ -88,7 +88,7 @@ assert(not (recorded and dry_run), 'sliding_counter.lua: a dry run keeps no reco
 -- the block key rarely exists: with it, every hit on an existing log would
 -- wait out the migration.
 local want_keys = 1 + (block_us > 0 and 1 or 0) + (recorded and 1 or 0)
-assert(#KEYS == want_keys, 'sliding_counter.lua: expected ' .. want_keys .. ' KEYS (counter' .. (block_us > 0 and ', block' or '') .. (recorded and ', record' or '') .. ') for block_us ' .. block_us .. ', got ' .. #KEYS)
+if not (#KEYS == want_keys) then error('sliding_counter.lua: expected ' .. want_keys .. ' KEYS (counter' .. (block_us > 0 and ', block' or '') .. (recorded and ', record' or '') .. ') for block_us ' .. block_us .. ', got ' .. #KEYS, 0) end
 local counter_key, block_key = KEYS[1], KEYS[2]
 local record_key = recorded and KEYS[#KEYS] or nil
 assert(window > 0, 'sliding_counter.lua: window_us must be positive')
@@ -103,7 +103,7 @@ if recorded then
   local seen = redis.call('GET', record_key)
   if seen then
     local a, r, retry, reset, b = string.match(seen, '^(%d+) (%d+) (%d+) (%d+) (%d+) ')
-    assert(a, 'sliding_counter.lua: unexpected record in ' .. record_key)
+    if not (a) then error('sliding_counter.lua: unexpected record in ' .. record_key, 0) end
     return {tonumber(a), tonumber(r), tonumber(retry), tonumber(reset), tonumber(b), 1}
   end
 end

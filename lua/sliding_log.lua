@@ -92,11 +92,11 @@ of equal score (calls settled to 0) are ordered by name, which is time
 order: every time has 16 digits (until the year 2286), and "0:0" sorts first.
 ]]
 
-assert(#ARGV == 5 or #ARGV == 6, 'sliding_log.lua: expected 5 or 6 ARGV (limit, window_us, cost, dry_run, block_us[, record]), got ' .. #ARGV)
+if not (#ARGV == 5 or #ARGV == 6) then error('sliding_log.lua: expected 5 or 6 ARGV (limit, window_us, cost, dry_run, block_us[, record]), got ' .. #ARGV, 0) end
 
 local function int_arg(i, name)
   local value = tonumber(ARGV[i])
-  assert(value and value >= 0 and value == math.floor(value), 'sliding_log.lua: ' .. name .. ' must be a non-negative integer')
+  if not (value and value >= 0 and value == math.floor(value)) then error('sliding_log.lua: ' .. name .. ' must be a non-negative integer', 0) end
   return value
 end
 local limit = int_arg(1, 'limit')
@@ -112,7 +112,7 @@ assert(not (recorded and dry_run), 'sliding_log.lua: a dry run keeps no record')
 -- the block key rarely exists: with it, every hit on an existing log would
 -- wait out the migration.
 local want_keys = 1 + (block_us > 0 and 1 or 0) + (recorded and 1 or 0)
-assert(#KEYS == want_keys, 'sliding_log.lua: expected ' .. want_keys .. ' KEYS (log' .. (block_us > 0 and ', block' or '') .. (recorded and ', record' or '') .. ') for block_us ' .. block_us .. ', got ' .. #KEYS)
+if not (#KEYS == want_keys) then error('sliding_log.lua: expected ' .. want_keys .. ' KEYS (log' .. (block_us > 0 and ', block' or '') .. (recorded and ', record' or '') .. ') for block_us ' .. block_us .. ', got ' .. #KEYS, 0) end
 local log_key, block_key = KEYS[1], KEYS[2]
 local record_key = recorded and KEYS[#KEYS] or nil
 
@@ -126,7 +126,7 @@ if recorded then
   local seen = redis.call('GET', record_key)
   if seen then
     local a, r, retry, reset, b = string.match(seen, '^(%d+) (%d+) (%d+) (%d+) (%d+) ')
-    assert(a, 'sliding_log.lua: unexpected record in ' .. record_key)
+    if not (a) then error('sliding_log.lua: unexpected record in ' .. record_key, 0) end
     return {tonumber(a), tonumber(r), tonumber(retry), tonumber(reset), tonumber(b), 1}
   end
 end
@@ -147,7 +147,7 @@ end
 -- A member's time.
 local function time_of(member)
   local at = string.match(member, '^(%d+):')
-  assert(at, 'sliding_log.lua: unexpected member ' .. tostring(member) .. ' in ' .. log_key)
+  if not (at) then error('sliding_log.lua: unexpected member ' .. tostring(member) .. ' in ' .. log_key, 0) end
   return tonumber(at)
 end
 
@@ -178,13 +178,18 @@ end
 
 -- Trim the calls that left the window, oldest first, a batch at a time,
 -- from rank 1 (rank 0 is the base): the newest of them becomes the base.
--- The first batch is read with the base and the scores, so that the base's
--- score costs no command of its own.
+-- The first read is the base and the oldest call only, with their scores,
+-- so that the base's score costs no command of its own: most calls find
+-- nothing to trim, and every member read costs Redis a score formatted and
+-- Lua a string (reading 17 where 2 do was a quarter of Redis's CPU per
+-- decision). Only if the oldest call has left are the rest read, BATCH at
+-- a time.
 local BATCH = 16
 local cutoff = now - window
 local base = nil
+local span = 1
 while true do
-  local oldest = redis.call('ZRANGE', log_key, 0, BATCH, 'WITHSCORES')
+  local oldest = redis.call('ZRANGE', log_key, 0, span, 'WITHSCORES')
   if oldest[1] == nil then
     break
   end
@@ -200,9 +205,10 @@ while true do
   if gone > 0 then
     redis.call('ZREMRANGEBYRANK', log_key, 0, gone - 1)
   end
-  if gone < BATCH then
+  if gone < span then
     break
   end
+  span = BATCH
 end
 
 local newest_at, total = newest()

@@ -53,8 +53,8 @@ Worked example: limit 3, period 1 day, empty conversation. amount 2:
 ]]
 
 local recorded = ARGV[6] == '1'
-assert(#KEYS == (recorded and 4 or 3), 'usage_increment.lua: expected 3 KEYS (conversation, index, by id) and the record when ARGV[6] = 1, got ' .. #KEYS)
-assert(#ARGV == 5 or #ARGV == 6, 'usage_increment.lua: expected 5 or 6 ARGV (kind, amount, limit, period_ms, character_id[, record]), got ' .. #ARGV)
+if not (#KEYS == (recorded and 4 or 3)) then error('usage_increment.lua: expected 3 KEYS (conversation, index, by id) and the record when ARGV[6] = 1, got ' .. #KEYS, 0) end
+if not (#ARGV == 5 or #ARGV == 6) then error('usage_increment.lua: expected 5 or 6 ARGV (kind, amount, limit, period_ms, character_id[, record]), got ' .. #ARGV, 0) end
 
 local conversation_key, index_key, by_id_key = KEYS[1], KEYS[2], KEYS[3]
 local kind = ARGV[1]
@@ -77,7 +77,7 @@ if recorded then
   local seen = redis.call('GET', record_key)
   if seen then
     local a, u, r = string.match(seen, '^(%d+) (%d+) (%d+) ')
-    assert(a, 'usage_increment.lua: unexpected record in ' .. record_key)
+    if not (a) then error('usage_increment.lua: unexpected record in ' .. record_key, 0) end
     return {tonumber(a), tonumber(u), tonumber(r), 1}
   end
 end

@@ -13,10 +13,11 @@ The `redis` each one gets answers TIME with the one instant read here: the
 batch is a run of calls arriving one after another within one microsecond.
 Every other command goes to Redis.
 
-Why: tollgate sends a batch when several decisions are waiting for the
-same connection while a script is in flight. One script call of n
-decisions saves Redis n - 1 commands to parse, n - 1 replies to write and
-n - 1 TIME calls, and tollgate n - 1 round trips through its connection.
+Why: tollgate sends a batch when decisions are waiting for a connection
+whose script calls are in flight. One script call of n decisions saves
+Redis n - 1 commands to read, parse and answer and n - 1 TIME calls, and
+tollgate n - 1 commands to send and replies to parse. (The decisions' own
+work, mostly their redis.call()s, is the same either way.)
 
 KEYS     every decision's keys, in decision order: each decision's own KEYS,
          as its script takes them. All share one Cluster slot.
@@ -46,7 +47,7 @@ hits on one empty log of limit 100, the second seeing the first: {{1, 99,
 ]]
 
 local n = tonumber(ARGV[1])
-assert(n and n >= 1 and n == math.floor(n), 'decide_batch.lua: ARGV[1] (n) must be a positive integer')
+if not (n and n >= 1 and n == math.floor(n)) then error('decide_batch.lua: ARGV[1] (n) must be a positive integer', 0) end
 
 local SCRIPTS = {
   sliding_log = sliding_log,
@@ -74,33 +75,28 @@ local function message(err)
 end
 
 -- The layout is checked whole before anything is decided, so a malformed
--- batch changes nothing.
-local decisions = {}
+-- batch changes nothing. Only offsets are kept: each decision's KEYS and
+-- ARGV are cut out with unpack (one allocation each) as it is run.
+local scripts, first_keys, nkeys_of, first_args, nargs_of = {}, {}, {}, {}, {}
 local next_key, next_arg = 1, 2
 for i = 1, n do
   local script = SCRIPTS[ARGV[next_arg]]
   local nkeys = tonumber(ARGV[next_arg + 1])
   local nargs = tonumber(ARGV[next_arg + 2])
-  assert(script, 'decide_batch.lua: decision ' .. i .. ': unknown script ' .. tostring(ARGV[next_arg]))
-  assert(nkeys and nargs, 'decide_batch.lua: decision ' .. i .. ': nkeys and nargs must be integers')
-  local keys, args = {}, {}
-  for j = 1, nkeys do
-    keys[j] = KEYS[next_key + j - 1]
-  end
-  for j = 1, nargs do
-    args[j] = ARGV[next_arg + 2 + j]
-  end
+  if not script then error('decide_batch.lua: decision ' .. i .. ': unknown script ' .. tostring(ARGV[next_arg]), 0) end
+  if not (nkeys and nargs) then error('decide_batch.lua: decision ' .. i .. ': nkeys and nargs must be integers', 0) end
+  scripts[i], first_keys[i], nkeys_of[i], first_args[i], nargs_of[i] = script, next_key, nkeys, next_arg + 3, nargs
   next_key = next_key + nkeys
   next_arg = next_arg + 3 + nargs
-  decisions[i] = { script = script, keys = keys, args = args }
 end
-assert(next_key - 1 == #KEYS, 'decide_batch.lua: the decisions take ' .. (next_key - 1) .. ' KEYS, got ' .. #KEYS)
-assert(next_arg - 1 == #ARGV, 'decide_batch.lua: the decisions take ' .. (next_arg - 1) .. ' ARGV, got ' .. #ARGV)
+if next_key - 1 ~= #KEYS then error('decide_batch.lua: the decisions take ' .. (next_key - 1) .. ' KEYS, got ' .. #KEYS, 0) end
+if next_arg - 1 ~= #ARGV then error('decide_batch.lua: the decisions take ' .. (next_arg - 1) .. ' ARGV, got ' .. #ARGV, 0) end
 
 local replies = {}
 for i = 1, n do
-  local decision = decisions[i]
-  local ok, reply = pcall(decision.script, decision.keys, decision.args, at_once)
+  local keys = { unpack(KEYS, first_keys[i], first_keys[i] + nkeys_of[i] - 1) }
+  local args = { unpack(ARGV, first_args[i], first_args[i] + nargs_of[i] - 1) }
+  local ok, reply = pcall(scripts[i], keys, args, at_once)
   if ok then
     replies[i] = reply
   else

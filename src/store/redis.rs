@@ -229,6 +229,9 @@ const CLUSTER_MAX_RETRY_WAIT_MS: u64 = 100;
 /// The shortest such wait.
 const CLUSTER_MIN_RETRY_WAIT_MS: u64 = 2;
 
+/// Hash slots in a Redis Cluster.
+const CLUSTER_SLOTS: usize = 16_384;
+
 /// How to reach Redis. `Debug` masks the password in the URL.
 #[derive(Clone)]
 pub struct RedisOptions {
@@ -736,7 +739,14 @@ impl RedisStore {
             masked_url: masked_url.clone(),
             health: Arc::clone(&health),
             resets,
-            combiner: (options.max_batch > 1).then(|| batch::Combiner::new(options.max_batch)),
+            combiner: (options.max_batch > 1).then(|| {
+                let lanes = if is_cluster_url(&options.url) {
+                    CLUSTER_SLOTS
+                } else {
+                    1
+                };
+                batch::Combiner::new(options.max_batch, lanes)
+            }),
         });
         let unreachable = |err: StoreError| match err {
             StoreError::Timeout(timeout) => StoreError::Unavailable(format!(

@@ -435,17 +435,24 @@ impl<S: Store> Limiter<S> {
             cost: u64::from(request.cost.max(1)),
             dry_run: request.dry_run,
         };
+        // Boxed: the store's future (the deny cache's, the breaker's and
+        // Redis's, about 2.7 KB) would otherwise be a part of every future
+        // above it, down to tonic's, and be copied with each of them; boxed,
+        // it is copied once.
         let decided = self
             .metrics
-            .store_call(Operation::check_limit, async {
-                match request_id {
-                    Some(id) => self.store.check_limit_once(&check, id).await,
-                    None => self.store.check_limit(&check).await.map(|decision| Once {
-                        decision,
-                        replayed: false,
-                    }),
-                }
-            })
+            .store_call(
+                Operation::check_limit,
+                Box::pin(async {
+                    match request_id {
+                        Some(id) => self.store.check_limit_once(&check, id).await,
+                        None => self.store.check_limit(&check).await.map(|decision| Once {
+                            decision,
+                            replayed: false,
+                        }),
+                    }
+                }),
+            )
             .await;
         let mut outcome = match decided {
             Ok(Once { decision, replayed }) => CheckOutcome {
@@ -538,19 +545,23 @@ impl<S: Store> Limiter<S> {
         };
         let decided = self
             .metrics
-            .store_call(Operation::increment_usage, async {
-                match request_id {
-                    Some(id) => self.store.increment_usage_once(&increment, id).await,
-                    None => self
-                        .store
-                        .increment_usage(&increment)
-                        .await
-                        .map(|decision| Once {
-                            decision,
-                            replayed: false,
-                        }),
-                }
-            })
+            // Boxed, as in `check`.
+            .store_call(
+                Operation::increment_usage,
+                Box::pin(async {
+                    match request_id {
+                        Some(id) => self.store.increment_usage_once(&increment, id).await,
+                        None => self
+                            .store
+                            .increment_usage(&increment)
+                            .await
+                            .map(|decision| Once {
+                                decision,
+                                replayed: false,
+                            }),
+                    }
+                }),
+            )
             .await;
         let outcome = match decided {
             Ok(Once { decision, replayed }) => IncrementOutcome {

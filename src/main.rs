@@ -291,10 +291,18 @@ fn main() -> ExitCode {
         Err(err) => return fail(&err),
     };
     telemetry::init(&config.settings.log);
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    if let Some(threads) = config.settings.worker_threads {
-        runtime.worker_threads(threads);
-    }
+    // One worker thread is one thread: the current-thread scheduler, whose
+    // queue needs no atomics or stealing, rather than a work-stealing pool
+    // of one worker beside the main thread.
+    let mut runtime = match config.settings.worker_threads {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(threads) => {
+            let mut runtime = tokio::runtime::Builder::new_multi_thread();
+            runtime.worker_threads(threads);
+            runtime
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
     let runtime = match runtime.enable_all().build() {
         Ok(runtime) => runtime,
         Err(err) => return fail(&format!("cannot start the async runtime: {err}")),

@@ -195,6 +195,23 @@ fn tier0() -> tollgate::rules::Tier {
 /// The binary reloads on SIGHUP, logs it, and exits 0 on SIGTERM.
 #[tokio::test]
 async fn sighup_reloads_the_running_binary() {
+    reload_and_stop(&[]).await;
+}
+
+/// The same with one worker thread (the current-thread runtime) on Redis:
+/// the store, its batching and its reset subscriber all run on the one
+/// thread.
+#[tokio::test]
+async fn one_worker_thread_serves_reloads_and_stops_on_redis() {
+    let redis = common::redis_server::RedisServer::start();
+    reload_and_stop(&[
+        ("TOLLGATE_SERVER__WORKER_THREADS", "1"),
+        ("TOLLGATE_STORE__URL", &redis.url()),
+    ])
+    .await;
+}
+
+async fn reload_and_stop(env: &[(&str, &str)]) {
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("tollgate.toml");
     std::fs::write(&path, policy_with_limit(1)).expect("write config");
@@ -205,6 +222,7 @@ async fn sighup_reloads_the_running_binary() {
         .arg(&path)
         .args(["--listen", &format!("127.0.0.1:{port}")])
         .env_remove("RUST_LOG")
+        .envs(env.iter().copied())
         .stdout(std::fs::File::create(&log).expect("log file"))
         .stderr(std::process::Stdio::null())
         .spawn()

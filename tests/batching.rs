@@ -11,9 +11,10 @@
 //!   ([`RedisStore::check_limit_batch`]), on one server and on a cluster;
 //! - over the wire: subjects calling concurrently through a real tonic
 //!   client, each subject's calls in order, so the batches mix subjects
-//!   in whatever interleaving the scheduler makes; the first round is sent
-//!   while Redis is stopped (SIGSTOP), so that it must queue and go as a
-//!   batch, which the batch-size metric then shows.
+//!   in whatever interleaving the scheduler makes; the first round (24
+//!   calls, more than a lane keeps in flight) is sent while Redis is
+//!   stopped (SIGSTOP), so that some must queue and go as a batch, which
+//!   the batch-size metric then shows.
 //!
 //! Windows and lock-outs are an hour long, so time plays no part within a
 //! sequence; the times in the answers (retry_after, reset_after) may differ
@@ -295,8 +296,8 @@ async fn run_all(
             let step = script[0];
             round.spawn(async move { (s, server.call(&name, &step).await) });
         }
-        // Every call is in flight (one sent to the stopped Redis, the rest
-        // queued behind it) before Redis runs again.
+        // Every call is in flight (the first sixteen sent to the stopped
+        // Redis, the rest queued behind them) before Redis runs again.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         while server.metrics.requests_in_flight() < i64::try_from(scripts.len()).unwrap_or(i64::MAX)
             && tokio::time::Instant::now() < deadline

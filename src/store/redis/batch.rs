@@ -5,10 +5,10 @@
 //!
 //! Decisions are grouped into lanes: one lane for a Redis server, one per
 //! slot on a Redis Cluster (a script reaches one slot only). A lane keeps
-//! at most four calls in flight. A decision that finds fewer is sent at
+//! at most sixteen calls in flight. A decision that finds fewer is sent at
 //! once, from the caller's own task, as it would be without batching:
 //! latency comes first and nothing ever waits to fill a batch. A decision
-//! that finds four queues; when a call in flight answers, whatever queued
+//! that finds sixteen queues; when a call in flight answers, whatever queued
 //! meanwhile (up to `store.max_batch`, in arrival order) goes as one script
 //! call, from a task that keeps sending until the queue is empty. So under
 //! light load every decision is one `EVALSHA` as before, and under heavy
@@ -77,14 +77,16 @@ struct Waiting {
     reply: oneshot::Sender<Answer>,
 }
 
-/// How many script calls one lane keeps in flight. Not one: while Redis
-/// runs one, the next are already on their way, so Redis never waits for
-/// tollgate between batches. Measured against a plain client pipelining
-/// one EVALSHA per decision (bench/floor.rs), at 50 and 200 in flight: one
-/// call at a time answered 0.87-0.92x its decisions/s at 50, two 0.88-0.94x,
-/// four 0.96-1.0x and 1.04-1.05x at 200, eight no better at 50 and
-/// 0.96x at 200 (smaller batches, more commands).
-const LANE_DEPTH: usize = 4;
+/// How many script calls one lane keeps in flight before decisions queue.
+/// Batches should form only when Redis falls behind: a lane that queued
+/// early made tollgate and Redis take turns (tollgate reads a burst of
+/// requests, Redis runs it as one batch while tollgate waits, and back),
+/// which a client pipelining one EVALSHA per decision does not. Measured
+/// against such a client (bench/floor.rs) on one thread, decisions/s at 50
+/// and 200 in flight: one call in flight 0.87-0.92x at 50; four 0.96-1.0x
+/// and 1.04-1.05x; then, on tollgate's one-thread runtime, sixteen
+/// 1.0-1.07x and 1.09-1.10x, thirty-two no better.
+const LANE_DEPTH: usize = 16;
 
 /// One lane: the calls in flight, and what waits for one of them to end.
 #[derive(Default)]

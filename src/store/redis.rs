@@ -885,8 +885,9 @@ impl RedisStore {
     }
 
     /// Counts the decisions of every script call that batching sends into
-    /// `sizes` (`tollgate_store_batch_size`): 1 for a decision sent alone
-    /// on an idle connection. Nothing is counted with `max_batch = 1`.
+    /// `sizes` (`tollgate_store_batch_size`): 1 for a decision sent alone,
+    /// as every decision is while its lane has room for another call in
+    /// flight. Nothing is counted with `max_batch = 1`.
     pub fn observe_batches(&self, sizes: Histogram) {
         if let Some(combiner) = &self.shared.combiner {
             combiner.observe(sizes);

@@ -108,10 +108,10 @@ pub(super) struct Combiner {
 
 /// How a decision joined its lane.
 enum Joined {
-    /// The lane was idle: the caller sends its decision now, and hands the
-    /// lane on when done.
+    /// The lane had room for one more call in flight: the caller sends its
+    /// decision now, and hands its place on when done.
     Sender(Invocation),
-    /// The lane was busy: the answer comes here.
+    /// The lane was full: the answer comes here.
     Queued(oneshot::Receiver<Answer>),
 }
 

@@ -89,7 +89,7 @@ CORES=$(nproc)
 TOLLGATE_THREADS=${TOLLGATE_THREADS:-$((CORES > 1 ? CORES - 1 : 1))}
 SKIP_BUILD=${SKIP_BUILD:-0}
 KEEP=${KEEP:-0}
-# 24 scenarios of DURATION (plus set-up, which takes seconds on a busy
+# 26 scenarios of DURATION (plus set-up, which takes seconds on a busy
 # machine) per run, the memory measurements and start-up; a build is
 # bounded on its own.
 MAX_SECONDS=${MAX_SECONDS:-$((180 + RUNS * 26 * (DURATION + WARMUP + 8)))}

@@ -188,8 +188,8 @@ impl Default for RawStore {
             // One multiplexed connection pipelines every request: faster
             // than several (README, "Performance").
             pool_size: 1,
-            // Decisions that queue while a script is in flight go as one
-            // script call (README, "Performance").
+            // Decisions that queue behind the script calls in flight go as
+            // one script call (README, "Batching").
             max_batch: i64::from(DEFAULT_MAX_BATCH),
             breaker_failures: 5,
             breaker_cool_down: "1s".to_owned(),

@@ -72,25 +72,7 @@ fi
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/tollgate-callgrind.XXXXXX")
 PIDS=()
-cleanup() {
-    local status=$?
-    trap - EXIT INT TERM
-    for pid in "${PIDS[@]}"; do
-        kill "$pid" 2>/dev/null || true
-    done
-    for pid in "${PIDS[@]}"; do
-        wait "$pid" 2>/dev/null || true
-    done
-    if [[ $KEEP == 1 ]]; then
-        echo "kept $WORK" >&2
-    else
-        rm -rf "$WORK"
-    fi
-    exit "$status"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+install_cleanup
 
 start_watchdog bench/callgrind.sh
 

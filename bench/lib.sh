@@ -1,8 +1,9 @@
 # shellcheck shell=bash
-# bench/lib.sh: what bench/run.sh and bench/soak.sh share. Sourced, not run.
+# bench/lib.sh: what bench/run.sh, bench/soak.sh and bench/callgrind.sh
+# share. Sourced, not run.
 #
-# Expects PIDS (an array the caller's cleanup kills and waits for),
-# MAX_SECONDS and TOLLGATE to be set by the caller.
+# Expects PIDS (an array of the processes the script started), WORK (its
+# work directory), KEEP, MAX_SECONDS and TOLLGATE to be set by the caller.
 
 # A free TCP port on 127.0.0.1.
 free_port() {
@@ -36,4 +37,35 @@ await_serving() { # pid addr log
     done
     "$TOLLGATE" health --addr "$addr" --timeout 1s >/dev/null ||
         { echo "tollgate at $addr is not SERVING; its log:" >&2; cat "$log" >&2; exit 1; }
+}
+
+# Stops every process in PIDS (after the script's own before_cleanup, when
+# it defines one), waits for them, removes WORK unless KEEP=1, and exits
+# with the script's status: the EXIT trap install_cleanup sets.
+cleanup() {
+    local status=$?
+    trap - EXIT INT TERM
+    if declare -F before_cleanup >/dev/null; then
+        before_cleanup
+    fi
+    for pid in "${PIDS[@]}"; do
+        kill "$pid" 2>/dev/null || true
+    done
+    for pid in "${PIDS[@]}"; do
+        wait "$pid" 2>/dev/null || true
+    done
+    if [[ $KEEP == 1 ]]; then
+        echo "kept $WORK" >&2
+    else
+        rm -rf "$WORK"
+    fi
+    exit "$status"
+}
+
+# Runs cleanup however the script ends: normally, on an error (set -e), or
+# on SIGINT or SIGTERM (the watchdog's), with the signal's exit status.
+install_cleanup() {
+    trap cleanup EXIT
+    trap 'exit 130' INT
+    trap 'exit 143' TERM
 }

@@ -91,30 +91,16 @@ fi
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/tollgate-soak.XXXXXX")
 PIDS=()
 REDIS_PID=
-cleanup() {
-    local status=$?
-    trap - EXIT INT TERM
-    # A stopped Redis acts on SIGTERM only once continued.
+# A stopped Redis acts on SIGTERM only once continued; cleanup runs this
+# first.
+before_cleanup() {
     if [[ -n $REDIS_PID ]]; then
         kill -CONT "$REDIS_PID" 2>/dev/null || true
         kill "$REDIS_PID" 2>/dev/null || true
+        wait "$REDIS_PID" 2>/dev/null || true
     fi
-    for pid in "${PIDS[@]}"; do
-        kill "$pid" 2>/dev/null || true
-    done
-    for pid in "${PIDS[@]}" $REDIS_PID; do
-        wait "$pid" 2>/dev/null || true
-    done
-    if [[ $KEEP == 1 ]]; then
-        echo "kept $WORK" >&2
-    else
-        rm -rf "$WORK"
-    fi
-    exit "$status"
 }
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+install_cleanup
 
 start_watchdog bench/soak.sh
 

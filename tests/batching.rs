@@ -31,13 +31,11 @@ use std::{sync::atomic::AtomicU64, sync::atomic::Ordering, time::Duration};
 
 use common::{
     cluster::RedisCluster,
+    property::live_runner,
     redis_server::RedisServer,
     server::{Backend, StoreKind, TestServer, test_config},
 };
-use proptest::{
-    prelude::*,
-    test_runner::{Config as ProptestConfig, TestCaseError, TestRunner},
-};
+use proptest::{prelude::*, test_runner::TestCaseError};
 use tokio::task::JoinSet;
 use tollgate::{
     proto::CheckLimitRequest,
@@ -177,16 +175,6 @@ impl StoreFixture {
     }
 }
 
-fn runner(cases: u32) -> TestRunner {
-    TestRunner::new(ProptestConfig {
-        cases,
-        // Shrinking replays sequences against live servers: keep it short.
-        max_shrink_iters: 200,
-        failure_persistence: None,
-        ..ProptestConfig::default()
-    })
-}
-
 fn options(url: String) -> RedisOptions {
     RedisOptions {
         url,
@@ -207,7 +195,7 @@ fn check_sequences(url: String, cases: u32) {
         memory: MemoryStore::new(),
         sequence: AtomicU64::new(0),
     };
-    let result = runner(cases).run(&calls(48), |calls| runtime.block_on(fixture.run(&calls)));
+    let result = live_runner(cases).run(&calls(48), |calls| runtime.block_on(fixture.run(&calls)));
     if let Err(err) = result {
         panic!("{err}");
     }
@@ -396,7 +384,7 @@ fn concurrent_callers_get_sequential_answers_over_the_wire() {
         )
     });
     let runs = AtomicU64::new(0);
-    let result = runner(12).run(&scripts(), |scripts| {
+    let result = live_runner(12).run(&scripts(), |scripts| {
         runtime.block_on(async {
             let run = runs.fetch_add(1, Ordering::Relaxed);
             let (decisions_before, calls_before) = batch_counts(&redis);

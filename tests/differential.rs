@@ -16,11 +16,11 @@ mod common;
 
 use std::collections::HashMap;
 
-use common::server::{Backend, StoreKind, TestServer};
-use proptest::{
-    prelude::*,
-    test_runner::{Config as ProptestConfig, TestCaseError, TestRunner},
+use common::{
+    property::live_runner,
+    server::{Backend, StoreKind, TestServer},
 };
+use proptest::{prelude::*, test_runner::TestCaseError};
 use tollgate::proto::{CheckLimitRequest, IncrementUsageRequest, SettleLimitRequest};
 
 const POLICY: &str = r#"
@@ -322,21 +322,11 @@ fn model_has_hits(model: &LimitModel, check: &Check) -> bool {
         .is_some_and(|&counted| counted > 0)
 }
 
-fn runner(cases: u32) -> TestRunner {
-    TestRunner::new(ProptestConfig {
-        cases,
-        // Shrinking replays sequences against live servers: keep it short.
-        max_shrink_iters: 200,
-        failure_persistence: None,
-        ..ProptestConfig::default()
-    })
-}
-
 #[test]
 fn limits_agree_with_the_model_on_both_stores() {
     let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
     let fixture = runtime.block_on(Fixture::start());
-    let result = runner(96).run(&checks(), |checks| {
+    let result = live_runner(96).run(&checks(), |checks| {
         runtime.block_on(fixture.run_checks(&checks))
     });
     if let Err(err) = result {
@@ -348,7 +338,7 @@ fn limits_agree_with_the_model_on_both_stores() {
 fn quotas_agree_with_the_model_on_both_stores() {
     let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
     let fixture = runtime.block_on(Fixture::start());
-    let result = runner(64).run(&increments(), |increments| {
+    let result = live_runner(64).run(&increments(), |increments| {
         runtime.block_on(fixture.run_increments(&increments))
     });
     if let Err(err) = result {
@@ -552,7 +542,7 @@ impl Fixture {
 fn request_ids_and_settles_agree_with_the_model_on_both_stores() {
     let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
     let fixture = runtime.block_on(Fixture::start());
-    let result = runner(64).run(&pay_steps(), |steps| {
+    let result = live_runner(64).run(&pay_steps(), |steps| {
         runtime.block_on(fixture.run_pay_steps(&steps))
     });
     if let Err(err) = result {

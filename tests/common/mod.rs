@@ -34,6 +34,7 @@ macro_rules! on_every_store {
 pub mod binary;
 pub mod certs;
 pub mod cluster;
+pub mod property;
 pub mod ratelimit_headers;
 pub mod redis_server;
 pub mod server;

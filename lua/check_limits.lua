@@ -1,82 +1,12 @@
 --[[
 check_limits.lua: several rate limits decided together, all or nothing.
 
-This file is not a script by itself: src/store/redis/group.rs builds the
-script by putting, before this text, the two decision scripts each wrapped
-as a local function of (KEYS, ARGV, redis):
-  local function sliding_log(KEYS, ARGV, redis) <lua/sliding_log.lua> end
-  local function sliding_counter(KEYS, ARGV, redis) <lua/sliding_counter.lua> end
-So each algorithm has one source, and a check in a group is decided by
-exactly the code that decides it alone. The `redis` each one gets answers
-TIME with the one instant read here, so that every check, in every pass
-below, is decided at the same moment; every other command goes to Redis.
-
-KEYS     every check's keys, in check order: each check's own KEYS, as its
-         script takes them (the counter, then the block key when the rule
-         has a lock-out); then, with record_ms > 0, the record of the
-         group's request_id. All share one Cluster slot.
-
-ARGV[1]  n          checks in the group (>= 1)
-ARGV[2]  want_undo  1: also report what was counted (see the return shape),
-                    for a caller that may have to take it back; 0: don't
-ARGV[3]  record_ms  > 0: the group has a request_id, whose record is the
-                    last KEY; its answer is kept this long. 0: none
-then, for each check in order:
-         algorithm  'sliding_log' or 'sliding_counter'
-         nkeys      how many of KEYS are this check's
-         nargs      how many ARGV follow for this check
-         args...    the check's own ARGV, as its script takes them (ARGV[4]
-                    of those is dry_run)
-
-Returns {counted, results, undo, recorded}:
-  counted  1 if the group was allowed (and counted), else 0
-  results  one reply per check, in order, each the check's script's own
-           reply ({allowed, remaining, retry_after_us, reset_after_us,
-           blocked}, and whatever that script returns)
-  undo     when want_undo = 1 and the group was counted, one entry per
-           check that was counted (not a dry run):
-             {i, 'sliding_log', member, score}: the log member it added
-             {i, 'sliding_counter', w, cost}: the window it counted in
-           else empty.
-  recorded '' when the group was decided now; else the answer recorded for
-           its request_id (see below), and nothing was decided or counted
-
-Semantics (every check decided at the same instant):
-- With a record key that exists: its value is returned as `recorded`
-  (counted = 0, no results) and nothing else happens. Otherwise, once the
-  group is decided, its answer is stored there with PX record_ms, as
-  "<counted>" then, per check, "|<allowed>,<remaining>,<retry_after_us>,
-  <reset_after_us>,<blocked>" (src/store/redis/group.rs reads it; it also
-  writes it for a group over several slots).
-- First the checks that would start a lock-out on a denial (block_us > 0,
-  not a dry run) are run as dry runs: if one is denied, the group is
-  denied.
-- Then every check is run as sent, in order, counting it unless its own
-  dry run. A check without a lock-out writes nothing when denied (see its
-  script), and a check with one was just allowed by its dry run, at the
-  same instant, on a counter no other check of the group touches (the
-  caller's promise), so it is allowed again: no block is ever started.
-- If a check is denied there, the checks counted before it are taken back
-  at once (nothing ran in between: a log's call is its newest member, so
-  ZPOPMAX; a counter's cost comes off c, in the same window) and the group
-  is denied.
-- A denied group's results are every check run again as a dry run, so
-  each is exactly the answer the check would get alone, as a dry run.
-- An allowed group's results are the counting runs'. So an allowed group
-  of n checks costs n script runs, as n CheckLimits would, and no more.
-
-Worked example: checks A (sliding_log, limit 2, 1 hit counted) and B
-(sliding_counter, limit 10, empty), cost 1 each, no lock-outs: A is
-counted, then B: {1, {{1, 0, 0, W, 0}, {1, 9, 0, 2W - e, 0}}, {}}. Again:
-A is denied ({0, 0, r, R, 0}): nothing was counted before it; both are run
-as dry runs: {0, {{0, 0, r, R, 0}, {1, 8, 0, ...}}, {}} and B still holds
-1 hit. In the order (B, A), B would be counted, then A denied, then B's
-hit taken back, with the same reply.
-
-Bounded work: at most three runs of each check's script (whose own headers
-bound their work) plus one ZPOPMAX or HINCRBY per check taken back and,
-with want_undo, one ZRANGE or HGET per counted check; the limiter sends at
-most 16 checks.
+This file is not a script by itself: src/store/redis.rs puts the decision
+scripts, as local functions of (KEYS, ARGV, redis), and lua/at_once.lua
+before it (see that file). So each algorithm has one source, and a check
+in a group is decided by exactly the code that decides it alone. Every
+check, in every pass below, is run with at_once, so every check is decided
+at the same moment.
 ]]
 
 local n = tonumber(ARGV[1])
@@ -84,16 +14,6 @@ assert(n and n >= 1, 'check_limits.lua: ARGV[1] (n) must be a positive integer')
 local want_undo = ARGV[2] == '1'
 
 local ALGORITHMS = { sliding_log = sliding_log, sliding_counter = sliding_counter }
-
-local frozen = redis.call('TIME')
-local at_once = setmetatable({
-  call = function(command, ...)
-    if command == 'TIME' then
-      return frozen
-    end
-    return redis.call(command, ...)
-  end,
-}, { __index = redis })
 
 local record_ms = tonumber(ARGV[3])
 assert(record_ms and record_ms >= 0, 'check_limits.lua: ARGV[3] (record_ms) must be a non-negative integer')

@@ -2,16 +2,11 @@
 decide_batch.lua: many callers' decisions in one script call, each decided
 exactly as if it had been sent alone, one after another, in order.
 
-This file is not a script by itself: src/store/redis/batch.rs builds the
-script by putting, before this text, the decision scripts each wrapped as a
-local function of (KEYS, ARGV, redis):
-  local function sliding_log(KEYS, ARGV, redis) <lua/sliding_log.lua> end
-  local function sliding_counter(KEYS, ARGV, redis) <lua/sliding_counter.lua> end
-  local function usage_increment(KEYS, ARGV, redis) <lua/usage_increment.lua> end
-So a decision in a batch is made by exactly the code that makes it alone.
-The `redis` each one gets answers TIME with the one instant read here: the
-batch is a run of calls arriving one after another within one microsecond.
-Every other command goes to Redis.
+This file is not a script by itself: src/store/redis.rs puts the decision
+scripts, as local functions of (KEYS, ARGV, redis), and lua/at_once.lua
+before it (see that file). So a decision in a batch is made by exactly the
+code that makes it alone. Each is run with at_once: the batch is a run of
+calls arriving one after another within one microsecond.
 
 Why: tollgate sends a batch when decisions are waiting for a connection
 whose script calls are in flight. One script call of n decisions saves
@@ -54,16 +49,6 @@ local SCRIPTS = {
   sliding_counter = sliding_counter,
   usage_increment = usage_increment,
 }
-
-local frozen = redis.call('TIME')
-local at_once = setmetatable({
-  call = function(command, ...)
-    if command == 'TIME' then
-      return frozen
-    end
-    return redis.call(command, ...)
-  end,
-}, { __index = redis })
 
 -- An error raised in a script is a string (assert, error) or, from
 -- redis.call, a table holding the server's error.

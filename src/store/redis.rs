@@ -103,6 +103,37 @@ use crate::{
     rules::Algorithm,
 };
 
+/// A script that makes decisions inside itself (`lua/check_limits.lua`,
+/// `lua/decide_batch.lua`), composed at build time: the decision scripts as
+/// local functions of (KEYS, ARGV, redis), `lua/at_once.lua`, then
+/// `lua/<file>`; see `lua/at_once.lua`.
+macro_rules! composed_script {
+    ($file:literal) => {
+        LuaScript::new(
+            $file,
+            concat!(
+                "local function sliding_log(KEYS, ARGV, redis)\n",
+                include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/lua/sliding_log.lua")),
+                "\nend\n",
+                "local function sliding_counter(KEYS, ARGV, redis)\n",
+                include_str!(concat!(
+                    env!("CARGO_MANIFEST_DIR"),
+                    "/lua/sliding_counter.lua"
+                )),
+                "\nend\n",
+                "local function usage_increment(KEYS, ARGV, redis)\n",
+                include_str!(concat!(
+                    env!("CARGO_MANIFEST_DIR"),
+                    "/lua/usage_increment.lua"
+                )),
+                "\nend\n",
+                include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/lua/at_once.lua")),
+                include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/lua/", $file)),
+            ),
+        )
+    };
+}
+
 mod batch;
 mod group;
 

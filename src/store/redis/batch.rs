@@ -37,25 +37,8 @@ use tokio::{sync::oneshot, time::timeout_at};
 use super::{Connections, Invocation, LuaScript, RedisStore};
 use crate::{keys::cluster_slot, store::StoreError};
 
-/// The batch script: the decision scripts as functions, then the batch's
-/// own text; see the contract in `lua/decide_batch.lua`.
-static DECIDE_BATCH: LazyLock<LuaScript> = LazyLock::new(|| {
-    LuaScript::new(
-        "decide_batch.lua",
-        concat!(
-            "local function sliding_log(KEYS, ARGV, redis)\n",
-            include_str!("../../../lua/sliding_log.lua"),
-            "\nend\n",
-            "local function sliding_counter(KEYS, ARGV, redis)\n",
-            include_str!("../../../lua/sliding_counter.lua"),
-            "\nend\n",
-            "local function usage_increment(KEYS, ARGV, redis)\n",
-            include_str!("../../../lua/usage_increment.lua"),
-            "\nend\n",
-            include_str!("../../../lua/decide_batch.lua"),
-        ),
-    )
-});
+/// The batch script; see the contract in `lua/decide_batch.lua`.
+static DECIDE_BATCH: LazyLock<LuaScript> = LazyLock::new(|| composed_script!("decide_batch.lua"));
 
 /// The batch script, for loading at start-up.
 pub(super) fn scripts() -> [&'static LuaScript; 1] {

@@ -2,8 +2,8 @@
 //! contract).
 //!
 //! On one server the whole group is one `EVALSHA` of `check_limits.lua`,
-//! whose source is composed here from the two decision scripts, each
-//! wrapped as a local function, so that every algorithm keeps one source.
+//! composed around the decision scripts, each wrapped as a local function
+//! (`composed_script!`), so that every algorithm keeps one source.
 //!
 //! On a Redis Cluster a script reaches one slot only. Rate-limit keys are
 //! tagged by subject, so the checks of one subject always share a slot;
@@ -44,22 +44,8 @@ use crate::{
     },
 };
 
-/// The group script: the decision scripts as functions, then the group's
-/// own text; see the contract in `lua/check_limits.lua`.
-static CHECK_LIMITS: LazyLock<LuaScript> = LazyLock::new(|| {
-    LuaScript::new(
-        "check_limits.lua",
-        concat!(
-            "local function sliding_log(KEYS, ARGV, redis)\n",
-            include_str!("../../../lua/sliding_log.lua"),
-            "\nend\n",
-            "local function sliding_counter(KEYS, ARGV, redis)\n",
-            include_str!("../../../lua/sliding_counter.lua"),
-            "\nend\n",
-            include_str!("../../../lua/check_limits.lua"),
-        ),
-    )
-});
+/// The group script; see the contract in `lua/check_limits.lua`.
+static CHECK_LIMITS: LazyLock<LuaScript> = LazyLock::new(|| composed_script!("check_limits.lua"));
 
 /// Takes back what a slot counted; see `lua/check_limits_undo.lua`.
 static CHECK_LIMITS_UNDO: LazyLock<LuaScript> = LazyLock::new(|| {

@@ -1707,10 +1707,7 @@ impl RedisStore {
         let mut run_slot = None;
         for (check, request_id) in checks {
             let (invocation, recorded) = self.limit_invocation(check, *request_id);
-            let slot = match &self.connections {
-                Connections::Server(_) => 0,
-                Connections::Cluster(_) => invocation.first_key().map_or(0, batch::slot_of),
-            };
+            let slot = self.lane_of(&invocation);
             if run_slot != Some(slot) || run.len() >= max_batch {
                 self.decide_run(&mut run, &mut answers).await;
                 run_slot = Some(slot);

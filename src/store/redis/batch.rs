@@ -212,10 +212,7 @@ impl RedisStore {
         let Some(combiner) = self.shared.combiner.as_ref() else {
             return self.run_script(&invocation).await;
         };
-        let lane = match &self.connections {
-            Connections::Server(_) => 0,
-            Connections::Cluster(_) => invocation.first_key().map_or(0, slot_of),
-        };
+        let lane = self.lane_of(&invocation);
         match combiner.join(lane, invocation) {
             Joined::Sender(invocation) => {
                 let _turn = Turn {
@@ -236,6 +233,15 @@ impl RedisStore {
                 ))),
                 Err(_) => Err(StoreError::Timeout(self.shared.timeout)),
             },
+        }
+    }
+
+    /// The lane `invocation` goes in: 0 on a server, its keys' slot on a
+    /// cluster.
+    pub(super) fn lane_of(&self, invocation: &Invocation) -> u16 {
+        match &self.connections {
+            Connections::Server(_) => 0,
+            Connections::Cluster(_) => invocation.first_key().map_or(0, slot_of),
         }
     }
 
@@ -318,7 +324,7 @@ impl RedisStore {
 }
 
 /// The cluster slot of a key given as a script argument.
-pub(super) fn slot_of(key: &[u8]) -> u16 {
+fn slot_of(key: &[u8]) -> u16 {
     cluster_slot(&String::from_utf8_lossy(key))
 }
 

@@ -157,6 +157,23 @@ pub struct CheckOutcome {
     pub ratelimit_policy: Arc<str>,
 }
 
+impl CheckOutcome {
+    /// How `tollgate_decisions_total` counts this answer.
+    fn counted_as(&self) -> Outcome {
+        if self.degraded {
+            Outcome::degraded
+        } else if self.shadowed {
+            Outcome::shadow_denied
+        } else if self.decision.blocked {
+            Outcome::blocked
+        } else if self.decision.allowed {
+            Outcome::allowed
+        } else {
+            Outcome::denied
+        }
+    }
+}
+
 /// An IncrementUsage question.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct IncrementRequest<'a> {
@@ -498,18 +515,9 @@ impl<S: Store> Limiter<S> {
         if outcome.replayed {
             return Ok(outcome);
         }
-        let counted_as = if outcome.degraded {
-            Outcome::degraded
-        } else if outcome.shadowed {
-            Outcome::shadow_denied
-        } else if outcome.decision.blocked {
-            Outcome::blocked
-        } else if outcome.decision.allowed {
-            Outcome::allowed
-        } else {
-            Outcome::denied
-        };
-        in_force.counters.decision(rule.name(), tier, counted_as);
+        in_force
+            .counters
+            .decision(rule.name(), tier, outcome.counted_as());
         Ok(outcome)
     }
 

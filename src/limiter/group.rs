@@ -8,7 +8,7 @@ use super::{
     validate_id,
 };
 use crate::{
-    metrics::{Operation, Outcome},
+    metrics::Operation,
     rules::{FailureMode, Rule, Tier},
     store::{LimitCheck, LimitDecision, MAX_GROUP_CHECKS, Store, StoreError, group::all_allowed},
 };
@@ -209,20 +209,9 @@ impl<S: Store> Limiter<S> {
         let decisions: Vec<LimitDecision> = outcomes.iter().map(|o| o.decision).collect();
         // An answer given again is no new decision.
         for (outcome, resolved) in outcomes.iter().zip(&resolved).filter(|_| !replayed) {
-            let counted_as = if outcome.degraded {
-                Outcome::degraded
-            } else if outcome.shadowed {
-                Outcome::shadow_denied
-            } else if outcome.decision.blocked {
-                Outcome::blocked
-            } else if outcome.decision.allowed {
-                Outcome::allowed
-            } else {
-                Outcome::denied
-            };
             in_force
                 .counters
-                .decision(resolved.rule.name(), resolved.tier, counted_as);
+                .decision(resolved.rule.name(), resolved.tier, outcome.counted_as());
         }
         Ok(GroupOutcome {
             allowed: all_allowed(&decisions),

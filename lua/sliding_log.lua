@@ -92,20 +92,25 @@ of equal score (calls settled to 0) are ordered by name, which is time
 order: every time has 16 digits (until the year 2286), and "0:0" sorts first.
 ]]
 
+-- Lean by design: after its redis.call()s, Redis spends most on the Lua
+-- around them (callgrind, instructions per decision). Each closure made per
+-- call costs about 1,000, each number handed to redis.call about 2,500
+-- (Redis 7.0 formats it with %.17g), each string.format about 800. So the
+-- path of a decision makes one closure (time_of), hands redis.call strings
+-- and formats only what it sends.
 if not (#ARGV == 5 or #ARGV == 6) then error('sliding_log.lua: expected 5 or 6 ARGV (limit, window_us, cost, dry_run, block_us[, record]), got ' .. #ARGV, 0) end
 
-local function int_arg(i, name)
-  local value = tonumber(ARGV[i])
-  if not (value and value >= 0 and value == math.floor(value)) then error('sliding_log.lua: ' .. name .. ' must be a non-negative integer', 0) end
-  return value
-end
-local limit = int_arg(1, 'limit')
-local window = int_arg(2, 'window_us')
-local cost = int_arg(3, 'cost')
+local limit, window, cost, block_us = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[5])
 local dry_run = ARGV[4] == '1'
-local block_us = int_arg(5, 'block_us')
 local recorded = ARGV[6] == '1'
-assert(not (recorded and dry_run), 'sliding_log.lua: a dry run keeps no record')
+if not (limit and limit >= 0 and limit % 1 == 0 and window and window >= 0 and window % 1 == 0
+    and cost and cost >= 0 and cost % 1 == 0 and block_us and block_us >= 0 and block_us % 1 == 0) then
+  for _, arg in ipairs({ { 1, 'limit' }, { 2, 'window_us' }, { 3, 'cost' }, { 5, 'block_us' } }) do
+    local value = tonumber(ARGV[arg[1]])
+    if not (value and value >= 0 and value % 1 == 0) then error('sliding_log.lua: ' .. arg[2] .. ' must be a non-negative integer', 0) end
+  end
+end
+if recorded and dry_run then error('sliding_log.lua: a dry run keeps no record', 0) end
 
 -- The block key comes only with a lock-out. On a slot that is migrating, a
 -- script whose keys are only partly on the source node gets TRYAGAIN, and
@@ -117,10 +122,8 @@ local log_key, block_key = KEYS[1], KEYS[2]
 local record_key = recorded and KEYS[#KEYS] or nil
 
 -- Lua numbers are doubles and print as 1.7e+15 past 14 digits; every number
--- sent to Redis goes through int() so it is an exact integer string.
-local function int(x)
-  return string.format('%d', x)
-end
+-- sent to Redis is formatted with %d, so it is an exact integer string.
+local format = string.format
 
 if recorded then
   local seen = redis.call('GET', record_key)
@@ -131,129 +134,114 @@ if recorded then
   end
 end
 
--- Returns the answer, remembering it first when the call has a record.
-local function answer(allowed, remaining, retry_after, reset_after, blocked, member)
-  local reply = {allowed, remaining, retry_after, reset_after, blocked}
-  if recorded then
-    redis.call('SET', record_key,
-      table.concat({int(allowed), int(remaining), int(retry_after), int(reset_after), int(blocked),
-        int(limit), int(cost), member or '-'}, ' '),
-      'PX', int(math.ceil(window / 1000)))
-    reply[6] = 0
-  end
-  return reply
-end
-
 -- A member's time.
 local function time_of(member)
-  local at = string.match(member, '^(%d+):')
+  local colon = string.find(member, ':', 1, true)
+  local at = colon and tonumber(string.sub(member, 1, colon - 1))
   if not (at) then error('sliding_log.lua: unexpected member ' .. tostring(member) .. ' in ' .. log_key, 0) end
-  return tonumber(at)
+  return at
 end
 
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
 
--- The newest member: its time and score, or nil and 0.
-local function newest()
-  local last = redis.call('ZRANGE', log_key, -1, -1, 'WITHSCORES')
-  if last[1] == nil then
-    return nil, 0
-  end
-  return time_of(last[1]), tonumber(last[2])
-end
-
--- Time until the newest call leaves the window, i.e. the log is empty.
-local function until_empty(newest_at)
-  if newest_at == nil then
-    return 0
-  end
-  return math.max(newest_at + window - now, 0)
-end
+-- The answer, and the member counted for the call (nil when none was).
+local allowed, remaining, retry_after, reset_after, blocked, member
 
 if block_us > 0 and redis.call('EXISTS', block_key) == 1 then
   local block_ms = math.max(redis.call('PTTL', block_key), 0)
-  return answer(0, 0, block_ms * 1000, until_empty((newest())), 1)
-end
-
--- Trim the calls that left the window, oldest first, a batch at a time,
--- from rank 1 (rank 0 is the base): the newest of them becomes the base.
--- The first read is the base and the oldest call only, with their scores,
--- so that the base's score costs no command of its own: most calls find
--- nothing to trim, and every member read costs Redis a score formatted and
--- Lua a string (reading 17 where 2 do was a quarter of Redis's CPU per
--- decision). Only if the oldest call has left are the rest read, BATCH at
--- a time.
-local BATCH = 16
-local cutoff = now - window
-local base = nil
-local span = 1
-while true do
-  local oldest = redis.call('ZRANGE', log_key, 0, span, 'WITHSCORES')
-  if oldest[1] == nil then
-    break
-  end
-  base = tonumber(oldest[2])
-  local gone = 0
-  for i = 3, #oldest, 2 do
-    if time_of(oldest[i]) > cutoff then
+  local last = redis.call('ZRANGE', log_key, '-1', '-1')
+  allowed, remaining, retry_after, blocked = 0, 0, block_ms * 1000, 1
+  -- Until the newest call leaves the window, i.e. the log is empty.
+  reset_after = last[1] and math.max(time_of(last[1]) + window - now, 0) or 0
+else
+  -- Trim the calls that left the window, oldest first, a batch at a time,
+  -- from rank 1 (rank 0 is the base): the newest of them becomes the base.
+  -- The first read is the base and the oldest call only, with their
+  -- scores, so that the base's score costs no command of its own: most
+  -- calls find nothing to trim, and every member read costs Redis a score
+  -- formatted and Lua a string (reading 17 where 2 do was a quarter of
+  -- Redis's CPU per decision). Only if the oldest call has left are the
+  -- rest read, 16 at a time.
+  local cutoff = now - window
+  local base = nil
+  local span, span_arg = 1, '1'
+  while true do
+    local oldest = redis.call('ZRANGE', log_key, '0', span_arg, 'WITHSCORES')
+    if oldest[1] == nil then
       break
     end
-    gone = gone + 1
-    base = tonumber(oldest[i + 1])
+    base = tonumber(oldest[2])
+    local gone = 0
+    for i = 3, #oldest, 2 do
+      if time_of(oldest[i]) > cutoff then
+        break
+      end
+      gone = gone + 1
+      base = tonumber(oldest[i + 1])
+    end
+    if gone > 0 then
+      redis.call('ZREMRANGEBYRANK', log_key, '0', format('%d', gone - 1))
+    end
+    if gone < span then
+      break
+    end
+    span, span_arg = 16, '16'
   end
-  if gone > 0 then
-    redis.call('ZREMRANGEBYRANK', log_key, 0, gone - 1)
+
+  -- The newest member's time and score (the running total); for an empty
+  -- log, nil and 0: its running total starts again from 0.
+  local newest_at, total = nil, 0
+  if base ~= nil then
+    local last = redis.call('ZRANGE', log_key, '-1', '-1', 'WITHSCORES')
+    newest_at, total = time_of(last[1]), tonumber(last[2])
   end
-  if gone < span then
-    break
+  local count = total - (base or 0)
+  -- Until the newest call leaves the window, i.e. the log is empty.
+  reset_after = newest_at and math.max(newest_at + window - now, 0) or 0
+
+  if count + cost <= limit then
+    allowed, remaining, retry_after, blocked = 1, limit - count - cost, 0, 0
+    if dry_run then
+      return {allowed, remaining, retry_after, reset_after, blocked}
+    end
+    if base == nil then
+      redis.call('ZADD', log_key, '0', '0:0')
+    end
+    local at = math.max(now, newest_at or now)
+    member = format('%d:%d', at, total)
+    local n = 0
+    -- Only a member of the newest call's microsecond can hold the name, and
+    -- only after a settle brought the total back down: rare, and each round
+    -- is one ZSCORE.
+    while at == newest_at and redis.call('ZSCORE', log_key, member) do
+      n = n + 1
+      member = format('%d:%d.%d', at, total, n)
+    end
+    reset_after = at + window - now
+    redis.call('ZADD', log_key, format('%d', total + cost), member)
+    redis.call('PEXPIRE', log_key, format('%d', math.ceil(reset_after / 1000)))
+  else
+    allowed, remaining, retry_after, blocked = 0, math.max(limit - count, 0), reset_after, 0
+    if cost <= limit then
+      -- The call whose running total first reaches base + need holds the
+      -- need-th oldest hit: once it leaves, cost more hits fit.
+      local need = count + cost - limit
+      local call = redis.call('ZRANGEBYSCORE', log_key, format('%d', (base or 0) + need), '+inf', 'LIMIT', '0', '1')
+      retry_after = math.max(time_of(call[1]) + window - now, 0)
+    end
+    if block_us > 0 and not dry_run then
+      redis.call('SET', block_key, '1', 'PX', format('%d', math.ceil(block_us / 1000)))
+      blocked = 1
+      retry_after = block_us
+    end
   end
-  span = BATCH
 end
 
-local newest_at, total = newest()
-if base == nil then
-  -- The log is empty: its running total starts again from 0.
-  total = 0
+if recorded then
+  redis.call('SET', record_key,
+    format('%d %d %d %d %d %d %d %s', allowed, remaining, retry_after, reset_after, blocked, limit, cost, member or '-'),
+    'PX', format('%d', math.ceil(window / 1000)))
+  return {allowed, remaining, retry_after, reset_after, blocked, 0}
 end
-local count = total - (base or 0)
-
-if count + cost <= limit then
-  if dry_run then
-    return {1, limit - count - cost, 0, until_empty(newest_at), 0}
-  end
-  if base == nil then
-    redis.call('ZADD', log_key, 0, '0:0')
-  end
-  local at = math.max(now, newest_at or now)
-  local member = int(at) .. ':' .. int(total)
-  local n = 0
-  -- Only a member of the newest call's microsecond can hold the name, and
-  -- only after a settle brought the total back down: rare, and each round
-  -- is one ZSCORE.
-  while at == newest_at and redis.call('ZSCORE', log_key, member) do
-    n = n + 1
-    member = int(at) .. ':' .. int(total) .. '.' .. n
-  end
-  redis.call('ZADD', log_key, int(total + cost), member)
-  redis.call('PEXPIRE', log_key, int(math.ceil(until_empty(at) / 1000)))
-  return answer(1, limit - count - cost, 0, until_empty(at), 0, member)
-end
-
-local reset_after = until_empty(newest_at)
-local retry_after = reset_after
-if cost <= limit then
-  -- The call whose running total first reaches base + need holds the
-  -- need-th oldest hit: once it leaves, cost more hits fit.
-  local need = count + cost - limit
-  local call = redis.call('ZRANGEBYSCORE', log_key, int((base or 0) + need), '+inf', 'LIMIT', 0, 1)
-  retry_after = math.max(time_of(call[1]) + window - now, 0)
-end
-
-local blocked = 0
-if block_us > 0 and not dry_run then
-  redis.call('SET', block_key, '1', 'PX', int(math.ceil(block_us / 1000)))
-  blocked = 1
-  retry_after = block_us
-end
-return answer(0, math.max(limit - count, 0), retry_after, reset_after, blocked)
+return {allowed, remaining, retry_after, reset_after, blocked}

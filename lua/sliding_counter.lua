@@ -68,20 +68,21 @@ Bounded work: O(1) whatever the cost or the traffic: three hash fields and
 the block key (and the record), never more.
 ]]
 
+-- Lean by design, as lua/sliding_log.lua (see there): no closure made per
+-- call, strings handed to redis.call, one string.format per value sent.
 if not (#ARGV == 5 or #ARGV == 6) then error('sliding_counter.lua: expected 5 or 6 ARGV (limit, window_us, cost, dry_run, block_us[, record]), got ' .. #ARGV, 0) end
 
-local function int_arg(i, name)
-  local value = tonumber(ARGV[i])
-  if not (value and value >= 0 and value == math.floor(value)) then error('sliding_counter.lua: ' .. name .. ' must be a non-negative integer', 0) end
-  return value
-end
-local limit = int_arg(1, 'limit')
-local window = int_arg(2, 'window_us')
-local cost = int_arg(3, 'cost')
+local limit, window, cost, block_us = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[5])
 local dry_run = ARGV[4] == '1'
-local block_us = int_arg(5, 'block_us')
 local recorded = ARGV[6] == '1'
-assert(not (recorded and dry_run), 'sliding_counter.lua: a dry run keeps no record')
+if not (limit and limit >= 0 and limit % 1 == 0 and window and window >= 0 and window % 1 == 0
+    and cost and cost >= 0 and cost % 1 == 0 and block_us and block_us >= 0 and block_us % 1 == 0) then
+  for _, arg in ipairs({ { 1, 'limit' }, { 2, 'window_us' }, { 3, 'cost' }, { 5, 'block_us' } }) do
+    local value = tonumber(ARGV[arg[1]])
+    if not (value and value >= 0 and value % 1 == 0) then error('sliding_counter.lua: ' .. arg[2] .. ' must be a non-negative integer', 0) end
+  end
+end
+if recorded and dry_run then error('sliding_counter.lua: a dry run keeps no record', 0) end
 
 -- The block key comes only with a lock-out. On a slot that is migrating, a
 -- script whose keys are only partly on the source node gets TRYAGAIN, and
@@ -91,13 +92,11 @@ local want_keys = 1 + (block_us > 0 and 1 or 0) + (recorded and 1 or 0)
 if not (#KEYS == want_keys) then error('sliding_counter.lua: expected ' .. want_keys .. ' KEYS (counter' .. (block_us > 0 and ', block' or '') .. (recorded and ', record' or '') .. ') for block_us ' .. block_us .. ', got ' .. #KEYS, 0) end
 local counter_key, block_key = KEYS[1], KEYS[2]
 local record_key = recorded and KEYS[#KEYS] or nil
-assert(window > 0, 'sliding_counter.lua: window_us must be positive')
+if not (window > 0) then error('sliding_counter.lua: window_us must be positive', 0) end
 
 -- Lua numbers are doubles and print as 1.7e+15 past 14 digits; every number
--- sent to Redis goes through int() so it is an exact integer string.
-local function int(x)
-  return string.format('%d', x)
-end
+-- sent to Redis is formatted with %d, so it is an exact integer string.
+local format = string.format
 
 if recorded then
   local seen = redis.call('GET', record_key)
@@ -106,20 +105,6 @@ if recorded then
     if not (a) then error('sliding_counter.lua: unexpected record in ' .. record_key, 0) end
     return {tonumber(a), tonumber(r), tonumber(retry), tonumber(reset), tonumber(b), 1}
   end
-end
-
--- Returns the answer, remembering it first when the call has a record;
--- counted_in is the window index the call was counted in, or -1.
-local function answer(allowed, remaining, retry_after, reset_after, blocked, counted_in)
-  local reply = {allowed, remaining, retry_after, reset_after, blocked}
-  if recorded then
-    redis.call('SET', record_key,
-      table.concat({int(allowed), int(remaining), int(retry_after), int(reset_after), int(blocked),
-        int(limit), int(cost), int(counted_in or -1)}, ' '),
-      'PX', int(math.ceil(window / 1000)))
-    reply[6] = 0
-  end
-  return reply
 end
 
 local time = redis.call('TIME')
@@ -136,51 +121,53 @@ elseif stored_w == w - 1 then
   cur, prev = 0, tonumber(stored[2]) or 0
 end
 
-local function until_empty()
-  if cur > 0 then
-    return 2 * window - elapsed
-  elseif prev > 0 then
-    return window - elapsed
-  end
-  return 0
-end
-
 local estimate = prev * (window - elapsed) / window + cur
+
+-- The answer; counted_in is the window index the call was counted in, or -1.
+local allowed, remaining, retry_after, reset_after, blocked, counted_in
 
 if block_us > 0 and redis.call('EXISTS', block_key) == 1 then
   local block_ms = math.max(redis.call('PTTL', block_key), 0)
-  return answer(0, 0, block_ms * 1000, until_empty(), 1)
-end
-
-if estimate + cost <= limit then
-  local remaining = math.max(math.floor(limit - estimate - cost), 0)
+  allowed, remaining, retry_after, blocked, counted_in = 0, 0, block_ms * 1000, 1, -1
+elseif estimate + cost <= limit then
+  allowed, remaining, retry_after, blocked, counted_in = 1, math.max(math.floor(limit - estimate - cost), 0), 0, 0, w
   if not dry_run then
     cur = cur + cost
-    redis.call('HSET', counter_key, 'w', int(w), 'c', int(cur), 'p', int(prev))
-    redis.call('PEXPIRE', counter_key, int(math.ceil(2 * window / 1000)))
+    redis.call('HSET', counter_key, 'w', format('%d', w), 'c', format('%d', cur), 'p', format('%d', prev))
+    redis.call('PEXPIRE', counter_key, format('%d', math.ceil(2 * window / 1000)))
   end
-  if dry_run then
-    return {1, remaining, 0, until_empty(), 0}
+else
+  allowed, remaining, blocked, counted_in = 0, math.max(math.floor(limit - estimate), 0), 0, -1
+  retry_after = nil
+  if cur + cost <= limit then
+    -- Denied although c alone leaves room, so p > 0: wait for it to decay.
+    retry_after = math.ceil(window - (limit - cost - cur) * window / prev - elapsed)
+  elseif cost <= limit then
+    -- c alone leaves no room: wait until it has become p and decayed enough.
+    retry_after = math.ceil(2 * window - elapsed - (limit - cost) * window / cur)
   end
-  return answer(1, remaining, 0, until_empty(), 0, w)
+  if block_us > 0 and not dry_run then
+    redis.call('SET', block_key, '1', 'PX', format('%d', math.ceil(block_us / 1000)))
+    blocked = 1
+    retry_after = block_us
+  end
 end
 
-local remaining = math.max(math.floor(limit - estimate), 0)
-local reset_after = until_empty()
-local retry_after = reset_after
-if cur + cost <= limit then
-  -- Denied although c alone leaves room, so p > 0: wait for it to decay.
-  retry_after = math.ceil(window - (limit - cost - cur) * window / prev - elapsed)
-elseif cost <= limit then
-  -- c alone leaves no room: wait until it has become p and decayed enough.
-  retry_after = math.ceil(2 * window - elapsed - (limit - cost) * window / cur)
+-- Time until the estimate is 0 (after counting).
+if cur > 0 then
+  reset_after = 2 * window - elapsed
+elseif prev > 0 then
+  reset_after = window - elapsed
+else
+  reset_after = 0
 end
-retry_after = math.max(retry_after, 0)
+-- A denial that never fits waits for the estimate to empty.
+retry_after = math.max(retry_after or reset_after, 0)
 
-local blocked = 0
-if block_us > 0 and not dry_run then
-  redis.call('SET', block_key, '1', 'PX', int(math.ceil(block_us / 1000)))
-  blocked = 1
-  retry_after = block_us
+if recorded then
+  redis.call('SET', record_key,
+    format('%d %d %d %d %d %d %d %d', allowed, remaining, retry_after, reset_after, blocked, limit, cost, counted_in),
+    'PX', format('%d', math.ceil(window / 1000)))
+  return {allowed, remaining, retry_after, reset_after, blocked, 0}
 end
-return answer(0, remaining, retry_after, reset_after, blocked)
+return {allowed, remaining, retry_after, reset_after, blocked}

@@ -1,0 +1,215 @@
+#!/usr/bin/env python3
+"""bench/script_cost.py: what tollgate's decision scripts cost Redis, in
+instructions of redis-server per decision, counted by valgrind's callgrind:
+a figure a shared, noisy machine cannot move (bench/callgrind.sh counts
+tollgate's own process the same way).
+
+For each scenario it starts redis-server under `valgrind --tool=callgrind`
+on a free loopback port, loads the script, fills the logs of SUBJECTS
+subjects with ROUNDS calls each (rule api_log's arguments: limit 1,000,000,
+window 15 min, cost 1, so every call is allowed and counted, as in
+bench/run.sh's (a)), makes N more calls, and stops Redis so that callgrind
+writes its counts. It does so twice, with N_SMALL and N_BIG calls:
+instructions per decision = (big run - small run) / (N_BIG - N_SMALL), so
+start-up, loading and the filling cancel out.
+
+Scenarios:
+  sliding_log alone       one EVALSHA of lua/sliding_log.lua per decision
+  sliding_log, batch of B decide_batch.lua (composed as src/store/redis.rs
+                          composes it) deciding B calls per EVALSHA
+  sliding_counter alone   one EVALSHA of lua/sliding_counter.lua
+
+  bench/script_cost.py                  # the working tree's scripts
+  bench/script_cost.py --rev 484f5af    # and those of a revision, side by side
+
+Calls are pipelined 100 at a time, so the figures are the scripts' own
+work plus Redis's per-command handling, with little of its socket work.
+Redis runs with hz 1: its timer work grows with wall time, which valgrind
+stretches. Only 127.0.0.1 is used; every process is bounded by a timeout
+and stopped on exit.
+"""
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SUBJECTS = 2000
+ROUNDS = 5
+# rule api_log of bench/tollgate-bench.toml: limit, window_us, cost,
+# dry_run, block_us.
+DECISION_ARGS = ["1000000", "900000000", "1", "0", "0"]
+PIPELINE = 100
+TIMEOUT_SECONDS = 600
+
+
+def lua_source(rev, name):
+    """A script's text in the working tree (rev None) or at a revision."""
+    if rev is None:
+        with open(os.path.join(ROOT, "lua", name), encoding="utf-8") as file:
+            return file.read()
+    return subprocess.run(
+        ["git", "-C", ROOT, "show", f"{rev}:lua/{name}"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+
+
+def composed(rev, name):
+    """decide_batch.lua as src/store/redis.rs composes it (composed_script!)."""
+    parts = []
+    for function in ("sliding_log", "sliding_counter", "usage_increment"):
+        parts += [f"local function {function}(KEYS, ARGV, redis)\n", lua_source(rev, f"{function}.lua"), "\nend\n"]
+    parts += [lua_source(rev, "at_once.lua"), lua_source(rev, name)]
+    return "".join(parts)
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Redis:
+    """A minimal RESP client: enough to load a script and pipeline calls."""
+
+    def __init__(self, port):
+        deadline = time.monotonic() + TIMEOUT_SECONDS / 4
+        while True:
+            try:
+                self.sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT_SECONDS)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        self.reader = self.sock.makefile("rb")
+
+    @staticmethod
+    def encode(args):
+        out = [b"*%d\r\n" % len(args)]
+        for arg in args:
+            data = arg if isinstance(arg, bytes) else str(arg).encode()
+            out.append(b"$%d\r\n%s\r\n" % (len(data), data))
+        return b"".join(out)
+
+    def reply(self):
+        line = self.reader.readline()
+        kind, rest = line[:1], line[1:-2]
+        if kind == b"-":
+            raise RuntimeError(f"Redis replied with an error: {rest.decode(errors='replace')}")
+        if kind in (b"+", b":"):
+            return rest
+        if kind == b"$":
+            size = int(rest)
+            return None if size < 0 else self.reader.read(size + 2)[:-2]
+        if kind == b"*":
+            return [self.reply() for _ in range(max(int(rest), 0))]
+        raise RuntimeError(f"unexpected reply {line!r}")
+
+    def pipeline(self, commands):
+        self.sock.sendall(b"".join(self.encode(command) for command in commands))
+        return [self.reply() for _ in commands]
+
+
+def log_key(subject):
+    return f"bench:{{rl:s{subject}}}:api_log:calls"
+
+
+def commands(kind, sha, batch, first, count):
+    """EVALSHA commands for decisions first .. first + count - 1."""
+    out = []
+    subjects = [(first + i) % SUBJECTS for i in range(count)]
+    if batch:
+        for start in range(0, count, batch):
+            chunk = subjects[start:start + batch]
+            argv = [str(len(chunk))]
+            for _ in chunk:
+                argv += [kind, "1", str(len(DECISION_ARGS))] + DECISION_ARGS
+            out.append(["EVALSHA", sha, str(len(chunk))] + [log_key(s) for s in chunk] + argv)
+    else:
+        out = [["EVALSHA", sha, "1", log_key(s)] + DECISION_ARGS for s in subjects]
+    return out
+
+
+def instructions(source, kind, batch, calls, workdir):
+    """Instructions redis-server ran in all, filling the logs, then `calls`."""
+    port = free_port()
+    out_file = os.path.join(workdir, f"callgrind.out.{port}")
+    server = subprocess.Popen(
+        ["timeout", str(TIMEOUT_SECONDS), "valgrind", "--tool=callgrind", f"--callgrind-out-file={out_file}",
+         "redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--hz", "1"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        redis = Redis(port)
+        sha = redis.pipeline([["SCRIPT", "LOAD", source]])[0].decode()
+        step = PIPELINE * (batch or 1)
+        # Fill the logs, then the calls measured.
+        for total in (SUBJECTS * ROUNDS, calls):
+            for first in range(0, total, step):
+                redis.pipeline(commands(kind, sha, batch, first, min(step, total - first)))
+        redis.sock.close()
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=TIMEOUT_SECONDS)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+    with open(out_file, encoding="utf-8") as file:
+        for line in file:
+            if line.startswith("summary:") or line.startswith("totals:"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no totals in {out_file}")
+
+
+def per_decision(source, kind, batch, small, big, workdir):
+    return (instructions(source, kind, batch, big, workdir) - instructions(source, kind, batch, small, workdir)) / (big - small)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rev", action="append", default=[], help="also count the scripts of this git revision")
+    parser.add_argument("--batch", type=int, default=20, help="decisions per decide_batch.lua call (default 20)")
+    parser.add_argument("--n-small", type=int, default=2000, help="calls in the small run (default 2000)")
+    parser.add_argument("--n-big", type=int, default=6000, help="calls in the big run (default 6000)")
+    options = parser.parse_args()
+    for tool in ("valgrind", "redis-server", "timeout"):
+        if shutil.which(tool) is None:
+            sys.exit(f"bench/script_cost.py: needs {tool}")
+    if not (1 <= options.batch <= 512 and 0 < options.n_small < options.n_big):
+        sys.exit("bench/script_cost.py: needs 1 <= --batch <= 512 and 0 < --n-small < --n-big")
+
+    revisions = options.rev + [None]
+    scenarios = [
+        ("sliding_log alone", "sliding_log", lambda rev: lua_source(rev, "sliding_log.lua"), 0),
+        (f"sliding_log, batch of {options.batch}", "sliding_log", lambda rev: composed(rev, "decide_batch.lua"), options.batch),
+        ("sliding_counter alone", "sliding_counter", lambda rev: lua_source(rev, "sliding_counter.lua"), 0),
+    ]
+    names = [rev or "working tree" for rev in revisions]
+    print("| scenario | " + " | ".join(names) + " |")
+    print("|---|" + "---:|" * len(names))
+    with tempfile.TemporaryDirectory(prefix="tollgate-script-cost.") as workdir:
+        for title, kind, source_of, batch in scenarios:
+            cells = []
+            for rev in revisions:
+                try:
+                    source = source_of(rev)
+                except subprocess.CalledProcessError:
+                    cells.append("-")
+                    continue
+                cells.append(f"{per_decision(source, kind, batch, options.n_small, options.n_big, workdir):,.0f}")
+            print(f"| {title} | " + " | ".join(cells) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

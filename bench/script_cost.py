@@ -123,16 +123,22 @@ def log_key(subject):
     return f"bench:{{rl:s{subject}}}:api_log:calls"
 
 
-def commands(kind, sha, batch, first, count):
-    """EVALSHA commands for decisions first .. first + count - 1."""
+def commands(kind, sha, batch, runs, first, count):
+    """EVALSHA commands for decisions first .. first + count - 1; with runs,
+    decide_batch.lua's layout of runs (a header per run of decisions of one
+    shape), else its earlier one (a header per decision)."""
     out = []
     subjects = [(first + i) % SUBJECTS for i in range(count)]
     if batch:
         for start in range(0, count, batch):
             chunk = subjects[start:start + batch]
             argv = [str(len(chunk))]
-            for _ in chunk:
-                argv += [kind, "1", str(len(DECISION_ARGS))] + DECISION_ARGS
+            if runs:
+                argv += [kind, "1", str(len(DECISION_ARGS)), str(len(chunk))]
+                argv += DECISION_ARGS * len(chunk)
+            else:
+                for _ in chunk:
+                    argv += [kind, "1", str(len(DECISION_ARGS))] + DECISION_ARGS
             out.append(["EVALSHA", sha, str(len(chunk))] + [log_key(s) for s in chunk] + argv)
     else:
         out = [["EVALSHA", sha, "1", log_key(s)] + DECISION_ARGS for s in subjects]
@@ -154,10 +160,11 @@ def instructions(source, kind, batch, calls, workdir):
         redis = Redis(port)
         sha = redis.pipeline([["SCRIPT", "LOAD", source]])[0].decode()
         step = PIPELINE * (batch or 1)
+        runs = "runs of consecutive decisions" in source
         # Fill the logs, then the calls measured.
         for total in (SUBJECTS * ROUNDS, calls):
             for first in range(0, total, step):
-                redis.pipeline(commands(kind, sha, batch, first, min(step, total - first)))
+                redis.pipeline(commands(kind, sha, batch, runs, first, min(step, total - first)))
         redis.sock.close()
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=TIMEOUT_SECONDS)

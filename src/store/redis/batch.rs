@@ -328,33 +328,56 @@ fn slot_of(key: &[u8]) -> u16 {
     cluster_slot(&String::from_utf8_lossy(key))
 }
 
-/// One `decide_batch.lua` call carrying `invocations` in order (see its
-/// header for the layout).
+/// One `decide_batch.lua` call carrying `invocations` in order, as runs of
+/// consecutive invocations of one script and shape (see its header for the
+/// layout).
 fn batch_invocation(invocations: &[Invocation]) -> Invocation {
+    let runs = runs_of(invocations);
     let keys: usize = invocations.iter().map(Invocation::numkeys).sum();
     let args: usize = invocations
         .iter()
-        .map(|invocation| 3 + invocation.args().count())
+        .map(|invocation| invocation.args().count())
         .sum();
     let bytes: usize = invocations.iter().map(Invocation::packed_len).sum();
-    let mut batch = Invocation::with_capacity(&DECIDE_BATCH, keys, 1 + args, bytes + 16);
+    let mut batch = Invocation::with_capacity(
+        &DECIDE_BATCH,
+        keys,
+        1 + 4 * runs.len() + args,
+        bytes + 16 * (1 + runs.len()),
+    );
     for invocation in invocations {
         for key in invocation.keys() {
             batch = batch.key(key);
         }
     }
     batch = batch.arg(invocations.len());
-    for invocation in invocations {
-        let function = invocation.script.function.unwrap_or(invocation.script.name);
+    for run in runs {
+        let first = &run[0];
         batch = batch
-            .arg(function)
-            .arg(invocation.numkeys())
-            .arg(invocation.args().count());
-        for arg in invocation.args() {
-            batch = batch.arg(arg);
+            .arg(first.script.function.unwrap_or(first.script.name))
+            .arg(first.numkeys())
+            .arg(first.args().count())
+            .arg(run.len());
+        for invocation in run {
+            for arg in invocation.args() {
+                batch = batch.arg(arg);
+            }
         }
     }
     batch
+}
+
+/// `invocations` cut into runs of consecutive invocations of one script
+/// with as many keys and arguments each, in order.
+fn runs_of(invocations: &[Invocation]) -> Vec<&[Invocation]> {
+    let shape = |invocation: &Invocation| {
+        (
+            invocation.script.name,
+            invocation.numkeys(),
+            invocation.args().count(),
+        )
+    };
+    invocations.chunk_by(|a, b| shape(a) == shape(b)).collect()
 }
 
 /// The same error again, for each decision of a batch that failed whole.
@@ -373,5 +396,60 @@ pub(super) fn arg_bytes(arg: Arg<&[u8]>) -> &[u8] {
     match arg {
         Arg::Simple(bytes) => bytes,
         _ => &[],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{SLIDING_COUNTER, SLIDING_LOG};
+    use super::*;
+
+    fn decision(script: &'static LuaScript, keys: &[&str], args: &[&str]) -> Invocation {
+        let mut invocation = Invocation::new(script, keys.len());
+        for key in keys {
+            invocation = invocation.key(*key);
+        }
+        for arg in args {
+            invocation = invocation.arg(*arg);
+        }
+        invocation
+    }
+
+    fn text(args: impl Iterator<Item = impl AsRef<[u8]>>) -> Vec<String> {
+        args.map(|arg| String::from_utf8_lossy(arg.as_ref()).into_owned())
+            .collect()
+    }
+
+    #[test]
+    fn a_batch_is_runs_of_one_script_and_shape_in_order() {
+        let five = ["10", "60000000", "1", "0", "0"];
+        let invocations = [
+            decision(&SLIDING_LOG, &["a"], &five),
+            decision(&SLIDING_LOG, &["b"], &five),
+            decision(&SLIDING_COUNTER, &["c"], &five),
+            decision(
+                &SLIDING_LOG,
+                &["d", "d:block"],
+                &["10", "60000000", "1", "0", "5"],
+            ),
+            decision(&SLIDING_LOG, &["e"], &five),
+        ];
+        let lengths: Vec<usize> = runs_of(&invocations).iter().map(|run| run.len()).collect();
+        assert_eq!(lengths, [2, 1, 1, 1]);
+
+        let batch = batch_invocation(&invocations);
+        assert_eq!(text(batch.keys()), ["a", "b", "c", "d", "d:block", "e"]);
+        let mut want = vec!["5".to_owned()];
+        for (function, nkeys, decisions) in [
+            ("sliding_log", "1", vec![five, five]),
+            ("sliding_counter", "1", vec![five]),
+            ("sliding_log", "2", vec![["10", "60000000", "1", "0", "5"]]),
+            ("sliding_log", "1", vec![five]),
+        ] {
+            want.extend([function, nkeys, "5"].map(str::to_owned));
+            want.push(decisions.len().to_string());
+            want.extend(decisions.concat().into_iter().map(str::to_owned));
+        }
+        assert_eq!(text(batch.args()), want);
     }
 }

@@ -76,7 +76,9 @@ while decisions < n do
   local script = SCRIPTS[ARGV[next_arg]]
   local nkeys, nargs, count = tonumber(ARGV[next_arg + 1]), tonumber(ARGV[next_arg + 2]), tonumber(ARGV[next_arg + 3])
   if not script then error('decide_batch.lua: run ' .. (#runs + 1) .. ': unknown script ' .. tostring(ARGV[next_arg]), 0) end
-  if not (nkeys and nargs and count and count >= 1) then error('decide_batch.lua: run ' .. (#runs + 1) .. ': nkeys, nargs and count must be integers, count >= 1', 0) end
+  if not (nkeys and nkeys >= 0 and nkeys % 1 == 0 and nargs and nargs >= 0 and nargs % 1 == 0 and count and count >= 1 and count % 1 == 0) then
+    error('decide_batch.lua: run ' .. (#runs + 1) .. ': nkeys and nargs must be integers >= 0, count an integer >= 1', 0)
+  end
   runs[#runs + 1] = { script, nkeys, nargs, count, next_key, next_arg + 4 }
   decisions = decisions + count
   next_key = next_key + count * nkeys

@@ -8,10 +8,11 @@ KEYS[1]  the log: a sorted set with one member per counted call, whatever
          ("total after"); its member is "<time_us>:<tag>", the call's time
          in microseconds (Redis's clock) and a tag that keeps members of one
          microsecond apart (the running total before the call when it was
-         added, with ".<n>" should that name be taken). A call's cost is its
-         score minus the score of the member ranked just before it, so a
-         settle (lua/settle_log.lua) can change one call's cost by shifting
-         the scores on one side of it, never renaming a member.
+         added, with ".<n>" should that name be taken), then "+" (see
+         Expiry; members written before that rule lack it). A call's cost
+         is its score minus the score of the member ranked just before it,
+         so a settle (lua/settle_log.lua) can change one call's cost by
+         shifting the scores on one side of it, never renaming a member.
          Rank 0 is the base: the newest call that has left the window (or
          "0:0", scored 0, when the log is made), never a live call; hits in
          the window = newest score - base score.
@@ -45,7 +46,7 @@ Semantics (the memory store implements the same; keep them in step):
 - Otherwise calls with time <= now - window are trimmed, oldest first (the
   newest of them stays as the base), and count = the hits of the calls left.
 - count + cost <= limit: allowed. Unless a dry run, one member for the call
-  is added and the log expires one window after it.
+  is added and the log lives at least one window after it (see Expiry).
   remaining = limit - count - cost, retry_after = 0, reset_after = window if
   counted, else time until the log is empty.
 - Otherwise denied and nothing is counted. remaining = max(limit - count, 0);
@@ -63,7 +64,7 @@ call's hits count. A denial is remembered too: a retry of a denied call
 gets the same denial until its record expires.
 
 Worked example: limit 4, window 2 s, block 0. Calls at t = 0 s (cost 2) and
-t = 1.5 s (cost 2) fill the log: {"0:0" -> 0, "0:0" -> 2, "1500000:2" -> 4}
+t = 1.5 s (cost 2) fill the log: {"0:0" -> 0, "0:0+" -> 2, "1500000:2+" -> 4}
 (times relative; the first is the base). At t = 1.5 s a fifth hit is
 denied: {0, 0, 500000, 2000000, 0}, since the hits from t = 0 leave at
 t = 2 s and the newest at t = 3.5 s; a cost of 3 is denied with {0, 0,
@@ -71,6 +72,19 @@ t = 2 s and the newest at t = 3.5 s; a cost of 3 is denied with {0, 0,
 s. At t = 2.2 s the first call has left (it is the base now): two more hits
 are allowed ({1, 1, 0, 2000000, 0} then {1, 0, 0, 2000000, 0}) and a third
 is denied ({0, 0, 1300000, 2000000, 0}: the t = 1.5 s call leaves at 3.5 s).
+
+Expiry: the log must outlive its newest call by one window, and a PEXPIRE
+on every counted call was a tenth of Redis's work per decision. So time is
+cut into stretches of window / 8 (at least 1 us), and the first counted call
+of a stretch sets the expiry to the stretch's end + window: the later calls
+of that stretch are already covered. A call skips the PEXPIRE only when
+the newest member is of its own stretch and ends in "+", i.e. was written
+under this rule; a member written by an older tollgate (which set the
+expiry to its own time + window) lacks the "+", so a fleet being upgraded
+never shortens a log's life. An idle log lives at most window / 8 longer
+than it must. (After a rule's window grows, the calls of the stretch that
+was current then keep the old window's expiry, as every earlier call
+does.)
 
 Bounded work: a call that is counted adds one member, whatever its cost,
 and is trimmed once, by the first call after it leaves the window; every
@@ -191,10 +205,10 @@ else
 
   -- The newest member's time and score (the running total); for an empty
   -- log, nil and 0: its running total starts again from 0.
-  local newest_at, total = nil, 0
+  local newest_name, newest_at, total = nil, nil, 0
   if base ~= nil then
     local last = redis.call('ZRANGE', log_key, '-1', '-1', 'WITHSCORES')
-    newest_at, total = time_of(last[1]), tonumber(last[2])
+    newest_name, newest_at, total = last[1], time_of(last[1]), tonumber(last[2])
   end
   local count = total - (base or 0)
   -- Until the newest call leaves the window, i.e. the log is empty.
@@ -209,18 +223,27 @@ else
       redis.call('ZADD', log_key, '0', '0:0')
     end
     local at = math.max(now, newest_at or now)
-    member = format('%d:%d', at, total)
+    member = format('%d:%d+', at, total)
     local n = 0
     -- Only a member of the newest call's microsecond can hold the name, and
     -- only after a settle brought the total back down: rare, and each round
     -- is one ZSCORE.
     while at == newest_at and redis.call('ZSCORE', log_key, member) do
       n = n + 1
-      member = format('%d:%d.%d', at, total, n)
+      member = format('%d:%d.%d+', at, total, n)
     end
     reset_after = at + window - now
     redis.call('ZADD', log_key, format('%d', total + cost), member)
-    redis.call('PEXPIRE', log_key, format('%d', math.ceil(reset_after / 1000)))
+    -- The expiry (see Expiry) is moved only when the call is the first of
+    -- its stretch, or the newest member predates the rule ('+').
+    -- Integers all (exact as doubles), with operators rather than math.*
+    -- calls: this runs on every counted call.
+    local stretch = (window - window % 8) / 8
+    if stretch < 1 then stretch = 1 end
+    local start = at - at % stretch
+    if not (newest_at and newest_at >= start and string.byte(newest_name, -1) == 43) then
+      redis.call('PEXPIRE', log_key, format('%d', math.ceil((start + stretch + window - now) / 1000)))
+    end
   else
     allowed, remaining, retry_after, blocked = 0, math.max(limit - count, 0), reset_after, 0
     if cost <= limit then

@@ -42,8 +42,11 @@ of operations so that both round alike; keep them in step):
   weighted by the share of it the sliding window still covers.
 - If block_us > 0 and the block key exists: denied, blocked, remaining 0,
   retry_after = the block's PTTL, reset_after as below. Nothing is written.
-- estimate + cost <= limit: allowed; unless a dry run, c += cost, the hash is
-  stored and expires in 2 * window (PEXPIRE rounded up to whole ms).
+- estimate + cost <= limit: allowed; unless a dry run, c += cost and the
+  hash is stored. It expires when window w + 1 ends, after which its hits
+  count nothing (PEXPIRE rounded up to whole ms): set by the first call
+  counted in window w only, since a PEXPIRE on every call was a tenth of
+  Redis's work per decision.
   remaining = max(floor(limit - estimate - cost), 0); retry_after = 0.
 - Otherwise denied and nothing is counted; remaining =
   max(floor(limit - estimate), 0); retry_after = the earliest wait after
@@ -134,7 +137,12 @@ elseif estimate + cost <= limit then
   if not dry_run then
     cur = cur + cost
     redis.call('HSET', counter_key, 'w', format('%d', w), 'c', format('%d', cur), 'p', format('%d', prev))
-    redis.call('PEXPIRE', counter_key, format('%d', math.ceil(2 * window / 1000)))
+    -- The first call counted in window w sets the expiry for every later
+    -- one: w's hits matter until w + 1 ends. (An older tollgate set now +
+    -- 2 * window on every call, never less.)
+    if stored_w ~= w then
+      redis.call('PEXPIRE', counter_key, format('%d', math.ceil(((w + 2) * window - now) / 1000)))
+    end
   end
 else
   allowed, remaining, blocked, counted_in = 0, math.max(math.floor(limit - estimate), 0), 0, -1

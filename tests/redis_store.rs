@@ -246,6 +246,69 @@ async fn a_log_is_kept_a_window_with_one_expiry_per_stretch() {
     assert!((7_900..=9_000).contains(&pttl), "PTTL {pttl}");
 }
 
+/// A sliding counter's hash expires when the window after the one it
+/// counts in ends (then its hits count nothing), set once per window rather
+/// than on every call.
+#[tokio::test]
+async fn a_counter_expires_with_the_window_after_its_own() {
+    let server = RedisServer::start();
+    let store = connect(&server).await;
+    let window_us = 800_000_000;
+    let long = check(
+        Algorithm::SlidingCounter,
+        "steady",
+        1_000,
+        ms(window_us / 1_000),
+    );
+    let counter = KeyBuilder::new(PREFIX)
+        .limit(RULE, Algorithm::SlidingCounter, "steady")
+        .counter;
+    // Far from the end of an 800 s window, so the calls below share one.
+    let into = redis_now_us(&server) % window_us;
+    if into > window_us - 10_000_000 {
+        sleep(Duration::from_micros(window_us - into + 100_000)).await;
+    }
+
+    server.cli(&["CONFIG", "RESETSTAT"]);
+    let mut last = None;
+    for _ in 0..20 {
+        let decision = decide(&store, &long).await;
+        assert!(decision.allowed);
+        last = Some(decision);
+    }
+    assert_eq!(command_calls(&server, "pexpire"), 1, "one per window");
+    // It lives as long as the answer says its hits count.
+    let reset_after = last.expect("decided").reset_after;
+    let pttl = Duration::from_millis(
+        u64::try_from(cli_int(&server, &["PTTL", &counter])).expect("an expiry"),
+    );
+    assert_near(pttl, reset_after, ms(1_000));
+    assert!(reset_after > ms(window_us / 1_000), "{reset_after:?}");
+
+    // A short window: the first call of the next window moves the expiry.
+    let short_us = 2_000_000;
+    let short = check(
+        Algorithm::SlidingCounter,
+        "brisk",
+        1_000,
+        ms(short_us / 1_000),
+    );
+    assert!(decide(&store, &short).await.allowed);
+    let into = redis_now_us(&server) % short_us;
+    sleep(Duration::from_micros(short_us - into + 50_000)).await;
+    server.cli(&["CONFIG", "RESETSTAT"]);
+    let next = decide(&store, &short).await;
+    assert!(next.allowed);
+    assert_eq!(command_calls(&server, "pexpire"), 1, "a new window");
+    let brisk = KeyBuilder::new(PREFIX)
+        .limit(RULE, Algorithm::SlidingCounter, "brisk")
+        .counter;
+    let pttl = Duration::from_millis(
+        u64::try_from(cli_int(&server, &["PTTL", &brisk])).expect("an expiry"),
+    );
+    assert_near(pttl, next.reset_after, ms(100));
+}
+
 /// The running totals of a sliding log's members, oldest first: one member
 /// per counted call, each scored by the hits counted up to and including it.
 fn log_calls(server: &RedisServer, key: &str) -> Vec<u64> {

@@ -636,8 +636,9 @@ for name, value, goal, ok in checks:
 print()
 print("Redis commands/req counts the commands each script runs as well (one allowed")
 print("sliding_log decision with nothing to trim: EVALSHA, TIME, ZRANGE oldest, ZRANGE")
-print("newest, ZADD, PEXPIRE = 6). On the floor's rows the tollgate CPU column is the")
-print("floor's process (bench/floor.rs).")
+print("newest, ZADD = 5, plus a PEXPIRE on a log's first call and once per eighth of a")
+print("window). On the floor's rows the tollgate CPU column is the floor's process")
+print("(bench/floor.rs).")
 
 # Batch sizes: the growth of tollgate_store_batch_size over each scenario,
 # added up over the runs. Its buckets count script calls; a call of the

@@ -22,6 +22,16 @@ Scenarios:
   bench/script_cost.py                  # the working tree's scripts
   bench/script_cost.py --rev 484f5af    # and those of a revision, side by side
 
+Each figure is followed by the share of the big run's decisions that made
+a PEXPIRE. A sliding_log refreshes its expiry once per key per eighth of a
+window (about 112 s here) and a sliding_counter once per window; valgrind
+stretches a run to a minute or more, so whether a stretch ends during it
+(and every key then refreshes once more) depends on the wall clock. Each
+refresh is one redis.call(), 11,000 to 14,000 instructions: read the
+figure with its share. (A log's first call always sets the expiry; in
+bench/run.sh's scenarios, 10,000 new logs each called about ten times in
+five seconds, about one decision in ten does.)
+
 Calls are pipelined 100 at a time, so the figures are the scripts' own
 work plus Redis's per-command handling, with little of its socket work.
 Redis runs with hz 1: its timer work grows with wall time, which valgrind
@@ -163,8 +173,10 @@ def instructions(source, kind, batch, calls, workdir):
         runs = "runs of consecutive decisions" in source
         # Fill the logs, then the calls measured.
         for total in (SUBJECTS * ROUNDS, calls):
+            redis.pipeline([["CONFIG", "RESETSTAT"]])
             for first in range(0, total, step):
                 redis.pipeline(commands(kind, sha, batch, runs, first, min(step, total - first)))
+        expiries = pexpire_calls(redis.pipeline([["INFO", "commandstats"]])[0])
         redis.sock.close()
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=TIMEOUT_SECONDS)
@@ -175,12 +187,24 @@ def instructions(source, kind, batch, calls, workdir):
     with open(out_file, encoding="utf-8") as file:
         for line in file:
             if line.startswith("summary:") or line.startswith("totals:"):
-                return int(line.split()[1])
+                return int(line.split()[1]), expiries
     raise RuntimeError(f"no totals in {out_file}")
 
 
+def pexpire_calls(commandstats):
+    """The PEXPIRE count in an INFO commandstats reply."""
+    for line in commandstats.decode().splitlines():
+        if line.startswith("cmdstat_pexpire:calls="):
+            return int(line.split("=", 1)[1].split(",", 1)[0])
+    return 0
+
+
 def per_decision(source, kind, batch, small, big, workdir):
-    return (instructions(source, kind, batch, big, workdir) - instructions(source, kind, batch, small, workdir)) / (big - small)
+    """Instructions per decision, and the share of the big run's decisions
+    that refreshed their key's expiry (a PEXPIRE)."""
+    big_total, expiries = instructions(source, kind, batch, big, workdir)
+    small_total, _ = instructions(source, kind, batch, small, workdir)
+    return (big_total - small_total) / (big - small), expiries / big
 
 
 def main():
@@ -214,7 +238,8 @@ def main():
                 except subprocess.CalledProcessError:
                     cells.append("-")
                     continue
-                cells.append(f"{per_decision(source, kind, batch, options.n_small, options.n_big, workdir):,.0f}")
+                count, expiries = per_decision(source, kind, batch, options.n_small, options.n_big, workdir)
+                cells.append(f"{count:,.0f} ({expiries:.0%} PEXPIRE)")
             print(f"| {title} | " + " | ".join(cells) + " |", flush=True)
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# bench/callgrind.sh: instructions per CheckLimit decision of tollgate's own
+# bench/callgrind.sh: instructions per CheckLimit (or ShouldRateLimit) of tollgate's own
 # process, counted by valgrind's callgrind: a figure a shared, noisy machine
 # cannot move, where requests/s and CPU time swing by tens of percent.
 #
@@ -19,6 +19,8 @@
 #
 # Environment:
 #   STORES="memory redis"        which stores, in that order
+#   CALL=check-limit             or should-rate-limit: the Envoy door, one
+#                                descriptor of rule api_log per call
 #   MEMORY_N_BIG=22000 MEMORY_N_SMALL=2000   calls per run, memory store
 #   REDIS_N_BIG=12000  REDIS_N_SMALL=2000    calls per run, Redis
 #   TOP=15                       functions listed per store
@@ -38,6 +40,12 @@ for tool in valgrind callgrind_annotate redis-server redis-cli python3 ss; do
     command -v "$tool" >/dev/null || { echo "bench/callgrind.sh: needs $tool" >&2; exit 1; }
 done
 STORES=${STORES:-memory redis}
+CALL=${CALL:-check-limit}
+case "$CALL" in check-limit | should-rate-limit) ;; *)
+    echo "bench/callgrind.sh: CALL is check-limit or should-rate-limit" >&2
+    exit 1
+    ;;
+esac
 MEMORY_N_BIG=${MEMORY_N_BIG:-22000}
 MEMORY_N_SMALL=${MEMORY_N_SMALL:-2000}
 REDIS_N_BIG=${REDIS_N_BIG:-12000}
@@ -126,7 +134,7 @@ counted_run() { # store n out
     done
     listening "$port" || { echo "tollgate under callgrind did not listen; its log:" >&2; cat "$out.log" >&2; exit 1; }
     json=$(timeout 900 "$BENCH" --addr "http://127.0.0.1:$port" --json --threads 1 -c 4 \
-        --rule api_log -n "$n" -d 10m)
+        --call "$CALL" --rule api_log -n "$n" -d 10m)
     kill -TERM "$pid"
     wait "$pid" || { echo "tollgate under callgrind did not stop cleanly; its log:" >&2; cat "$out.log" >&2; exit 1; }
     IR=$(python3 - "$json" "$n" "$out" <<'EOF'
@@ -197,10 +205,11 @@ for store in $STORES; do
     {
         python3 -c '
 import sys
-store, big, small, ir_big, ir_small = sys.argv[1], *map(int, sys.argv[2:])
-print(f"{store} store: {(ir_big - ir_small) / (big - small):,.0f} instructions per CheckLimit "
+store, call, big, small, ir_big, ir_small = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:])
+name = {"check-limit": "CheckLimit", "should-rate-limit": "ShouldRateLimit"}[call]
+print(f"{store} store: {(ir_big - ir_small) / (big - small):,.0f} instructions per {name} "
       f"((runs of {big:,} and {small:,} calls: {ir_big:,} - {ir_small:,}) / {big - small:,})")
-' "$store" "$big" "$small" "$ir_big" "$ir_small"
+' "$store" "$CALL" "$big" "$small" "$ir_big" "$ir_small"
         echo
         if [[ $INCLUSIVE == 1 ]]; then kind=inclusive; else kind=self; fi
         echo "Top $TOP functions by $kind instructions, run of $big calls, divided by $big:"

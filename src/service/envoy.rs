@@ -406,7 +406,17 @@ const UNITS: [(Unit, u64); 7] = [
 /// hint for headers such as `X-RateLimit-Limit`, not the window itself.
 pub fn unit_for(window: Duration) -> Unit {
     let seconds = window.as_secs_f64();
-    let distance = |unit_seconds: u64| (seconds / unit_seconds as f64).ln().abs();
+    // How many times longer or shorter than the unit: the distance on a
+    // logarithmic scale, |ln(seconds / unit)|, without the logarithm (it is
+    // monotonic), since this runs for every descriptor answered.
+    let distance = |unit_seconds: u64| {
+        let unit = unit_seconds as f64;
+        if seconds >= unit {
+            seconds / unit
+        } else {
+            unit / seconds
+        }
+    };
     UNITS
         .iter()
         .min_by(|a, b| distance(a.1).total_cmp(&distance(b.1)))
@@ -477,6 +487,26 @@ mod tests {
         ];
         for (window, unit) in cases {
             assert_eq!(unit_for(window), unit, "{window:?}");
+        }
+    }
+
+    /// The ratio it compares picks the unit the logarithm picked, from a
+    /// millisecond to two years.
+    #[test]
+    fn the_nearest_unit_is_nearest_on_a_logarithmic_scale() {
+        let by_log = |window: Duration| {
+            let seconds = window.as_secs_f64();
+            let distance = |unit_seconds: u64| (seconds / unit_seconds as f64).ln().abs();
+            UNITS
+                .iter()
+                .min_by(|a, b| distance(a.1).total_cmp(&distance(b.1)))
+                .map_or(Unit::Second, |&(unit, _)| unit)
+        };
+        let mut millis: u64 = 1;
+        while millis < 2 * 365 * 86_400_000 {
+            let window = Duration::from_millis(millis);
+            assert_eq!(unit_for(window), by_log(window), "{window:?}");
+            millis += millis / 7 + 1;
         }
     }
 

@@ -77,7 +77,13 @@ def composed(rev, name):
     parts = []
     for function in ("sliding_log", "sliding_counter", "usage_increment"):
         parts += [f"local function {function}(KEYS, ARGV, redis)\n", lua_source(rev, f"{function}.lua"), "\nend\n"]
-    parts += [lua_source(rev, "at_once.lua"), lua_source(rev, name)]
+    parts.append(lua_source(rev, "at_once.lua"))
+    script = lua_source(rev, name)
+    # Since groups batch, decide_batch.lua also runs check_limits.lua, as a
+    # function of its own.
+    if "check_limits = check_limits" in script:
+        parts += ["local function check_limits(KEYS, ARGV, redis)\n", lua_source(rev, "check_limits.lua"), "\nend\n"]
+    parts.append(script)
     return "".join(parts)
 
 

@@ -7,6 +7,8 @@ src/store/redis.rs (composed_script!) builds each such script as
   local function sliding_counter(KEYS, ARGV, redis) <lua/sliding_counter.lua> end
   local function usage_increment(KEYS, ARGV, redis) <lua/usage_increment.lua> end
   <this file>
+  local function check_limits(KEYS, ARGV, redis) <lua/check_limits.lua> end
+                                                  (decide_batch.lua only)
   <the script>
 
 so that every decision, alone or inside another script, is made by exactly

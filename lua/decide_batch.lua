@@ -3,10 +3,13 @@ decide_batch.lua: many callers' decisions in one script call, each decided
 exactly as if it had been sent alone, one after another, in order.
 
 This file is not a script by itself: src/store/redis.rs puts the decision
-scripts, as local functions of (KEYS, ARGV, redis), and lua/at_once.lua
-before it (see that file). So a decision in a batch is made by exactly the
-code that makes it alone. Each is run with at_once: the batch is a run of
-calls arriving one after another within one microsecond.
+scripts, as local functions of (KEYS, ARGV, redis), lua/at_once.lua, and
+lua/check_limits.lua as a local function of its own, before it (see
+at_once.lua). So a decision in a batch is made by exactly the code that
+makes it alone. Each is run with at_once: the batch is a run of calls
+arriving one after another within one microsecond. A CheckLimits group
+(check_limits) is one entry of the batch, decided all or nothing as it is
+alone.
 
 Why: tollgate sends a batch when decisions are waiting for a connection
 whose script calls are in flight. One script call of n decisions saves
@@ -20,7 +23,8 @@ KEYS     every decision's keys, in decision order: each decision's own KEYS,
 ARGV[1]  n          decisions in the batch (>= 1)
 then the decisions, in order, as runs of consecutive decisions of one
 script and shape, each run:
-         script     'sliding_log', 'sliding_counter' or 'usage_increment'
+         script     'sliding_log', 'sliding_counter', 'usage_increment' or
+                    'check_limits'
          nkeys      how many of KEYS each decision of the run takes
          nargs      how many ARGV each decision of the run takes
          count      decisions in the run (>= 1)
@@ -41,7 +45,8 @@ fail the whole batch, hence a plain string.)
 
 Bounded work: the sum of the decisions' scripts' work (each bounded by its
 own header) plus O(n) to cut out their arguments; tollgate sends at most
-store.max_batch decisions (at most 512) in one batch.
+store.max_batch decisions (at most 512) in one batch, a group counting as
+its checks.
 
 Worked example: ARGV {2, 'sliding_log', 1, 5, 2, 100, 60000000, 1, 0, 0,
 100, 60000000, 1, 0, 0} with KEYS {log, log}: two hits on one empty log of
@@ -56,6 +61,7 @@ local SCRIPTS = {
   sliding_log = sliding_log,
   sliding_counter = sliding_counter,
   usage_increment = usage_increment,
+  check_limits = check_limits,
 }
 
 -- An error raised in a script is a string (assert, error) or, from

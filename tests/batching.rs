@@ -10,11 +10,12 @@
 //!   into batches at random points, each batch sent as one script call
 //!   ([`RedisStore::check_limit_batch`]), on one server and on a cluster;
 //! - over the wire: subjects calling concurrently through a real tonic
-//!   client, each subject's calls in order, so the batches mix subjects
-//!   in whatever interleaving the scheduler makes; the first round (24
-//!   calls, more than a lane keeps in flight) is sent while Redis is
-//!   stopped (SIGSTOP), so that some must queue and go as a batch, which
-//!   the batch-size metric then shows.
+//!   client, each subject's calls in order (CheckLimit, and CheckLimits
+//!   groups, which a batch carries as one entry each), so the batches mix
+//!   subjects in whatever interleaving the scheduler makes; the first
+//!   round (24 calls, more than a lane keeps in flight) is sent while
+//!   Redis is stopped (SIGSTOP), so that some must queue and go as a
+//!   batch, which the batch-size metric then shows.
 //!
 //! Windows and lock-outs are an hour long, so time plays no part within a
 //! sequence; the times in the answers (retry_after, reset_after) may differ
@@ -38,7 +39,7 @@ use common::{
 use proptest::{prelude::*, test_runner::TestCaseError};
 use tokio::task::JoinSet;
 use tollgate::{
-    proto::CheckLimitRequest,
+    proto::{CheckLimitRequest, CheckLimitResponse, CheckLimitsRequest},
     rules::Algorithm,
     store::{
         LimitCheck, LimitDecision, Once, Store,
@@ -245,22 +246,27 @@ text = 10
 "#;
 
 const WIRE_RULES: [&str; 3] = ["api", "tokens", "auth"];
+/// The CheckLimits groups a step can make: indexes into `WIRE_RULES`.
+const WIRE_GROUPS: [&[usize]; 3] = [&[0, 1], &[2, 0], &[1, 2, 0]];
 const SUBJECTS: usize = 24;
 
-/// One subject's calls: (rule, cost, request id).
+/// One subject's calls: (what, cost, request id), where `what` below
+/// `WIRE_RULES.len()` is a CheckLimit of that rule and the rest are the
+/// groups of `WIRE_GROUPS`.
 type Script = Vec<(usize, u32, Option<u8>)>;
 
 fn scripts() -> impl Strategy<Value = Vec<Script>> {
     let call = (
-        0..WIRE_RULES.len(),
+        0..WIRE_RULES.len() + WIRE_GROUPS.len(),
         1..=3u32,
         prop::option::weighted(0.3, 0..3u8),
     );
     prop::collection::vec(prop::collection::vec(call, 4..10), SUBJECTS)
 }
 
-/// What a CheckLimit answered, but for times.
-type Answer = (bool, u64, bool, bool);
+/// What a call answered, but for times: allowed, then each check's
+/// remaining, blocked and replayed (one check for a CheckLimit).
+type Answer = (bool, Vec<(u64, bool, bool)>);
 
 /// Every subject's calls, subjects concurrently, each subject's calls in
 /// order; round 0 (every subject's first call) only once all of them
@@ -272,7 +278,7 @@ async fn run_all(
     hold: Option<&RedisServer>,
 ) -> Vec<Vec<Answer>> {
     let subject = |s: usize| format!("run{run}-s{s}");
-    let mut first = vec![None; scripts.len()];
+    let mut first: Vec<Option<Answer>> = vec![None; scripts.len()];
     if let Some(redis) = hold {
         redis.pause();
         let mut round = JoinSet::new();
@@ -306,11 +312,11 @@ async fn run_all(
         };
         let name = subject(s);
         let script = script.clone();
-        let done = first[s];
+        let mut done = first[s].take();
         subjects.spawn(async move {
             let mut answers = Vec::with_capacity(script.len());
             for (i, step) in script.iter().enumerate() {
-                match (i, done) {
+                match (i, done.take()) {
                     (0, Some(answer)) => answers.push(answer),
                     _ => answers.push(server.call(&name, step).await),
                 }
@@ -333,25 +339,44 @@ struct ServerHandle {
 
 impl ServerHandle {
     async fn call(&self, subject: &str, step: &(usize, u32, Option<u8>)) -> Answer {
-        let (rule, cost, request_id) = *step;
+        let (what, cost, request_id) = *step;
+        let check = |rule: usize| CheckLimitRequest {
+            rule: WIRE_RULES[rule].to_owned(),
+            subject: subject.to_owned(),
+            cost,
+            ..CheckLimitRequest::default()
+        };
+        let result = |response: &CheckLimitResponse| {
+            (response.remaining, response.blocked, response.replayed)
+        };
+        let Some(group) = what.checked_sub(WIRE_RULES.len()) else {
+            let response = self
+                .rate
+                .clone()
+                .check_limit(CheckLimitRequest {
+                    request_id: request_id.map(|id| format!("id-{id}")).unwrap_or_default(),
+                    ..check(what)
+                })
+                .await
+                .expect("CheckLimit answers")
+                .into_inner();
+            return (response.allowed, vec![result(&response)]);
+        };
         let response = self
             .rate
             .clone()
-            .check_limit(CheckLimitRequest {
-                rule: WIRE_RULES[rule].to_owned(),
-                subject: subject.to_owned(),
-                cost,
-                request_id: request_id.map(|id| format!("id-{id}")).unwrap_or_default(),
-                ..CheckLimitRequest::default()
+            .check_limits(CheckLimitsRequest {
+                checks: WIRE_GROUPS[group].iter().map(|&rule| check(rule)).collect(),
+                request_id: request_id
+                    .map(|id| format!("group-{id}"))
+                    .unwrap_or_default(),
             })
             .await
-            .expect("CheckLimit answers")
+            .expect("CheckLimits answers")
             .into_inner();
         (
             response.allowed,
-            response.remaining,
-            response.blocked,
-            response.replayed,
+            response.results.iter().map(result).collect(),
         )
     }
 }

@@ -105,10 +105,11 @@ use crate::{
 
 /// A script that makes decisions inside itself (`lua/check_limits.lua`,
 /// `lua/decide_batch.lua`), composed at build time: the decision scripts as
-/// local functions of (KEYS, ARGV, redis), `lua/at_once.lua`, then
-/// `lua/<file>`; see `lua/at_once.lua`.
+/// local functions of (KEYS, ARGV, redis), `lua/at_once.lua`, the optional
+/// prelude (for `decide_batch.lua`, `lua/check_limits.lua` as a function),
+/// then `lua/<file>`; see `lua/at_once.lua`.
 macro_rules! composed_script {
-    ($file:literal) => {
+    ($file:literal $(, $prelude:expr)?) => {
         LuaScript::new(
             $file,
             concat!(
@@ -128,6 +129,7 @@ macro_rules! composed_script {
                 )),
                 "\nend\n",
                 include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/lua/at_once.lua")),
+                $($prelude,)?
                 include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/lua/", $file)),
             ),
         )
@@ -1100,6 +1102,9 @@ struct Invocation {
     numkeys: usize,
     /// Keys still to come before the arguments.
     keys_left: usize,
+    /// Decisions it makes: 1, or a group's checks. A batch carries at most
+    /// `store.max_batch` of them.
+    decisions: usize,
 }
 
 /// `EVALSHA`, the hash and numkeys: what comes before a call's keys.
@@ -1130,7 +1135,18 @@ impl Invocation {
             evalsha,
             numkeys,
             keys_left: numkeys,
+            decisions: 1,
         }
+    }
+
+    /// The same call, counted as `decisions` decisions (a group's checks).
+    fn deciding(mut self, decisions: usize) -> Self {
+        self.decisions = decisions.max(1);
+        self
+    }
+
+    fn decisions(&self) -> usize {
+        self.decisions
     }
 
     fn numkeys(&self) -> usize {

@@ -38,7 +38,16 @@ use super::{Connections, Invocation, LuaScript, RedisStore};
 use crate::{keys::cluster_slot, store::StoreError};
 
 /// The batch script; see the contract in `lua/decide_batch.lua`.
-static DECIDE_BATCH: LazyLock<LuaScript> = LazyLock::new(|| composed_script!("decide_batch.lua"));
+static DECIDE_BATCH: LazyLock<LuaScript> = LazyLock::new(|| {
+    composed_script!(
+        "decide_batch.lua",
+        concat!(
+            "local function check_limits(KEYS, ARGV, redis)\n",
+            include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/lua/check_limits.lua")),
+            "\nend\n",
+        )
+    )
+});
 
 /// The batch script, for loading at start-up.
 pub(super) fn scripts() -> [&'static LuaScript; 1] {
@@ -159,11 +168,20 @@ impl Combiner {
         let mut lanes = self.lock();
         let state = lanes.get_mut(usize::from(lane))?;
         let mut batch = Vec::with_capacity(state.queue.len().min(self.max_batch));
-        while batch.len() < self.max_batch {
-            match state.queue.pop_front() {
-                Some(waiting) if waiting.reply.is_closed() => {}
-                Some(waiting) => batch.push(waiting),
-                None => break,
+        // At most max_batch decisions, a group counting as its checks; one
+        // call whatever its size.
+        let mut decisions = 0;
+        while let Some(waiting) = state.queue.front() {
+            let size = waiting.invocation.decisions();
+            if !batch.is_empty() && decisions + size > self.max_batch {
+                break;
+            }
+            let Some(waiting) = state.queue.pop_front() else {
+                break;
+            };
+            if !waiting.reply.is_closed() {
+                decisions += size;
+                batch.push(waiting);
             }
         }
         if batch.is_empty() {
@@ -220,7 +238,7 @@ impl RedisStore {
                     combiner,
                     lane,
                 };
-                combiner.count(1);
+                combiner.count(invocation.decisions());
                 self.run_script(&invocation).await
             }
             Joined::Queued(answer) => match timeout_at(self.deadline(), answer).await {
@@ -252,7 +270,12 @@ impl RedisStore {
             return;
         };
         loop {
-            combiner.count(batch.len());
+            combiner.count(
+                batch
+                    .iter()
+                    .map(|waiting| waiting.invocation.decisions())
+                    .sum(),
+            );
             let (invocations, replies): (Vec<_>, Vec<_>) = batch
                 .into_iter()
                 .map(|waiting| (waiting.invocation, waiting.reply))
@@ -418,6 +441,37 @@ mod tests {
     fn text(args: impl Iterator<Item = impl AsRef<[u8]>>) -> Vec<String> {
         args.map(|arg| String::from_utf8_lossy(arg.as_ref()).into_owned())
             .collect()
+    }
+
+    /// A batch takes at most max_batch decisions, a group counting as its
+    /// checks, and always at least one call, in arrival order.
+    #[test]
+    fn a_batch_counts_a_group_as_its_checks() {
+        let combiner = Combiner::new(4, 1);
+        let five = ["10", "60000000", "1", "0", "0"];
+        for _ in 0..LANE_DEPTH {
+            assert!(matches!(
+                combiner.join(0, decision(&SLIDING_LOG, &["a"], &five)),
+                Joined::Sender(_)
+            ));
+        }
+        let mut waiting = Vec::new();
+        for size in [3, 3, 1, 6, 1] {
+            let invocation = decision(&SLIDING_LOG, &["a"], &five).deciding(size);
+            match combiner.join(0, invocation) {
+                Joined::Queued(answer) => waiting.push(answer),
+                Joined::Sender(_) => panic!("the lane is full"),
+            }
+        }
+        let sizes = |batch: Vec<Waiting>| -> Vec<usize> {
+            batch.iter().map(|w| w.invocation.decisions()).collect()
+        };
+        let batches: Vec<Vec<usize>> = std::iter::from_fn(|| combiner.next_batch(0))
+            .map(sizes)
+            .take(5)
+            .collect();
+        assert_eq!(batches, [vec![3], vec![3, 1], vec![6], vec![1]]);
+        drop(waiting);
     }
 
     #[test]

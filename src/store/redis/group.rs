@@ -45,7 +45,14 @@ use crate::{
 };
 
 /// The group script; see the contract in `lua/check_limits.lua`.
-static CHECK_LIMITS: LazyLock<LuaScript> = LazyLock::new(|| composed_script!("check_limits.lua"));
+static CHECK_LIMITS: LazyLock<LuaScript> = LazyLock::new(|| {
+    let composed = composed_script!("check_limits.lua");
+    // decide_batch.lua runs it too, as this function.
+    LuaScript {
+        function: Some("check_limits"),
+        ..composed
+    }
+});
 
 /// Takes back what a slot counted; see `lua/check_limits_undo.lua`.
 static CHECK_LIMITS_UNDO: LazyLock<LuaScript> = LazyLock::new(|| {
@@ -339,7 +346,10 @@ impl RedisStore {
                 .arg(u8::from(check.dry_run || matches!(run, Run::Dry)))
                 .arg(block_us);
         }
-        let reply = self.run_script(&invocation).await?;
+        // Batched with the decisions queued for the same slot, if any.
+        let reply = self
+            .run_decision(invocation.deciding(members.len()))
+            .await?;
         let counters = members.iter().map(|&i| keys[i].counter.as_str());
         parse_reply(reply, members.len(), counters)
     }

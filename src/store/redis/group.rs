@@ -3,7 +3,10 @@
 //!
 //! On one server the whole group is one `EVALSHA` of `check_limits.lua`,
 //! composed around the decision scripts, each wrapped as a local function
-//! (`composed_script!`), so that every algorithm keeps one source.
+//! (`composed_script!`), so that every algorithm keeps one source. Like a
+//! single decision it goes through the batching lanes: when decisions
+//! queue, it is one entry of a `decide_batch.lua` call, which holds
+//! `check_limits.lua` as a function too.
 //!
 //! On a Redis Cluster a script reaches one slot only. Rate-limit keys are
 //! tagged by subject, so the checks of one subject always share a slot;

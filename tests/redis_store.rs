@@ -89,6 +89,25 @@ fn redis_now_us(server: &RedisServer) -> u64 {
     }
 }
 
+/// Waits, on Redis's clock, until at least `room_us` are left before the
+/// next multiple of `period_us` (the end of a window or of a stretch): if
+/// fewer are left, sleeps until just past it. With `room_us = period_us` it
+/// waits for the next one.
+async fn clear_of_boundary(server: &RedisServer, period_us: u64, room_us: u64) {
+    let left = period_us - redis_now_us(server) % period_us;
+    if left < room_us {
+        sleep(Duration::from_micros(left + 50_000)).await;
+    }
+}
+
+/// A key's time to live; it must have one.
+fn pttl(server: &RedisServer, key: &str) -> Duration {
+    let millis = cli_int(server, &["PTTL", key]);
+    Duration::from_millis(
+        u64::try_from(millis).unwrap_or_else(|_| panic!("{key}: PTTL {millis}, no expiry")),
+    )
+}
+
 fn cli_int(server: &RedisServer, args: &[&str]) -> i64 {
     let reply = server.cli(args);
     reply
@@ -199,10 +218,7 @@ async fn a_log_is_kept_a_window_with_one_expiry_per_stretch() {
         );
     };
     // Far from the end of a 100 s stretch, so the calls below share one.
-    let into = redis_now_us(&server) % stretch_us;
-    if into > stretch_us - 10_000_000 {
-        sleep(Duration::from_micros(stretch_us - into + 100_000)).await;
-    }
+    clear_of_boundary(&server, stretch_us, 10_000_000).await;
 
     server.cli(&["CONFIG", "RESETSTAT"]);
     for _ in 0..20 {
@@ -234,8 +250,7 @@ async fn a_log_is_kept_a_window_with_one_expiry_per_stretch() {
     let short = check(Algorithm::SlidingLog, "brisk", 1_000, ms(short_ms));
     assert!(decide(&store, &short).await.allowed);
     let short_stretch_us = short_ms * 1_000 / 8;
-    let into = redis_now_us(&server) % short_stretch_us;
-    sleep(Duration::from_micros(short_stretch_us - into + 50_000)).await;
+    clear_of_boundary(&server, short_stretch_us, short_stretch_us).await;
     server.cli(&["CONFIG", "RESETSTAT"]);
     assert!(decide(&store, &short).await.allowed);
     assert_eq!(command_calls(&server, "pexpire"), 1, "a new stretch");
@@ -264,10 +279,7 @@ async fn a_counter_expires_with_the_window_after_its_own() {
         .limit(RULE, Algorithm::SlidingCounter, "steady")
         .counter;
     // Far from the end of an 800 s window, so the calls below share one.
-    let into = redis_now_us(&server) % window_us;
-    if into > window_us - 10_000_000 {
-        sleep(Duration::from_micros(window_us - into + 100_000)).await;
-    }
+    clear_of_boundary(&server, window_us, 10_000_000).await;
 
     server.cli(&["CONFIG", "RESETSTAT"]);
     let mut last = None;
@@ -279,10 +291,7 @@ async fn a_counter_expires_with_the_window_after_its_own() {
     assert_eq!(command_calls(&server, "pexpire"), 1, "one per window");
     // It lives as long as the answer says its hits count.
     let reset_after = last.expect("decided").reset_after;
-    let pttl = Duration::from_millis(
-        u64::try_from(cli_int(&server, &["PTTL", &counter])).expect("an expiry"),
-    );
-    assert_near(pttl, reset_after, ms(1_000));
+    assert_near(pttl(&server, &counter), reset_after, ms(1_000));
     assert!(reset_after > ms(window_us / 1_000), "{reset_after:?}");
 
     // A short window: the first call of the next window moves the expiry.
@@ -294,8 +303,7 @@ async fn a_counter_expires_with_the_window_after_its_own() {
         ms(short_us / 1_000),
     );
     assert!(decide(&store, &short).await.allowed);
-    let into = redis_now_us(&server) % short_us;
-    sleep(Duration::from_micros(short_us - into + 50_000)).await;
+    clear_of_boundary(&server, short_us, short_us).await;
     server.cli(&["CONFIG", "RESETSTAT"]);
     let next = decide(&store, &short).await;
     assert!(next.allowed);
@@ -303,10 +311,7 @@ async fn a_counter_expires_with_the_window_after_its_own() {
     let brisk = KeyBuilder::new(PREFIX)
         .limit(RULE, Algorithm::SlidingCounter, "brisk")
         .counter;
-    let pttl = Duration::from_millis(
-        u64::try_from(cli_int(&server, &["PTTL", &brisk])).expect("an expiry"),
-    );
-    assert_near(pttl, next.reset_after, ms(100));
+    assert_near(pttl(&server, &brisk), next.reset_after, ms(100));
 }
 
 /// The running totals of a sliding log's members, oldest first: one member
@@ -448,12 +453,9 @@ async fn sliding_counter_weights_the_previous_window() {
     let server = RedisServer::start();
     let store = connect(&server).await;
     let window_us: u64 = 60_000_000;
-    let mut now = redis_now_us(&server);
-    if now % window_us > window_us - 2_000_000 {
-        // Too close to the window's end for the seeded hash to stay current.
-        sleep(Duration::from_micros(window_us - now % window_us + 10_000)).await;
-        now = redis_now_us(&server);
-    }
+    // Not so close to the window's end that the seeded hash goes stale.
+    clear_of_boundary(&server, window_us, 2_000_000).await;
+    let now = redis_now_us(&server);
     let w = now / window_us;
     let elapsed = (now % window_us) as f64;
     let window = window_us as f64;
@@ -576,10 +578,11 @@ async fn sliding_counter_keys_stay_small() {
     assert_eq!(encoding, "listpack");
     // Until the window after the one its hits were counted in ends: what
     // the last answer's reset_after says.
-    let pttl = Duration::from_millis(
-        u64::try_from(cli_int(&server, &["PTTL", &keys.counter])).expect("an expiry"),
+    assert_near(
+        pttl(&server, &keys.counter),
+        last.expect("decided").reset_after,
+        ms(1_000),
     );
-    assert_near(pttl, last.expect("decided").reset_after, ms(1_000));
 
     // For comparison: the exact log grows with every hit.
     for _ in 0..50 {

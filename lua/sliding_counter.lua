@@ -110,7 +110,9 @@ if recorded then
   end
 end
 
-local time = redis.call('TIME')
+-- Inside a batch every decision is made at the batch's one instant
+-- (lua/at_once.lua).
+local time = redis.frozen_time or redis.call('TIME')
 local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
 local w = math.floor(now / window)
 local elapsed = now - w * window

@@ -156,7 +156,9 @@ local function time_of(member)
   return at
 end
 
-local time = redis.call('TIME')
+-- Inside a batch every decision is made at the batch's one instant
+-- (lua/at_once.lua).
+local time = redis.frozen_time or redis.call('TIME')
 local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
 
 -- The answer, and the member counted for the call (nil when none was).

@@ -103,7 +103,7 @@ end
 used = redis.call('HINCRBY', conversation_key, kind, int(amount))
 local resets_after = redis.call('PTTL', conversation_key)
 if resets_after < 0 then
-  local time = redis.call('TIME')
+  local time = redis.frozen_time or redis.call('TIME')
   local now_ms = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
   redis.call('PEXPIRE', conversation_key, int(period))
   local expired = redis.call('ZRANGEBYSCORE', index_key, '-inf', int(now_ms))

@@ -39,6 +39,7 @@ use common::{
 use proptest::{prelude::*, test_runner::TestCaseError};
 use tokio::task::JoinSet;
 use tollgate::{
+    keys::KeyBuilder,
     proto::{CheckLimitRequest, CheckLimitResponse, CheckLimitsRequest},
     rules::Algorithm,
     store::{
@@ -206,6 +207,58 @@ fn check_sequences(url: String, cases: u32) {
 fn batched_decisions_equal_sequential_ones_on_redis() {
     let server = RedisServer::start();
     check_sequences(server.url(), 128);
+}
+
+/// Every decision of one script call is made at one instant, that of the
+/// call (lua/at_once.lua): the counted calls of a log share one time, and a
+/// sliding counter's decisions one reset_after, to the microsecond. Each
+/// decision alone would read a later TIME: forty of them take Redis far
+/// more than a microsecond.
+#[test]
+fn a_batch_decides_at_one_instant() {
+    let server = RedisServer::start();
+    let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
+    let redis = runtime
+        .block_on(RedisStore::connect(&options(server.url())))
+        .expect("the store connects");
+    let check = |rule, algorithm| LimitCheck {
+        rule,
+        subject: "instant",
+        algorithm,
+        limit: 1_000,
+        window: HOUR,
+        block_for: None,
+        cost: 1,
+        dry_run: false,
+    };
+    let checks: Vec<(LimitCheck<'_>, Option<&str>)> = (0..40)
+        .map(|i| match i % 2 {
+            0 => (check("log", Algorithm::SlidingLog), None),
+            _ => (check("counter", Algorithm::SlidingCounter), None),
+        })
+        .collect();
+    let answers = runtime.block_on(redis.check_limit_batch(&checks));
+
+    let mut counter_resets = Vec::new();
+    for (i, answer) in answers.into_iter().enumerate() {
+        let once = answer.unwrap_or_else(|err| panic!("decision {i}: {err}"));
+        assert!(once.decision.allowed, "decision {i}: {once:?}");
+        if i % 2 == 1 {
+            counter_resets.push(once.decision.reset_after);
+        }
+    }
+    counter_resets.dedup();
+    assert_eq!(counter_resets.len(), 1, "{counter_resets:?}");
+
+    let log = KeyBuilder::new("batch:").limit("log", Algorithm::SlidingLog, "instant");
+    let members = server.cli(&["ZRANGE", &log.counter, "1", "-1"]);
+    let mut times: Vec<&str> = members
+        .lines()
+        .map(|member| member.split(':').next().unwrap_or(member))
+        .collect();
+    assert_eq!(times.len(), 20, "{members}");
+    times.dedup();
+    assert_eq!(times.len(), 1, "{members}");
 }
 
 #[test]

@@ -2123,6 +2123,31 @@ impl bb8::ManageConnection for Manager {
 mod tests {
     use super::*;
 
+    /// The scripts composed into others (lua/at_once.lua) read Redis's TIME
+    /// only as `redis.frozen_time or redis.call('TIME')`: a bare TIME in a
+    /// batch would be a later instant than its neighbours'.
+    #[test]
+    fn composed_decision_scripts_read_the_frozen_time() {
+        for (name, source) in [
+            ("sliding_log.lua", include_str!("../../lua/sliding_log.lua")),
+            (
+                "sliding_counter.lua",
+                include_str!("../../lua/sliding_counter.lua"),
+            ),
+            (
+                "usage_increment.lua",
+                include_str!("../../lua/usage_increment.lua"),
+            ),
+        ] {
+            let reads = source.matches("redis.call('TIME')").count();
+            let frozen = source
+                .matches("redis.frozen_time or redis.call('TIME')")
+                .count();
+            assert!(reads > 0, "{name} reads no TIME");
+            assert_eq!(reads, frozen, "{name} reads a TIME that is not frozen");
+        }
+    }
+
     #[test]
     fn a_reset_message_reads_back_whatever_the_subject() {
         for subject in ["u1", "a:b:c", "", "x}:{rl:y", "é\nnew line"] {

@@ -72,17 +72,21 @@ the block key (and the record), never more.
 ]]
 
 -- Lean by design, as lua/sliding_log.lua (see there): no closure made per
--- call, strings handed to redis.call, one string.format per value sent.
+-- call, strings handed to redis.call, one string.format per value sent,
+-- strings made numbers by s + 0 (one strtod; tonumber() runs two).
 if not (#ARGV == 5 or #ARGV == 6) then error('sliding_counter.lua: expected 5 or 6 ARGV (limit, window_us, cost, dry_run, block_us[, record]), got ' .. #ARGV, 0) end
 
-local limit, window, cost, block_us = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[5])
+-- Numbers by s + 0, not tonumber() (see above): an argument that is not a
+-- number fails here, Lua's error naming its local.
+local limit, window, cost, block_us = ARGV[1], ARGV[2], ARGV[3], ARGV[5]
+limit, window, cost, block_us = limit + 0, window + 0, cost + 0, block_us + 0
 local dry_run = ARGV[4] == '1'
 local recorded = ARGV[6] == '1'
-if not (limit and limit >= 0 and limit % 1 == 0 and window and window >= 0 and window % 1 == 0
-    and cost and cost >= 0 and cost % 1 == 0 and block_us and block_us >= 0 and block_us % 1 == 0) then
-  for _, arg in ipairs({ { 1, 'limit' }, { 2, 'window_us' }, { 3, 'cost' }, { 5, 'block_us' } }) do
-    local value = tonumber(ARGV[arg[1]])
-    if not (value and value >= 0 and value % 1 == 0) then error('sliding_counter.lua: ' .. arg[2] .. ' must be a non-negative integer', 0) end
+if not (limit >= 0 and limit % 1 == 0 and window >= 0 and window % 1 == 0
+    and cost >= 0 and cost % 1 == 0 and block_us >= 0 and block_us % 1 == 0) then
+  for _, arg in ipairs({ { limit, 'limit' }, { window, 'window_us' }, { cost, 'cost' }, { block_us, 'block_us' } }) do
+    local value = arg[1]
+    if not (value >= 0 and value % 1 == 0) then error('sliding_counter.lua: ' .. arg[2] .. ' must be a non-negative integer', 0) end
   end
 end
 if recorded and dry_run then error('sliding_counter.lua: a dry run keeps no record', 0) end
@@ -113,17 +117,18 @@ end
 -- Inside a batch every decision is made at the batch's one instant
 -- (lua/at_once.lua).
 local time = redis.frozen_time or redis.call('TIME')
-local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
+local now = time[1] * 1000000 + time[2]
 local w = math.floor(now / window)
 local elapsed = now - w * window
 
 local stored = redis.call('HMGET', counter_key, 'w', 'c', 'p')
-local stored_w = tonumber(stored[1])
+-- Fields this script wrote (or false, when missing): numbers by s + 0.
+local stored_w = stored[1] and stored[1] + 0
 local cur, prev = 0, 0
 if stored_w == w then
-  cur, prev = tonumber(stored[2]) or 0, tonumber(stored[3]) or 0
+  cur, prev = stored[2] and stored[2] + 0 or 0, stored[3] and stored[3] + 0 or 0
 elseif stored_w == w - 1 then
-  cur, prev = 0, tonumber(stored[2]) or 0
+  cur, prev = 0, stored[2] and stored[2] + 0 or 0
 end
 
 local estimate = prev * (window - elapsed) / window + cur

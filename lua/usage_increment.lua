@@ -58,13 +58,14 @@ if not (#ARGV == 5 or #ARGV == 6) then error('usage_increment.lua: expected 5 or
 
 local conversation_key, index_key, by_id_key = KEYS[1], KEYS[2], KEYS[3]
 local kind = ARGV[1]
-local amount = tonumber(ARGV[2])
-local limit = tonumber(ARGV[3])
-local period = tonumber(ARGV[4])
+-- Numbers by s + 0, not tonumber(), which runs strtod twice: an argument
+-- that is not a number fails here, Lua's error naming its local.
+local amount, limit, period = ARGV[2], ARGV[3], ARGV[4]
+amount, limit, period = amount + 0, limit + 0, period + 0
 local character_id = ARGV[5]
-assert(amount and amount >= 1 and amount == math.floor(amount), 'usage_increment.lua: amount must be a positive integer')
-assert(limit and limit >= -1 and limit == math.floor(limit), 'usage_increment.lua: limit must be an integer >= -1')
-assert(period and period >= 1 and period == math.floor(period), 'usage_increment.lua: period_ms must be a positive integer')
+if not (amount >= 1 and amount % 1 == 0) then error('usage_increment.lua: amount must be a positive integer', 0) end
+if not (limit >= -1 and limit % 1 == 0) then error('usage_increment.lua: limit must be an integer >= -1', 0) end
+if not (period >= 1 and period % 1 == 0) then error('usage_increment.lua: period_ms must be a positive integer', 0) end
 
 -- Lua numbers are doubles and print as 1.7e+12 past 14 digits; every number
 -- sent to Redis goes through int() so it is an exact integer string.
@@ -95,7 +96,8 @@ local function answer(allowed, used_after, resets_after)
   return {allowed, used_after, resets_after, 0}
 end
 
-local used = tonumber(redis.call('HGET', conversation_key, kind)) or 0
+local stored = redis.call('HGET', conversation_key, kind)
+local used = stored and stored + 0 or 0
 if limit >= 0 and used + amount > limit then
   return answer(0, used, math.max(redis.call('PTTL', conversation_key), 0))
 end
@@ -104,7 +106,7 @@ used = redis.call('HINCRBY', conversation_key, kind, int(amount))
 local resets_after = redis.call('PTTL', conversation_key)
 if resets_after < 0 then
   local time = redis.frozen_time or redis.call('TIME')
-  local now_ms = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+  local now_ms = time[1] * 1000 + math.floor(time[2] / 1000)
   redis.call('PEXPIRE', conversation_key, int(period))
   local expired = redis.call('ZRANGEBYSCORE', index_key, '-inf', int(now_ms))
   for i = 1, #expired, 1000 do

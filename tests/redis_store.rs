@@ -1068,6 +1068,51 @@ async fn scripts_assert_their_argument_counts() {
     }
 }
 
+/// An argument that is not a number, or not one the script takes, fails
+/// the script with an error that names it.
+#[tokio::test]
+async fn scripts_name_a_bad_argument() {
+    let server = RedisServer::start();
+    for script in [
+        include_str!("../lua/sliding_log.lua"),
+        include_str!("../lua/sliding_counter.lua"),
+    ] {
+        for (args, expected) in [
+            (["10", "60000000", "x", "0", "0"], "local 'cost'"),
+            (["10", "z", "1", "0", "0"], "local 'window'"),
+            (
+                ["10", "60000000", "-1", "0", "0"],
+                "cost must be a non-negative integer",
+            ),
+            (
+                ["1.5", "60000000", "1", "0", "0"],
+                "limit must be a non-negative integer",
+            ),
+        ] {
+            let reply = server.cli(&[&["EVAL", script, "1", "{t}a"][..], &args].concat());
+            assert!(reply.contains(expected), "{args:?}: {reply}");
+        }
+    }
+    let usage = include_str!("../lua/usage_increment.lua");
+    for (args, expected) in [
+        (["text", "one", "10", "1000", "c"], "local 'amount'"),
+        (
+            ["text", "0", "10", "1000", "c"],
+            "amount must be a positive integer",
+        ),
+        (
+            ["text", "1", "-2", "1000", "c"],
+            "limit must be an integer >= -1",
+        ),
+    ] {
+        let reply =
+            server.cli(&[&["EVAL", usage, "3", "{u}a", "{u}b", "{u}c"][..], &args].concat());
+        assert!(reply.contains(expected), "{args:?}: {reply}");
+    }
+    // Nothing was written.
+    assert_eq!(server.cli(&["DBSIZE"]), "0");
+}
+
 #[tokio::test]
 async fn scripts_are_reloaded_after_script_flush() {
     let server = RedisServer::start();

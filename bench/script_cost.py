@@ -21,6 +21,7 @@ Scenarios:
 
   bench/script_cost.py                  # the working tree's scripts
   bench/script_cost.py --rev 484f5af    # and those of a revision, side by side
+  bench/script_cost.py --keep DIR       # and keep callgrind's counts in DIR
 
 Each figure is followed by the share of the big run's decisions that made
 a PEXPIRE. A sliding_log refreshes its expiry once per key per eighth of a
@@ -161,10 +162,10 @@ def commands(kind, sha, batch, runs, first, count):
     return out
 
 
-def instructions(source, kind, batch, calls, workdir):
-    """Instructions redis-server ran in all, filling the logs, then `calls`."""
+def instructions(source, kind, batch, calls, out_file):
+    """Instructions redis-server ran in all, filling the logs, then `calls`,
+    counted into `out_file`."""
     port = free_port()
-    out_file = os.path.join(workdir, f"callgrind.out.{port}")
     server = subprocess.Popen(
         ["timeout", str(TIMEOUT_SECONDS), "valgrind", "--tool=callgrind", f"--callgrind-out-file={out_file}",
          "redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
@@ -205,11 +206,12 @@ def pexpire_calls(commandstats):
     return 0
 
 
-def per_decision(source, kind, batch, small, big, workdir):
+def per_decision(source, kind, batch, small, big, out_prefix):
     """Instructions per decision, and the share of the big run's decisions
-    that refreshed their key's expiry (a PEXPIRE)."""
-    big_total, expiries = instructions(source, kind, batch, big, workdir)
-    small_total, _ = instructions(source, kind, batch, small, workdir)
+    that refreshed their key's expiry (a PEXPIRE); the counts go to
+    `<out_prefix>.big` and `.small`."""
+    big_total, expiries = instructions(source, kind, batch, big, f"{out_prefix}.big")
+    small_total, _ = instructions(source, kind, batch, small, f"{out_prefix}.small")
     return (big_total - small_total) / (big - small), expiries / big
 
 
@@ -219,6 +221,7 @@ def main():
     parser.add_argument("--batch", type=int, default=20, help="decisions per decide_batch.lua call (default 20)")
     parser.add_argument("--n-small", type=int, default=2000, help="calls in the small run (default 2000)")
     parser.add_argument("--n-big", type=int, default=6000, help="calls in the big run (default 6000)")
+    parser.add_argument("--keep", metavar="DIR", help="keep callgrind's counts in DIR (callgrind.out.<scenario>.<rev>.big and .small) for callgrind_annotate")
     options = parser.parse_args()
     for tool in ("valgrind", "redis-server", "timeout"):
         if shutil.which(tool) is None:
@@ -235,8 +238,11 @@ def main():
     names = [rev or "working tree" for rev in revisions]
     print("| scenario | " + " | ".join(names) + " |")
     print("|---|" + "---:|" * len(names))
+    if options.keep:
+        os.makedirs(options.keep, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="tollgate-script-cost.") as workdir:
-        for title, kind, source_of, batch in scenarios:
+        kept = options.keep or workdir
+        for number, (title, kind, source_of, batch) in enumerate(scenarios):
             cells = []
             for rev in revisions:
                 try:
@@ -244,7 +250,8 @@ def main():
                 except subprocess.CalledProcessError:
                     cells.append("-")
                     continue
-                count, expiries = per_decision(source, kind, batch, options.n_small, options.n_big, workdir)
+                out_prefix = os.path.join(kept, f"callgrind.out.{number + 1}.{rev or 'tree'}")
+                count, expiries = per_decision(source, kind, batch, options.n_small, options.n_big, out_prefix)
                 cells.append(f"{count:,.0f} ({expiries:.0%} PEXPIRE)")
             print(f"| {title} | " + " | ".join(cells) + " |", flush=True)
 

@@ -140,17 +140,22 @@ def log_key(subject):
     return f"bench:{{rl:s{subject}}}:api_log:calls"
 
 
-def commands(kind, sha, batch, runs, first, count):
-    """EVALSHA commands for decisions first .. first + count - 1; with runs,
-    decide_batch.lua's layout of runs (a header per run of decisions of one
-    shape), else its earlier one (a header per decision)."""
+def commands(kind, sha, batch, layout, first, count):
+    """EVALSHA commands for decisions first .. first + count - 1, in
+    decide_batch.lua's layout of the revision: "shared" (a header per run of
+    decisions of one shape, their common ARGV sent once, as tollgate sends
+    this rule's), "runs" (a header per run, each decision's ARGV), or
+    "each" (a header per decision)."""
     out = []
     subjects = [(first + i) % SUBJECTS for i in range(count)]
     if batch:
         for start in range(0, count, batch):
             chunk = subjects[start:start + batch]
             argv = [str(len(chunk))]
-            if runs:
+            if layout == "shared":
+                argv += [kind, "1", str(len(DECISION_ARGS)), str(len(chunk)), "1"]
+                argv += DECISION_ARGS
+            elif layout == "runs":
                 argv += [kind, "1", str(len(DECISION_ARGS)), str(len(chunk))]
                 argv += DECISION_ARGS * len(chunk)
             else:
@@ -177,12 +182,17 @@ def instructions(source, kind, batch, calls, out_file):
         redis = Redis(port)
         sha = redis.pipeline([["SCRIPT", "LOAD", source]])[0].decode()
         step = PIPELINE * (batch or 1)
-        runs = "runs of consecutive decisions" in source
+        if "the same ARGV, sent" in source:
+            layout = "shared"
+        elif "runs of consecutive decisions" in source:
+            layout = "runs"
+        else:
+            layout = "each"
         # Fill the logs, then the calls measured.
         for total in (SUBJECTS * ROUNDS, calls):
             redis.pipeline([["CONFIG", "RESETSTAT"]])
             for first in range(0, total, step):
-                redis.pipeline(commands(kind, sha, batch, runs, first, min(step, total - first)))
+                redis.pipeline(commands(kind, sha, batch, layout, first, min(step, total - first)))
         expiries = pexpire_calls(redis.pipeline([["INFO", "commandstats"]])[0])
         redis.sock.close()
         server.send_signal(signal.SIGTERM)

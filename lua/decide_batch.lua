@@ -28,13 +28,18 @@ script and shape, each run:
          nkeys      how many of KEYS each decision of the run takes
          nargs      how many ARGV each decision of the run takes
          count      decisions in the run (>= 1)
-         args...    count * nargs ARGV: each decision's own ARGV, as its
-                    script takes them, one decision after another
+         shared     1: every decision of the run takes the same ARGV, sent
+                    once; 0: each its own
+         args...    nargs ARGV when shared, else count * nargs: each
+                    decision's own ARGV, as its script takes them, one
+                    decision after another
 Runs only shorten the layout: under load most batches are one run (every
 CheckLimit of a rule without a lock-out has the same shape), so a
 decision costs Redis no header of its own to read and Lua none to check
 (a header per decision was 7,000 instructions of redis-server's per
-decision, in bench/script_cost.py).
+decision, in bench/script_cost.py), and most runs' decisions share their
+ARGV (one rule and a cost of 1), which Redis then reads once rather than
+once per decision.
 
 Returns one reply per decision, in order: the script's own reply (an
 array), or, when that script raised an error, the error's message as a
@@ -48,10 +53,10 @@ own header) plus O(n) to cut out their arguments; tollgate sends at most
 store.max_batch decisions (at most 512) in one batch, a group counting as
 its checks.
 
-Worked example: ARGV {2, 'sliding_log', 1, 5, 2, 100, 60000000, 1, 0, 0,
-100, 60000000, 1, 0, 0} with KEYS {log, log}: two hits on one empty log of
-limit 100, the second seeing the first: {{1, 99, 0, 60000000, 0}, {1, 98,
-0, 60000000, 0}}.
+Worked example: ARGV {2, 'sliding_log', 1, 5, 2, 1, 100, 60000000, 1, 0,
+0} with KEYS {log, log}: two hits on one empty log of limit 100, the second
+seeing the first: {{1, 99, 0, 60000000, 0}, {1, 98, 0, 60000000, 0}}. The
+same with shared 0 sends the five ARGV twice.
 ]]
 
 local n = tonumber(ARGV[1])
@@ -81,14 +86,18 @@ local decisions, next_key, next_arg = 0, 1, 2
 while decisions < n do
   local script = SCRIPTS[ARGV[next_arg]]
   local nkeys, nargs, count = tonumber(ARGV[next_arg + 1]), tonumber(ARGV[next_arg + 2]), tonumber(ARGV[next_arg + 3])
+  local shared = ARGV[next_arg + 4]
   if not script then error('decide_batch.lua: run ' .. (#runs + 1) .. ': unknown script ' .. tostring(ARGV[next_arg]), 0) end
-  if not (nkeys and nkeys >= 0 and nkeys % 1 == 0 and nargs and nargs >= 0 and nargs % 1 == 0 and count and count >= 1 and count % 1 == 0) then
-    error('decide_batch.lua: run ' .. (#runs + 1) .. ': nkeys and nargs must be integers >= 0, count an integer >= 1', 0)
+  if not (nkeys and nkeys >= 0 and nkeys % 1 == 0 and nargs and nargs >= 0 and nargs % 1 == 0 and count and count >= 1 and count % 1 == 0
+      and (shared == '0' or shared == '1')) then
+    error('decide_batch.lua: run ' .. (#runs + 1) .. ': nkeys and nargs must be integers >= 0, count an integer >= 1, shared 0 or 1', 0)
   end
-  runs[#runs + 1] = { script, nkeys, nargs, count, next_key, next_arg + 4 }
+  -- How far each decision's ARGV is from the one before: 0 when shared.
+  local stride = shared == '1' and 0 or nargs
+  runs[#runs + 1] = { script, nkeys, nargs, count, next_key, next_arg + 5, stride }
   decisions = decisions + count
   next_key = next_key + count * nkeys
-  next_arg = next_arg + 4 + count * nargs
+  next_arg = next_arg + 5 + (stride == 0 and nargs or count * nargs)
 end
 if decisions ~= n then error('decide_batch.lua: the runs hold ' .. decisions .. ' decisions, not ' .. n, 0) end
 if next_key - 1 ~= #KEYS then error('decide_batch.lua: the decisions take ' .. (next_key - 1) .. ' KEYS, got ' .. #KEYS, 0) end
@@ -96,7 +105,7 @@ if next_arg - 1 ~= #ARGV then error('decide_batch.lua: the decisions take ' .. (
 
 local replies = {}
 for r = 1, #runs do
-  local script, nkeys, nargs, count, key, arg = unpack(runs[r])
+  local script, nkeys, nargs, count, key, arg, stride = unpack(runs[r])
   for _ = 1, count do
     local keys = { unpack(KEYS, key, key + nkeys - 1) }
     local args = { unpack(ARGV, arg, arg + nargs - 1) }
@@ -106,7 +115,7 @@ for r = 1, #runs do
     else
       replies[#replies + 1] = message(reply)
     end
-    key, arg = key + nkeys, arg + nargs
+    key, arg = key + nkeys, arg + stride
   end
 end
 return replies

@@ -353,7 +353,8 @@ fn slot_of(key: &[u8]) -> u16 {
 
 /// One `decide_batch.lua` call carrying `invocations` in order, as runs of
 /// consecutive invocations of one script and shape (see its header for the
-/// layout).
+/// layout); a run whose invocations all take the same arguments sends them
+/// once.
 fn batch_invocation(invocations: &[Invocation]) -> Invocation {
     let runs = runs_of(invocations);
     let keys: usize = invocations.iter().map(Invocation::numkeys).sum();
@@ -365,7 +366,7 @@ fn batch_invocation(invocations: &[Invocation]) -> Invocation {
     let mut batch = Invocation::with_capacity(
         &DECIDE_BATCH,
         keys,
-        1 + 4 * runs.len() + args,
+        1 + 5 * runs.len() + args,
         bytes + 16 * (1 + runs.len()),
     );
     for invocation in invocations {
@@ -376,12 +377,17 @@ fn batch_invocation(invocations: &[Invocation]) -> Invocation {
     batch = batch.arg(invocations.len());
     for run in runs {
         let first = &run[0];
+        let shared = run[1..]
+            .iter()
+            .all(|invocation| invocation.args().eq(first.args()));
         batch = batch
             .arg(first.script.function.unwrap_or(first.script.name))
             .arg(first.numkeys())
             .arg(first.args().count())
-            .arg(run.len());
-        for invocation in run {
+            .arg(run.len())
+            .arg(u8::from(shared));
+        let senders = if shared { &run[..1] } else { run };
+        for invocation in senders {
             for arg in invocation.args() {
                 batch = batch.arg(arg);
             }
@@ -494,16 +500,40 @@ mod tests {
         let batch = batch_invocation(&invocations);
         assert_eq!(text(batch.keys()), ["a", "b", "c", "d", "d:block", "e"]);
         let mut want = vec!["5".to_owned()];
-        for (function, nkeys, decisions) in [
-            ("sliding_log", "1", vec![five, five]),
-            ("sliding_counter", "1", vec![five]),
-            ("sliding_log", "2", vec![["10", "60000000", "1", "0", "5"]]),
-            ("sliding_log", "1", vec![five]),
+        for (function, nkeys, count, sent) in [
+            // Both take `five`: sent once.
+            ("sliding_log", "1", 2, vec![five]),
+            ("sliding_counter", "1", 1, vec![five]),
+            (
+                "sliding_log",
+                "2",
+                1,
+                vec![["10", "60000000", "1", "0", "5"]],
+            ),
+            ("sliding_log", "1", 1, vec![five]),
         ] {
             want.extend([function, nkeys, "5"].map(str::to_owned));
-            want.push(decisions.len().to_string());
-            want.extend(decisions.concat().into_iter().map(str::to_owned));
+            want.extend([count.to_string(), "1".to_owned()]);
+            want.extend(sent.concat().into_iter().map(str::to_owned));
         }
+        assert_eq!(text(batch.args()), want);
+    }
+
+    /// A run whose decisions take different arguments sends each its own.
+    #[test]
+    fn a_run_sends_its_arguments_once_only_when_all_are_the_same() {
+        let one = ["10", "60000000", "1", "0", "0"];
+        let three = ["10", "60000000", "3", "0", "0"];
+        let invocations = [
+            decision(&SLIDING_LOG, &["a"], &one),
+            decision(&SLIDING_LOG, &["b"], &three),
+            decision(&SLIDING_LOG, &["c"], &one),
+        ];
+        let batch = batch_invocation(&invocations);
+        let mut want: Vec<String> = ["3", "sliding_log", "1", "5", "3", "0"]
+            .map(str::to_owned)
+            .to_vec();
+        want.extend([one, three, one].concat().into_iter().map(str::to_owned));
         assert_eq!(text(batch.args()), want);
     }
 }

@@ -386,8 +386,8 @@ fn batch_invocation(invocations: &[Invocation]) -> Invocation {
             .arg(first.args().count())
             .arg(run.len())
             .arg(u8::from(shared));
-        let senders = if shared { &run[..1] } else { run };
-        for invocation in senders {
+        let with_args = if shared { &run[..1] } else { run };
+        for invocation in with_args {
             for arg in invocation.args() {
                 batch = batch.arg(arg);
             }

@@ -103,9 +103,23 @@ use crate::{
     rules::Algorithm,
 };
 
+/// A decision script as a local function of (KEYS, ARGV, redis), to be
+/// composed into another script: `lua/<name>.lua` is its body.
+macro_rules! lua_function {
+    ($name:literal) => {
+        concat!(
+            "local function ",
+            $name,
+            "(KEYS, ARGV, redis)\n",
+            include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/lua/", $name, ".lua")),
+            "\nend\n",
+        )
+    };
+}
+
 /// A script that makes decisions inside itself (`lua/check_limits.lua`,
 /// `lua/decide_batch.lua`), composed at build time: the decision scripts as
-/// local functions of (KEYS, ARGV, redis), `lua/at_once.lua`, the optional
+/// local functions (`lua_function!`), `lua/at_once.lua`, the optional
 /// prelude (for `decide_batch.lua`, `lua/check_limits.lua` as a function),
 /// then `lua/<file>`; see `lua/at_once.lua`.
 macro_rules! composed_script {
@@ -113,21 +127,9 @@ macro_rules! composed_script {
         LuaScript::new(
             $file,
             concat!(
-                "local function sliding_log(KEYS, ARGV, redis)\n",
-                include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/lua/sliding_log.lua")),
-                "\nend\n",
-                "local function sliding_counter(KEYS, ARGV, redis)\n",
-                include_str!(concat!(
-                    env!("CARGO_MANIFEST_DIR"),
-                    "/lua/sliding_counter.lua"
-                )),
-                "\nend\n",
-                "local function usage_increment(KEYS, ARGV, redis)\n",
-                include_str!(concat!(
-                    env!("CARGO_MANIFEST_DIR"),
-                    "/lua/usage_increment.lua"
-                )),
-                "\nend\n",
+                lua_function!("sliding_log"),
+                lua_function!("sliding_counter"),
+                lua_function!("usage_increment"),
                 include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/lua/at_once.lua")),
                 $($prelude,)?
                 include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/lua/", $file)),

@@ -38,16 +38,8 @@ use super::{Connections, Invocation, LuaScript, RedisStore};
 use crate::{keys::cluster_slot, store::StoreError};
 
 /// The batch script; see the contract in `lua/decide_batch.lua`.
-static DECIDE_BATCH: LazyLock<LuaScript> = LazyLock::new(|| {
-    composed_script!(
-        "decide_batch.lua",
-        concat!(
-            "local function check_limits(KEYS, ARGV, redis)\n",
-            include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/lua/check_limits.lua")),
-            "\nend\n",
-        )
-    )
-});
+static DECIDE_BATCH: LazyLock<LuaScript> =
+    LazyLock::new(|| composed_script!("decide_batch.lua", lua_function!("check_limits")));
 
 /// The batch script, for loading at start-up.
 pub(super) fn scripts() -> [&'static LuaScript; 1] {

@@ -187,11 +187,17 @@ fn options(url: String) -> RedisOptions {
     }
 }
 
-fn check_sequences(url: String, cases: u32) {
+/// A runtime and a Redis store connected on it, for the store-level tests.
+fn store_on(url: String) -> (tokio::runtime::Runtime, RedisStore) {
     let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
     let redis = runtime
         .block_on(RedisStore::connect(&options(url)))
         .expect("the store connects");
+    (runtime, redis)
+}
+
+fn check_sequences(url: String, cases: u32) {
+    let (runtime, redis) = store_on(url);
     let fixture = StoreFixture {
         redis,
         memory: MemoryStore::new(),
@@ -217,10 +223,7 @@ fn batched_decisions_equal_sequential_ones_on_redis() {
 #[test]
 fn a_batch_decides_at_one_instant() {
     let server = RedisServer::start();
-    let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
-    let redis = runtime
-        .block_on(RedisStore::connect(&options(server.url())))
-        .expect("the store connects");
+    let (runtime, redis) = store_on(server.url());
     let check = |rule, algorithm| LimitCheck {
         rule,
         subject: "instant",

@@ -75,15 +75,16 @@ def lua_source(rev, name):
 
 def composed(rev, name):
     """decide_batch.lua as src/store/redis.rs composes it (composed_script!)."""
-    parts = []
-    for function in ("sliding_log", "sliding_counter", "usage_increment"):
-        parts += [f"local function {function}(KEYS, ARGV, redis)\n", lua_source(rev, f"{function}.lua"), "\nend\n"]
+    def function(script):  # lua_function! in src/store/redis.rs
+        return f"local function {script}(KEYS, ARGV, redis)\n{lua_source(rev, script + '.lua')}\nend\n"
+
+    parts = [function(script) for script in ("sliding_log", "sliding_counter", "usage_increment")]
     parts.append(lua_source(rev, "at_once.lua"))
     script = lua_source(rev, name)
     # Since groups batch, decide_batch.lua also runs check_limits.lua, as a
     # function of its own.
     if "check_limits = check_limits" in script:
-        parts += ["local function check_limits(KEYS, ARGV, redis)\n", lua_source(rev, "check_limits.lua"), "\nend\n"]
+        parts.append(function("check_limits"))
     parts.append(script)
     return "".join(parts)
 
